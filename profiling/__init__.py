@@ -1,0 +1,1 @@
+"""Memory profiling of SAE training configurations (see issue: sae profile-memory)."""

@@ -1,0 +1,1 @@
+"""SAE training on actcache stores (see issue: sae train)."""
