@@ -1,0 +1,3 @@
+from actcache.cli import main
+
+main()

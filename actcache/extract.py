@@ -1,0 +1,191 @@
+"""``actcache extract``: model + corpus -> a complete, resumable Zarr v3 store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import transformers
+
+from actcache import __version__
+from actcache.config import ExtractConfig
+from actcache.corpus import dataset_kind, iter_documents
+from actcache.device import resolve_device
+from actcache.dtypes import check_logical, torch_dtype
+from actcache.errors import ActcacheError
+from actcache.hooks import HookSpec, parse_hooks
+from actcache.lock import StoreLock
+from actcache.models import LoadedModel, load_model, n_layers, resolve_model_config
+from actcache.store import LOCK_FILE, Layout
+from actcache.store_writer import StoreWriter, compressors_for
+from actcache.windows import pack_windows
+
+log = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    """What extraction reports; the CLI renders it with rich."""
+
+    def start(self, total_rows: int, done_rows: int) -> None: ...
+    def advance(self, rows: int) -> None: ...
+
+
+def _validate(cfg: ExtractConfig) -> list[HookSpec]:
+    check_logical(cfg.dtype)
+    compressors_for(cfg.codec, 2)
+    resolve_device(cfg.device)
+    for name in ("context_size", "batch_size", "chunk_rows", "queue_depth"):
+        if getattr(cfg, name) < 1:
+            raise ActcacheError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.n_tokens is not None and cfg.n_tokens < 1:
+        raise ActcacheError(f"--n-tokens must be >= 1, got {cfg.n_tokens}")
+    if cfg.exclude_bos and not cfg.prepend_bos:
+        raise ActcacheError("--exclude-bos needs BOS tokens: drop it or drop --no-prepend-bos")
+    dataset_kind(cfg.dataset)
+    specs = parse_hooks(list(cfg.hooks))
+    mcfg = resolve_model_config(cfg.model, cfg.gguf_file)
+    specs = parse_hooks(list(cfg.hooks), n_layers(mcfg))
+    max_pos = getattr(mcfg, "max_position_embeddings", None)
+    if max_pos and cfg.context_size > max_pos:
+        raise ActcacheError(f"--context-size {cfg.context_size} exceeds the model's {max_pos} positions")
+    return specs
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "zarr.json").exists()
+
+
+def _stored_config(path: Path) -> tuple[dict[str, Any], bool]:
+    import zarr
+
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    return attrs.get("extract_config", {}), bool(attrs.get("tokens_written"))
+
+
+def _check_resume(path: Path, cfg: ExtractConfig) -> None:
+    stored, _ = _stored_config(path)
+    if not stored:
+        raise ActcacheError(f"{path} is a Zarr group but not an actcache store: choose another --out")
+    old = ExtractConfig.from_dict(stored).identity()
+    new = cfg.identity()
+    diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if diff:
+        raise ActcacheError(
+            f"cannot resume {path} with different parameters ({'; '.join(diff)}): "
+            "rerun with the original ones, or use --overwrite to start again"
+        )
+
+
+def _prepare_out(path: Path, cfg: ExtractConfig, resume: bool, overwrite: bool) -> str:
+    """Decide 'new' or 'resume' before anything is written; refuse what would lose data."""
+    if resume and overwrite:
+        raise ActcacheError("--resume and --overwrite exclude each other: pick one")
+    if path.exists() and not path.is_dir():
+        raise ActcacheError(f"--out {path} is a file: give a directory path for the store")
+    if _is_store(path):
+        if resume:
+            _check_resume(path, cfg)
+            return "resume"
+        if overwrite:
+            if not _stored_config(path)[0]:
+                raise ActcacheError(f"refusing to overwrite {path}: it is not an actcache store")
+            return "overwrite"
+        raise ActcacheError(f"store {path} already exists: pass --resume to finish it or --overwrite to replace it")
+    if path.exists() and any(p.name != LOCK_FILE and not p.name.endswith(".partial") for p in path.iterdir()):
+        raise ActcacheError(f"--out {path} exists and is not an actcache store: choose a new path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ActcacheError(f"cannot write the store at {path} ({e.strerror}): choose a writable --out") from None
+    return "new"
+
+
+def _clear_store(path: Path) -> None:
+    for p in path.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _attrs(cfg: ExtractConfig, lm: LoadedModel, specs: list[HookSpec], windows) -> dict[str, Any]:
+    return {
+        "model": {"id": cfg.model, "resolved_path": lm.resolved_path, "revision": lm.revision,
+                  "config_hash": lm.config_hash, "architecture": type(lm.model).__name__,
+                  "n_layers": n_layers(lm.model.config), "gguf_file": cfg.gguf_file},
+        "tokenizer_id": lm.tokenizer_id,
+        "layers": [s.layer for s in specs],
+        "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos, "exclude_bos": cfg.exclude_bos,
+        "seed": cfg.seed,
+        "dataset": {"path": cfg.dataset, "kind": dataset_kind(cfg.dataset), "text_field": cfg.text_field,
+                    "sha256": windows.corpus_sha256, "n_documents": windows.n_documents},
+        "package_version": __version__,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "extract_config": cfg.to_dict(),
+    }
+
+
+def _create(path: Path, cfg: ExtractConfig, lm: LoadedModel, specs: list[HookSpec]) -> StoreWriter:
+    docs = iter_documents(cfg.dataset, cfg.text_field)
+    win = pack_windows(docs, lm.tokenizer, context_size=cfg.context_size, n_windows=cfg.n_windows(),
+                       prepend_bos=cfg.prepend_bos, seed=cfg.seed)
+    layout = Layout.plan(len(win.tokens), cfg.context_size, cfg.exclude_bos, cfg.chunk_rows)
+    return StoreWriter.create(path, attrs=_attrs(cfg, lm, specs, win), layout=layout,
+                              hooks=[s.name for s in specs], d_model=lm.model.config.hidden_size,
+                              logical_dtype=cfg.dtype, codec=cfg.codec,
+                              windows=win.tokens, window_source=win.source)
+
+
+def extract(
+    cfg: ExtractConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    workers: int = 0,
+    scheduler: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Write (or finish) the store ``cfg.out``; returns its path once complete."""
+    specs = _validate(cfg)
+    path = Path(cfg.out).expanduser()
+    mode = _prepare_out(path, cfg, resume, overwrite)
+    with StoreLock(path, LOCK_FILE):
+        if mode == "resume" and not _stored_config(path)[1]:
+            mode = "overwrite"  # interrupted while writing tokens: nothing worth keeping yet
+        if mode == "overwrite":
+            _clear_store(path)
+        distributed = bool(workers or scheduler)
+        lm = None
+        if mode != "resume" or not distributed:
+            lm = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=torch_dtype(cfg.dtype),
+                            device=resolve_device(cfg.device), keep_layers=max(s.layer for s in specs) + 1)
+        writer = StoreWriter(path) if mode == "resume" else _create(path, cfg, lm, specs)
+        pending = writer.pending_chunks()
+        lay = writer.layout
+        if progress:
+            done = lay.n_rows - sum(lay.chunk_rows_range(c)[1] - lay.chunk_rows_range(c)[0] for c in pending)
+            progress.start(lay.n_rows, done)
+        if pending and distributed:
+            from actcache.parallel import run_distributed
+
+            del lm  # workers load their own copies
+            run_distributed(str(path), cfg, pending, workers=workers, scheduler=scheduler,
+                            on_rows=progress.advance if progress else None)
+        elif pending:
+            from actcache.runner import run_chunks
+
+            run_chunks(writer, lm.model, specs, pending, batch_size=cfg.batch_size,
+                       queue_depth=cfg.queue_depth,
+                       on_written=(lambda c, rows: progress.advance(rows)) if progress else None)
+        if not writer.group.attrs.get("complete"):
+            writer.finalize()
+    log.info("store %s complete (%d rows)", path, writer.layout.n_rows)
+    return path

@@ -1,0 +1,347 @@
+"""One loading path for every model actcache runs.
+
+A model argument may be an ``embedded:`` name, a local transformers dir (``config.json``),
+a local ``.gguf`` file (or a dir holding one, or a dir plus ``gguf_file=``), or a hub id.
+GGUF checkpoints are dequantized and converted to a safetensors dir under the actcache
+cache once, so every later load is a plain, fast ``from_pretrained`` of that dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from actcache import embedded
+from actcache.device import resolve_device
+from actcache.errors import ActcacheError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Soft-capped attention logits are only implemented by the eager attention path.
+_EAGER_MODEL_TYPES = frozenset({"gemma2"})
+# Keys that name where or with what a config was loaded, not what the model is; leaving them
+# out keeps the hash stable across cache dirs, load dtypes and transformers releases.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype",
+     "_attn_implementation", "_attn_implementation_autoset", "attn_implementation"}
+)
+_GGUF_EXTRA_HINT = "pip install 'actcache-sae[gguf]'"
+_MODEL_HINT = "pass a transformers model dir, a .gguf file (or its dir with --gguf-file), or a hub id"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference, with what is needed to record where it came from."""
+
+    model: PreTrainedModel  # eval(), requires_grad off, on device, in dtype
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str  # what the user passed
+    resolved_path: str  # local dir actually loaded (or hub id)
+    revision: str | None  # hub commit hash when known
+    config_hash: str  # sha256 of the config as sorted JSON, volatile keys left out
+    tokenizer_id: str
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # "dir" (local transformers dir), "gguf" (local .gguf file) or "hub"
+    location: str
+
+
+# --- where a model argument points ------------------------------------------------------------
+
+
+def _looks_like_path(model: str) -> bool:
+    """True for arguments that can only be paths; hub ids are ``name`` or ``org/name``."""
+    return (
+        model.startswith((".", "/", "~"))
+        or (os.sep != "/" and os.sep in model)
+        or model.count("/") > 1
+        or model.lower().endswith(".gguf")
+    )
+
+
+def _gguf_in_dir(path: Path, model: str) -> _Source:
+    found = sorted(path.glob("*.gguf"))
+    if len(found) == 1:
+        return _Source("gguf", str(found[0]))
+    if not found:
+        raise ActcacheError(f"model dir {model} has neither config.json nor a .gguf file: {_MODEL_HINT}")
+    names = ", ".join(p.name for p in found)
+    raise ActcacheError(f"model dir {model} holds several .gguf files ({names}): pick one with --gguf-file")
+
+
+def _resolve_source(model: str, gguf_file: str | None) -> _Source:
+    if model == embedded.DEMO_MODEL and gguf_file is None:
+        # The GGUF itself, so that reading only the config never triggers the conversion.
+        return _Source("gguf", str(embedded.demo_gguf_path()))
+    local = embedded.resolve_embedded(model) if model.startswith("embedded:") else None
+    path = local if local is not None else Path(model).expanduser()
+    if gguf_file is not None:
+        return _resolve_gguf_file(model, path, gguf_file)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return _Source("gguf", str(path))
+        raise ActcacheError(f"model path {model} is a file but not a .gguf: {_MODEL_HINT}")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _Source("dir", str(path))
+        return _gguf_in_dir(path, model)
+    if _looks_like_path(model):
+        raise ActcacheError(f"model path {model} does not exist: {_MODEL_HINT}")
+    return _Source("hub", model)
+
+
+def _resolve_gguf_file(model: str, path: Path, gguf_file: str) -> _Source:
+    candidate = Path(gguf_file).expanduser()
+    if not candidate.is_absolute():
+        if not path.is_dir():
+            raise ActcacheError(
+                f"--gguf-file {gguf_file} needs the model argument to be the dir holding it, "
+                f"but {model} is not a local dir: pass that dir as the model"
+            )
+        candidate = path / candidate
+    if not candidate.is_file():
+        raise ActcacheError(f"GGUF file {candidate} does not exist: check --gguf-file and the model dir")
+    return _Source("gguf", str(candidate))
+
+
+# --- GGUF conversion ---------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf_dir(gguf_path: Path) -> Path:
+    """Cache dir a GGUF file converts to; keyed by content, so an edited file converts anew."""
+    return embedded.cache_dir() / "gguf" / f"{gguf_path.stem}-{_sha256_file(gguf_path)[:16]}"
+
+
+def _require_gguf_support() -> None:
+    missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise ActcacheError(f"loading a .gguf model needs {' and '.join(missing)}: {_GGUF_EXTRA_HINT}")
+
+
+def _dequantize_config() -> dict[str, Any]:
+    """Ask for plain dense weights: recent transformers keeps GGUF packed, which cannot be saved."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantizes GGUF
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _write_converted(gguf_path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors (once; later loads use %s)", gguf_path, out)
+    where, name = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(
+        where, gguf_file=name, trust_remote_code=False, **_dtype_kwarg(torch.float32), **_dequantize_config()
+    )
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(where, gguf_file=name, trust_remote_code=False).save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    if "quantization_config" in saved:
+        raise RuntimeError(f"converted GGUF config in {out} still carries a quantization_config")
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dir holding ``gguf_path`` as dense safetensors plus its tokenizer, converted once."""
+    target = converted_gguf_dir(gguf_path)
+    if target.is_dir():
+        return target
+    _require_gguf_support()
+    return embedded.publish_dir(target, lambda out: _write_converted(gguf_path, out))
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+def _hub_error(model: str, err: Exception) -> ActcacheError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ActcacheError(
+        f"could not load model {model}: not a local dir and the hub is unreachable or has no such "
+        f"model ({first_line}): {_MODEL_HINT}"
+    )
+
+
+def _auto_config(model: str, source: _Source, **kwargs: Any) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location, trust_remote_code=False, **kwargs)
+    except OSError as err:
+        if source.kind == "hub":
+            raise _hub_error(model, err) from err
+        raise ActcacheError(f"could not read the config of model {model} ({err}): {_MODEL_HINT}") from err
+    except ValueError as err:  # unknown model_type, malformed config.json, ...
+        raise ActcacheError(
+            f"model {model} has a config this transformers cannot use ({err}): "
+            "upgrade transformers or pass a supported model"
+        ) from err
+
+
+def resolve_model_config(model: str, gguf_file: str | None = None) -> PretrainedConfig:
+    """The config of ``model`` without loading weights (a GGUF not yet converted is only read)."""
+    source = _resolve_source(model, gguf_file)
+    if source.kind == "gguf":
+        converted = converted_gguf_dir(Path(source.location))
+        if converted.is_dir():
+            return _auto_config(model, _Source("dir", str(converted)))
+        path = Path(source.location)
+        return _auto_config(model, _Source("dir", str(path.parent)), gguf_file=path.name)
+    return _auto_config(model, source)
+
+
+def config_hash(config: PretrainedConfig) -> str:
+    """sha256 of the config as sorted JSON, without the keys that only say how it was loaded."""
+    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def n_layers(config: PretrainedConfig) -> int:
+    """Number of transformer blocks."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ActcacheError(f"config of {config.model_type} names no layer count: pass a decoder-only causal LM")
+
+
+def d_model(config: PretrainedConfig) -> int:
+    """Width of the residual stream."""
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ActcacheError(f"config of {config.model_type} names no hidden size: pass a decoder-only causal LM")
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The ModuleList of transformer blocks, whatever the architecture calls it."""
+    candidates = []
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        candidates.append(getattr(get_decoder(), "layers", None))
+    candidates.append(getattr(getattr(model, "model", None), "layers", None))
+    for layers in candidates:
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    # e.g. GPT-2's transformer.h: the one ModuleList as long as the layer count.
+    count = n_layers(model.config)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ActcacheError(
+        f"cannot find the transformer blocks of {type(model).__name__}: pass a decoder-only causal LM"
+    )
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _check_causal_lm(model: str, config: PretrainedConfig) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ActcacheError(
+            f"model {model} ({config.model_type}) is not a causal language model: pass a decoder-only LM"
+        )
+
+
+def _weights_kwargs(source: _Source, config: PretrainedConfig, dtype: torch.dtype) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"config": config, "trust_remote_code": False, **_dtype_kwarg(dtype)}
+    if config.model_type in _EAGER_MODEL_TYPES:
+        kwargs["attn_implementation"] = "eager"
+    if source.kind == "dir" and any(Path(source.location).glob("*.safetensors")):
+        kwargs["use_safetensors"] = True  # never unpickle a .bin when safetensors are there
+    return kwargs
+
+
+def _truncate(model: PreTrainedModel, keep_layers: int) -> None:
+    """Drop every block after the first ``keep_layers``; the config is left as loaded.
+
+    The config keeps the full layer count, so callers can still read the model's real depth
+    from it; HF forwards slice ``layers[:num_hidden_layers]``, which is safe on a shorter list.
+    ``output_hidden_states`` of a truncated model returns ``keep_layers + 1`` states, the last
+    one final-normed, so read block outputs with forward hooks instead.
+    """
+    layers = decoder_layers(model)
+    total = len(layers)
+    if not 1 <= keep_layers <= total:
+        raise ActcacheError(
+            f"keep_layers={keep_layers} is out of range: the model has {total} layers, "
+            f"so ask for a layer between 0 and {total - 1}"
+        )
+    del layers[keep_layers:]
+
+
+def load_model(
+    model: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    keep_layers: int | None = None,
+) -> LoadedModel:
+    """Load ``model`` for inference: eval mode, no grads, on ``device`` in ``dtype``.
+
+    ``keep_layers`` drops every block after the first ``keep_layers`` (see :func:`_truncate`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _resolve_source(model, gguf_file)
+    if source.kind == "gguf":
+        source = _Source("dir", str(convert_gguf(Path(source.location))))
+    config = _auto_config(model, source)
+    _check_causal_lm(model, config)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(source.location, **_weights_kwargs(source, config, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
+    except OSError as err:
+        if source.kind == "hub":
+            raise _hub_error(model, err) from err
+        raise ActcacheError(f"could not load model {model} from {source.location} ({err}): {_MODEL_HINT}") from err
+    if keep_layers is not None:
+        _truncate(lm, keep_layers)
+    lm = lm.to(resolve_device(str(device)))
+    lm.eval()
+    lm.requires_grad_(False)
+    return LoadedModel(
+        model=lm,
+        tokenizer=tokenizer,
+        model_id=model,
+        resolved_path=source.location,
+        revision=getattr(lm.config, "_commit_hash", None),
+        config_hash=config_hash(lm.config),
+        tokenizer_id=str(tokenizer.name_or_path),
+    )

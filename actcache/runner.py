@@ -1,0 +1,116 @@
+"""Compute store chunks: forward passes on the main thread, writes on a background thread.
+
+The queue between them is bounded, so peak memory is about ``queue_depth + 2`` chunks of
+activations whatever ``n_tokens`` is, and the forward pass never waits on compression or
+disk unless the writer falls a whole queue behind.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable
+
+import numpy as np
+import torch
+
+from actcache.capture import ResidualCapture
+from actcache.dtypes import storage_dtype, to_storage
+from actcache.hooks import HookSpec
+from actcache.store_writer import StoreWriter
+
+ChunkCallback = Callable[[int, int], None]  # (chunk index, rows written)
+_DONE = object()
+
+
+class BackgroundWriter:
+    """A thread draining a bounded queue of computed chunks into the store."""
+
+    def __init__(self, writer: StoreWriter, depth: int, on_written: ChunkCallback | None = None):
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._on_written = on_written
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="actcache-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if self._error is not None:
+                continue  # keep draining so put() never blocks forever
+            chunk, acts, rows = item
+            try:
+                self._writer.write_chunk(chunk, acts)
+                if self._on_written:
+                    self._on_written(chunk, rows)
+            except BaseException as e:  # re-raised on the main thread
+                self._error = e
+
+    def put(self, chunk: int, acts: dict[str, np.ndarray], rows: int) -> None:
+        self._raise_if_failed()
+        self._queue.put((chunk, acts, rows))
+
+    def close(self) -> None:
+        """Write everything queued, stop the thread, surface any write error."""
+        self._queue.put(_DONE)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def compute_chunk(
+    capture: ResidualCapture,
+    windows: np.ndarray,
+    *,
+    hooks: list[str],
+    first_position: int,
+    batch_size: int,
+    logical_dtype: str,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """Activations of one chunk's windows, as (rows, d_model) arrays in the storage dtype."""
+    n, ctx = windows.shape
+    rows_per_window = ctx - first_position
+    out: dict[str, np.ndarray] = {}
+    for b0 in range(0, n, batch_size):
+        b1 = min(b0 + batch_size, n)
+        ids = torch.from_numpy(windows[b0:b1].astype(np.int64)).to(device)
+        acts = capture.run(ids)
+        for h in hooks:
+            a = acts[h][:, first_position:, :]
+            if h not in out:
+                out[h] = np.empty((n * rows_per_window, a.shape[-1]), dtype=storage_dtype(logical_dtype))
+            out[h][b0 * rows_per_window : b1 * rows_per_window] = to_storage(a.reshape(-1, a.shape[-1]))
+    return out
+
+
+def run_chunks(
+    writer: StoreWriter,
+    model: torch.nn.Module,
+    specs: list[HookSpec],
+    chunks: list[int],
+    *,
+    batch_size: int,
+    queue_depth: int = 2,
+    on_written: ChunkCallback | None = None,
+) -> None:
+    """Compute and write ``chunks``; on an interrupt, queued chunks are still written."""
+    device = next(model.parameters()).device
+    lay = writer.layout
+    bg = BackgroundWriter(writer, queue_depth, on_written)
+    try:
+        with ResidualCapture(model, specs) as cap:
+            for c in chunks:
+                acts = compute_chunk(cap, writer.read_windows(c), hooks=[s.name for s in specs],
+                                     first_position=lay.first_position, batch_size=batch_size,
+                                     logical_dtype=writer.logical_dtype, device=device)
+                r0, r1 = lay.chunk_rows_range(c)
+                bg.put(c, acts, r1 - r0)
+    finally:
+        bg.close()

@@ -1,0 +1,160 @@
+"""Creating a store and writing it chunk by chunk, crash-safely.
+
+Crash safety rests on three facts: zarr's LocalStore writes every object atomically
+(temp file + rename); each store chunk is computed from its own windows only, so it can be
+recomputed identically; and a chunk's manifest entry is written only after its data and
+statistics. After a crash, chunks without a manifest entry are simply written again.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from actcache import store as S
+from actcache.dtypes import storage_dtype, to_float32
+from actcache.errors import ActcacheError
+
+log = logging.getLogger(__name__)
+
+CODECS = ("zstd", "blosc-lz4", "none")
+_BLOCK_CHUNKS = 64  # chunks per bulk write/read of the small per-row arrays
+
+
+def compressors_for(codec: str, typesize: int) -> Any:
+    """Codec name -> zarr v3 compressors. ``zstd`` is level 1 unless written ``zstd-N``."""
+    if codec == "none":
+        return None
+    if codec == "blosc-lz4":
+        return (BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle, typesize=typesize),)
+    if codec == "zstd" or codec.startswith("zstd-"):
+        level = 1 if codec == "zstd" else codec.split("-", 1)[1]
+        try:
+            return (ZstdCodec(level=int(level)),)
+        except ValueError:
+            pass
+    raise ActcacheError(f"unknown codec {codec!r}: use zstd, zstd-N (level N), blosc-lz4 or none")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class StoreWriter:
+    """Write access to a store being extracted (one process or many dask workers)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.group = zarr.open_group(str(self.path), mode="r+")
+        self.attrs = dict(self.group.attrs)
+        self.layout = S.Layout.from_dict(self.attrs["layout"])
+        self.hooks: list[str] = list(self.attrs["hooks"])
+        self.logical_dtype: str = self.attrs["dtype"]
+        self._arrays = {h: self.group[h] for h in self.hooks}
+        self._manifest = self.group[S.MANIFEST]
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        attrs: dict[str, Any],
+        layout: S.Layout,
+        hooks: list[str],
+        d_model: int,
+        logical_dtype: str,
+        codec: str,
+        windows: np.ndarray,
+        window_source: np.ndarray,
+    ) -> "StoreWriter":
+        """Lay out every array and write the token-side arrays; activations come later."""
+        sdt = storage_dtype(logical_dtype)
+        comp = compressors_for(codec, sdt.itemsize)
+        attrs = {**attrs, "layout": layout.to_dict(), "hooks": hooks, "d_model": d_model,
+                 "dtype": logical_dtype, "storage_dtype": str(sdt), "codec": codec,
+                 "format": {"name": S.FORMAT_NAME, "version": S.FORMAT_VERSION},
+                 "created": _now(), "tokens_written": False, "complete": False}
+        g = zarr.create_group(str(path), attributes=attrs, overwrite=False)
+        rows, n_chunks = layout.chunk_rows, layout.n_chunks
+        for h in hooks:
+            layer = int(h.split(".")[1])
+            g.create_array(h, shape=(layout.n_rows, d_model), chunks=(rows, d_model), dtype=sdt,
+                           compressors=comp, fill_value=0, dimension_names=("row", "d_model"),
+                           attributes={"hook_name": h, "layer": layer, "logical_dtype": logical_dtype})
+            sg = g.require_group(f"{S.STATS}/{h}")
+            sg.create_array("sum", shape=(n_chunks, d_model), chunks=(1, d_model), dtype="float64", fill_value=0)
+            sg.create_array("norms", shape=(n_chunks, 2), chunks=(1, 2), dtype="float64", fill_value=0,
+                            attributes={"columns": ["sum_sq_norm", "sum_norm"]})
+        g.create_array(S.MANIFEST, shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                       compressors=None)
+        wpc = layout.windows_per_chunk
+        g.create_array(S.WINDOWS, data=windows.astype(np.int32), chunks=(wpc, layout.context_size))
+        g.create_array(S.WINDOW_SOURCE, data=window_source.astype(np.int64), chunks=(wpc,))
+        writer = cls(path)
+        writer._write_row_arrays(windows)
+        writer.group.attrs["tokens_written"] = True
+        return writer
+
+    def _write_row_arrays(self, windows: np.ndarray) -> None:
+        lay = self.layout
+        specs = [(S.TOKENS, np.int32), (S.WINDOW, np.int32), (S.POSITION, np.int16)]
+        arrs = {n: self.group.create_array(n, shape=(lay.n_rows,), chunks=(lay.chunk_rows,), dtype=dt)
+                for n, dt in specs}
+        positions = np.arange(lay.first_position, lay.context_size, dtype=np.int16)
+        for c0 in range(0, lay.n_chunks, _BLOCK_CHUNKS):
+            c1 = min(c0 + _BLOCK_CHUNKS, lay.n_chunks)
+            w0, w1 = lay.chunk_windows(c0)[0], lay.chunk_windows(c1 - 1)[1]
+            r0, r1 = w0 * lay.rows_per_window, w1 * lay.rows_per_window
+            arrs[S.TOKENS][r0:r1] = windows[w0:w1, lay.first_position:].reshape(-1)
+            arrs[S.WINDOW][r0:r1] = np.repeat(np.arange(w0, w1, dtype=np.int32), lay.rows_per_window)
+            arrs[S.POSITION][r0:r1] = np.tile(positions, w1 - w0)
+
+    def read_windows(self, chunk: int) -> np.ndarray:
+        w0, w1 = self.layout.chunk_windows(chunk)
+        return self.group[S.WINDOWS][w0:w1]
+
+    def pending_chunks(self) -> list[int]:
+        done = self._manifest[:]
+        return [int(c) for c in np.flatnonzero(done == 0)]
+
+    def write_chunk(self, chunk: int, acts: dict[str, np.ndarray]) -> None:
+        """Data, then statistics, then the manifest entry that commits the chunk."""
+        r0, r1 = self.layout.chunk_rows_range(chunk)
+        for h in self.hooks:
+            a = acts[h]
+            if a.shape != (r1 - r0, self._arrays[h].shape[1]):
+                raise ValueError(f"chunk {chunk} of {h}: shape {a.shape}, expected {(r1 - r0, self._arrays[h].shape[1])}")
+            self._arrays[h][r0:r1] = a
+            x = to_float32(a, self.logical_dtype)
+            sq = np.einsum("ij,ij->i", x, x)
+            stats = self.group[f"{S.STATS}/{h}"]
+            stats["sum"][chunk] = x.sum(axis=0, dtype=np.float64)
+            stats["norms"][chunk] = [sq.sum(dtype=np.float64), np.sqrt(sq).sum(dtype=np.float64)]
+        self._manifest[chunk] = 1
+
+    def finalize(self) -> dict[str, Any]:
+        """Check every chunk is committed, reduce per-chunk statistics, mark complete."""
+        missing = self.pending_chunks()
+        if missing:
+            raise ActcacheError(f"{len(missing)} chunks of {self.path} are not written: run with --resume")
+        n = self.layout.n_rows
+        stats = {}
+        for h in self.hooks:
+            sg = self.group[f"{S.STATS}/{h}"]
+            total = np.zeros(sg["sum"].shape[1], dtype=np.float64)
+            norms = np.zeros(2, dtype=np.float64)
+            # Fixed block order keeps the reduction bitwise reproducible across resumes and workers.
+            for c0 in range(0, self.layout.n_chunks, 256):
+                c1 = min(c0 + 256, self.layout.n_chunks)
+                total += sg["sum"][c0:c1].sum(axis=0)
+                norms += sg["norms"][c0:c1].sum(axis=0)
+            stats[h] = {"mean": (total / n).tolist(), "mean_sq_norm": float(norms[0] / n),
+                        "mean_norm": float(norms[1] / n), "n_rows": n}
+        self.group.attrs.update({"stats": stats, "complete": True, "finished": _now()})
+        return stats

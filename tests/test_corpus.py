@@ -1,0 +1,2 @@
+import actcache
+def test_x(): pass
