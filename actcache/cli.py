@@ -132,7 +132,7 @@ def info(
     out = Console()
     t = Table(title=f"{d['path']}  ({'complete' if d['complete'] else 'INCOMPLETE'}, {d['chunks_done']}/{d['n_chunks']} chunks)")
     for col in ("hook", "shape", "chunks", "dtype", "on disk", "ratio", "E||x||", "E||x||^2"):
-        t.add_column(col, justify="left" if col == "hook" else "right")
+        t.add_column(col, justify="left" if col == "hook" else "right", no_wrap=col == "hook")
     for h in d["hooks"]:
         t.add_row(h["hook"], "x".join(map(str, h["shape"])), "x".join(map(str, h["chunks"])),
                   f"{d['dtype']} ({h['storage_dtype']})", _fmt_bytes(h["bytes_on_disk"]),

@@ -114,7 +114,8 @@ def _docstrings(tree: ast.AST) -> Iterator[str]:
     if isinstance(tree, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
         doc = ast.get_docstring(tree, clean=False)
         if doc:
-            yield inspect.cleandoc(doc)
+            # cleandoc keeps a whitespace-only last line when there is no indented body line.
+            yield inspect.cleandoc(doc).strip()
     for child in ast.iter_child_nodes(tree):
         yield from _docstrings(child)
 
