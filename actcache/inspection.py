@@ -88,7 +88,8 @@ def _recompute(st: S.ActivationStore, n: int, seed: int, device: str, report: Ve
 
     specs = parse_hooks(st.hooks)
     cfg = st.attrs["extract_config"]
-    lm = load_model(cfg["model"], gguf_file=cfg.get("gguf_file"), dtype=torch_dtype(st.logical_dtype),
+    compute = st.attrs.get("compute_dtype", st.logical_dtype)
+    lm = load_model(cfg["model"], gguf_file=cfg.get("gguf_file"), dtype=torch_dtype(compute),
                     device=resolve_device(device), keep_layers=max(s.layer for s in specs) + 1)
     rng = np.random.default_rng(seed)
     picks = rng.choice(st.layout.n_windows, size=min(n, st.layout.n_windows), replace=False)
@@ -99,7 +100,7 @@ def _recompute(st: S.ActivationStore, n: int, seed: int, device: str, report: Ve
             ids = torch.from_numpy(st.group[S.WINDOWS][w : w + 1].astype(np.int64)).to(lm.model.device)
             acts = cap.run(ids)
             for h in st.hooks:
-                got = acts[h][0, first:].float().cpu().numpy()
+                got = acts[h][0, first:].to(torch_dtype(st.logical_dtype)).float().cpu().numpy()
                 stored = st.read_rows(h, w * rpw, (w + 1) * rpw)
                 err = float(np.linalg.norm(got - stored) / max(np.linalg.norm(stored), 1e-30))
                 worst = max(worst, err)

@@ -18,13 +18,15 @@ _TASKS_PER_WORKER = 4  # more, smaller tasks: steadier progress and load balance
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_model(model: str, gguf_file: str | None, dtype: str, device: str, keep_layers: int):
-    from actcache.device import resolve_device
+def _worker_model(model: str, gguf_file: str | None, dtype: str, compute_dtype: str, device: str,
+                  keep_layers: int):
+    from actcache.device import resolve_compute_dtype, resolve_device
     from actcache.dtypes import torch_dtype
     from actcache.models import load_model
 
-    return load_model(model, gguf_file=gguf_file, dtype=torch_dtype(dtype),
-                      device=resolve_device(device), keep_layers=keep_layers)
+    dev = resolve_device(device)
+    compute = resolve_compute_dtype(compute_dtype, dtype, dev)
+    return load_model(model, gguf_file=gguf_file, dtype=torch_dtype(compute), device=dev, keep_layers=keep_layers)
 
 
 def _work(store: str, cfg: dict[str, Any], chunks: list[int], threads: int) -> int:
@@ -37,7 +39,7 @@ def _work(store: str, cfg: dict[str, Any], chunks: list[int], threads: int) -> i
         torch.set_num_threads(threads)
     c = ExtractConfig.from_dict(cfg)
     specs = parse_hooks(list(c.hooks))
-    lm = _worker_model(c.model, c.gguf_file, c.dtype, c.device, max(s.layer for s in specs) + 1)
+    lm = _worker_model(c.model, c.gguf_file, c.dtype, c.compute_dtype, c.device, max(s.layer for s in specs) + 1)
     writer = StoreWriter(store)
     run_chunks(writer, lm.model, specs, chunks, batch_size=c.batch_size, queue_depth=c.queue_depth)
     return sum(writer.layout.chunk_rows_range(i)[1] - writer.layout.chunk_rows_range(i)[0] for i in chunks)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from actcache.capture import ResidualCapture
-from actcache.dtypes import storage_dtype, to_storage
+from actcache.dtypes import storage_dtype, to_storage, torch_dtype
 from actcache.hooks import HookSpec
 from actcache.store_writer import StoreWriter
 
@@ -86,7 +86,9 @@ def compute_chunk(
             a = acts[h][:, first_position:, :]
             if h not in out:
                 out[h] = np.empty((n * rows_per_window, a.shape[-1]), dtype=storage_dtype(logical_dtype))
-            out[h][b0 * rows_per_window : b1 * rows_per_window] = to_storage(a.reshape(-1, a.shape[-1]))
+            # The model may compute in a wider dtype than it stores (see resolve_compute_dtype).
+            a = a.reshape(-1, a.shape[-1]).to(torch_dtype(logical_dtype))
+            out[h][b0 * rows_per_window : b1 * rows_per_window] = to_storage(a)
     return out
 
 

@@ -41,7 +41,8 @@ def test_attributes_describe_the_run(small_store):
 
 def test_rows_equal_a_direct_forward_of_the_stored_windows(small_store):
     st = S.open_store(small_store)
-    lm = load_model("embedded:tiny-gemma2", dtype=torch.bfloat16, device="cpu")
+    compute = {"bfloat16": torch.bfloat16, "float32": torch.float32}[st.attrs["compute_dtype"]]
+    lm = load_model("embedded:tiny-gemma2", dtype=compute, device="cpu")
     windows = st.group[S.WINDOWS][:]
     assert (windows[:, 0] == lm.tokenizer.bos_token_id).all()
     with ResidualCapture(lm.model, parse_hooks(HOOKS)) as cap:
@@ -49,7 +50,7 @@ def test_rows_equal_a_direct_forward_of_the_stored_windows(small_store):
     for h in HOOKS:
         got = st.read_chunk(h, 0)
         assert got.dtype == torch.bfloat16
-        assert torch.equal(got, acts[h].reshape(-1, 64))
+        assert torch.equal(got, acts[h].reshape(-1, 64).to(torch.bfloat16))
 
 
 def test_tokens_window_position_rows(small_store):
@@ -104,3 +105,14 @@ def test_same_seed_same_store_other_seed_other_order(tmp_path, small_store):
     assert not np.array_equal(gb[S.WINDOW_SOURCE][:], g0[S.WINDOW_SOURCE][:])
     # Same windows, other order: the multiset of token windows is unchanged.
     assert sorted(map(tuple, gb[S.WINDOWS][:])) == sorted(map(tuple, g0[S.WINDOWS][:]))
+
+
+@pytest.mark.parametrize("compute", ["bfloat16", "float32"])
+def test_compute_dtype_is_honoured_and_recorded(tmp_path, compute):
+    out = extract(small_config(tmp_path / "s.zarr", compute_dtype=compute, n_tokens=32 * 4))
+    st = S.open_store(out)
+    assert st.attrs["compute_dtype"] == compute and st.logical_dtype == "bfloat16"
+    lm = load_model("embedded:tiny-gemma2", dtype=getattr(torch, compute), device="cpu")
+    with ResidualCapture(lm.model, parse_hooks(HOOKS)) as cap:
+        acts = cap.run(torch.from_numpy(st.group[S.WINDOWS][:].astype(np.int64)))
+    assert torch.equal(st.read_chunk(HOOKS[0], 0), acts[HOOKS[0]].reshape(-1, 64).to(torch.bfloat16))

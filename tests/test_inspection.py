@@ -33,7 +33,7 @@ def test_info_reports_layout_and_bytes(small_store):
     r = runner.invoke(app, ["info", str(small_store), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["n_rows"] == 768
     r = runner.invoke(app, ["info", str(small_store)], env={"COLUMNS": "200"})
-    assert r.exit_code == 0 and HOOK in r.output and "bfloat16" in r.output
+    assert r.exit_code == 0 and HOOK in r.output and "bfloat16 (stored as uint16)" in r.output
 
 
 def test_verify_passes_on_a_good_store_with_recompute(small_store):
