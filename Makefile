@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo-out
 DEMO_TOKENS ?= 65536
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench docs clean
 
 $(BIN)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -24,6 +24,9 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_extract.py --out docs/benchmarks.md
+
+docs: install
+	$(BIN)/python tests/gen_cli_docs.py > docs/cli.md
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
