@@ -1,0 +1,95 @@
+"""Atomic checkpoints: weights and buffers in safetensors, optimiser state via
+``torch.save``/``torch.load(weights_only=True)``, the rest as JSON.
+
+A checkpoint is written into a temporary directory and swapped in by renames, so a crash
+at any moment leaves the previous checkpoint (or, mid-swap, ``checkpoint.old``) intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer import artifacts as A
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"torch_cuda_{i}"] = s
+    return state
+
+
+def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any]) -> None:
+    ckpt_dir = Path(ckpt_dir)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.tmp-"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / A.CKPT_MODEL)
+    torch.save(optimizer.state_dict(), tmp / A.CKPT_OPTIMIZER)
+    save_file(_rng_state(), tmp / A.CKPT_RNG)
+    (tmp / A.CKPT_STATE).write_text(json.dumps(state, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    if ckpt_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    _fsync_dir(ckpt_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The committed checkpoint; after a crash mid-swap, the previous one."""
+    ckpt_dir = Path(ckpt_dir)
+    for cand in (ckpt_dir, ckpt_dir.with_name(ckpt_dir.name + ".old")):
+        if (cand / A.CKPT_STATE).exists():
+            return cand
+    return None
+
+
+def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    device: torch.device) -> dict[str, Any]:
+    model.load_state_dict(load_file(ckpt_dir / A.CKPT_MODEL, device=str(device)))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(ckpt_dir / A.CKPT_OPTIMIZER, map_location=device, weights_only=True))
+    rng = load_file(ckpt_dir / A.CKPT_RNG)
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return json.loads((ckpt_dir / A.CKPT_STATE).read_text())

@@ -1,0 +1,136 @@
+"""Configurations of an SAE and of a training run; saved as ``config.json`` in every run dir.
+
+Three small frozen dataclasses rather than one god-config: :class:`SAEConfig` (the model
+and its loss), :class:`TrainConfig` (optimisation and I/O), and the loader's own
+``LoaderConfig``. On the command line and in ``--config run.json`` they are one flat set of
+fields (names are unique across the three); :class:`RunConfig` maps between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from actcache.errors import ActcacheError
+from trainer.loader import LoaderConfig
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    arch: str = "topk"
+    """Architecture: baseline (ReLU + L1), topk, or dyncorr (stabilised dynamic correlation)."""
+    d_in: int = 0
+    """Width of the activations (filled in from the store)."""
+    d_sae: int = 0
+    """Number of latents; 0 = d_in (the seed's dict_size)."""
+    k: int = 32
+    """Active latents per token (topk)."""
+    k_start: int = 128
+    """k at the start of the cosine schedule (dyncorr)."""
+    k_end: int = 32
+    """k at the end of the cosine schedule (dyncorr)."""
+    sparsity_penalty: float = 0.04
+    """L1 coefficient of the baseline (the seed's run 0)."""
+    lambda_max: float = 0.1
+    """Final weight of the correlation penalty (dyncorr); rises as k falls."""
+    beta: float = 0.01
+    """EMA rate of the latent mean and second moment (dyncorr)."""
+    eps: float = 1e-6
+    """Diagonal damping of the latent covariance; 0 disables it (ablation)."""
+    cov_dtype: str = "float32"
+    """dtype of the d_sae x d_sae second-moment buffer."""
+    k_aux: int = 0
+    """AuxK latents per token among dead ones; 0 = d_in // 2 (OpenAI's recipe)."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_after_tokens: int = 1_000_000
+    """A latent that has not fired for this many tokens is dead."""
+    b_dec_init: str = "mean"
+    """Initial b_dec from the first batch: mean, geometric_median or zeros."""
+
+    def resolved(self, d_in: int) -> "SAEConfig":
+        """Fill width-dependent defaults and validate."""
+        c = replace(self, d_in=d_in, d_sae=self.d_sae or d_in, k_aux=self.k_aux or max(1, d_in // 2))
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ActcacheError(f"d_in and d_sae must be > 0 (got {self.d_in}, {self.d_sae})")
+        ks = {"k": self.k} if self.arch == "topk" else {"k_start": self.k_start, "k_end": self.k_end} if self.arch == "dyncorr" else {}
+        for name, v in ks.items():
+            if not 0 < v <= self.d_sae:
+                raise ActcacheError(f"--{name.replace('_', '-')} {v} must be in 1..d_sae ({self.d_sae})")
+        if self.arch == "dyncorr":
+            if self.k_start < self.k_end:
+                raise ActcacheError(f"--k-start {self.k_start} < --k-end {self.k_end}: k must not grow")
+            if not 0 < self.beta <= 1:
+                raise ActcacheError(f"--beta {self.beta} must be in (0, 1]")
+            if self.eps < 0:
+                raise ActcacheError(f"--eps {self.eps} must be >= 0 (0 disables damping)")
+            if self.lambda_max < 0:
+                raise ActcacheError(f"--lambda-max {self.lambda_max} must be >= 0")
+        if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
+            raise ActcacheError(f"--b-dec-init {self.b_dec_init!r}: use mean, geometric_median or zeros")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    store: str = ""
+    """Path of the activation store (actcache extract)."""
+    hook: str = ""
+    """Hook to train on, e.g. blocks.5.hook_resid_post; default: the store's only hook."""
+    out: str = ""
+    """Run directory (config, metrics, checkpoints, weights, SAELens export)."""
+    n_tokens: int = 0
+    """Training tokens; 0 = one pass over the store's train split."""
+    epochs: int = 1
+    """Passes over the train split allowed; n_tokens beyond epochs x train rows is an error."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float = 3e-4
+    """Peak Adam learning rate."""
+    lr_warmup_frac: float = 0.05
+    """Fraction of steps of linear learning-rate warm-up (and the horizon offset of the k/lambda schedules)."""
+    lr_min_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of lr."""
+    penalty_warmup_frac: float = 0.05
+    """Fraction of steps of linear warm-up of the baseline's L1 coefficient."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = off)."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    log_every: int = 10
+    """Steps between metrics.jsonl records."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (one is always written at the end)."""
+    max_nonfinite_in_row: int = 5
+    """Non-finite steps in a row before rolling back to the last checkpoint with half the lr."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+    _SHARED = ("batch_size", "seed")  # train fields the loader mirrors
+
+    @classmethod
+    def from_flat(cls, d: dict[str, Any]) -> "RunConfig":
+        parts: dict[str, dict[str, Any]] = {"train": {}, "sae": {}, "loader": {}}
+        owners = {f.name: part for part, klass in (("loader", LoaderConfig), ("sae", SAEConfig), ("train", TrainConfig))
+                  for f in fields(klass)}
+        unknown = sorted(k for k in d if k not in owners)
+        if unknown:
+            raise ActcacheError(f"unknown config keys {', '.join(unknown)}: see `sae train --help` for the fields")
+        for k, v in d.items():
+            parts[owners[k]][k] = v
+        train = TrainConfig(**parts["train"])
+        loader = LoaderConfig(**{**parts["loader"], **{k: getattr(train, k) for k in cls._SHARED}})
+        return cls(train=train, sae=SAEConfig(**parts["sae"]), loader=loader)
+
+    def to_flat(self) -> dict[str, Any]:
+        return {**asdict(self.loader), **asdict(self.sae), **asdict(self.train)}

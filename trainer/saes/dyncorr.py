@@ -1,0 +1,41 @@
+"""The Stabilized Dynamic Correlation SAE: TopK with a cosine-annealed k(t), and a penalty on
+the correlations of co-active latents, measured against running (EMA) latent statistics
+damped by eps * I (docs/sae-math.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.config import SAEConfig
+from trainer.saes.base import SAEOutput, StepContext
+from trainer.saes.covariance import LatentStatistics, correlation_penalty
+from trainer.saes.topk import TopKSAE
+
+_COV_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+class DynCorrSAE(TopKSAE):
+    arch = "dyncorr"
+
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
+        super().__init__(cfg, generator=generator)
+        self.stats = LatentStatistics(cfg.d_sae, beta=cfg.beta, eps=cfg.eps, dtype=_COV_DTYPES[cfg.cov_dtype])
+
+    def current_k(self, ctx: StepContext) -> int:
+        return ctx.k or self.cfg.k_end
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        return super().encode(x, k or self.cfg.k_end)
+
+    def _extend(self, out: SAEOutput, idx: torch.Tensor, val: torch.Tensor, ctx: StepContext) -> SAEOutput:
+        # Uses M_{t-1}, mu_{t-1}: must run before stats.update for this batch (after_step).
+        corr, diag = correlation_penalty(self.stats, idx, val)
+        out.loss = out.loss + ctx.lam * corr
+        out.terms["corr_loss"] = corr.detach()
+        for name, v in diag.items():
+            out.extras[name] = torch.as_tensor(v)
+        return out
+
+    def after_step(self, out: SAEOutput) -> None:
+        super().after_step(out)
+        self.stats.update(out.extras["idx"], out.extras["val"].detach())

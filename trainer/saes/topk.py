@@ -1,0 +1,46 @@
+"""TopK SAE with the AuxK loss on dead latents (OpenAI's recipe, as in sparsify)."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.saes.base import SAE, SAEOutput, StepContext
+from trainer.saes.sparse_ops import densify, sparse_decode, topk_encode
+
+
+class TopKSAE(SAE):
+    arch = "topk"
+
+    def current_k(self, ctx: StepContext) -> int:
+        return self.cfg.k
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        val, idx, _, _ = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, k or self.cfg.k)
+        return densify(idx, val, self.cfg.d_sae)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> SAEOutput:
+        k = self.current_k(ctx)
+        dead = self.dead_mask() if self.training else None
+        val, idx, aux_val, aux_idx = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, k, dead, self.cfg.k_aux)
+        x_hat = sparse_decode(idx, val, self.W_dec, self.b_dec)
+        err = x - x_hat
+        # Scale-free loss: fraction of variance unexplained (sparsify / OpenAI).
+        total_var = (x - x.mean(0)).pow(2).sum().clamp(min=1e-12)
+        fvu = err.pow(2).sum() / total_var
+        terms = {"fvu": fvu.detach()}
+        loss = fvu
+        if aux_idx.shape[1]:
+            # AuxK: dead latents learn to explain what the live ones leave over.
+            e_hat = sparse_decode(aux_idx, aux_val, self.W_dec, torch.zeros_like(self.b_dec))
+            aux = (e_hat - err.detach()).pow(2).sum() / total_var
+            loss = loss + self.cfg.aux_coef * aux
+            terms["auxk_loss"] = aux.detach()
+        else:
+            terms["auxk_loss"] = torch.zeros((), device=x.device)
+        out = SAEOutput(x_hat=x_hat, loss=loss, terms=terms, fired=self.fired_mask(idx, val, self.cfg.d_sae),
+                        l0=(val > 0).sum(-1).float().mean(), extras={"idx": idx, "val": val})
+        return self._extend(out, idx, val, ctx)
+
+    def _extend(self, out: SAEOutput, idx: torch.Tensor, val: torch.Tensor, ctx: StepContext) -> SAEOutput:
+        """Hook for subclasses adding loss terms on the sparse code."""
+        return out
