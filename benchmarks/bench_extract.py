@@ -1,25 +1,27 @@
 """Benchmark ``actcache extract`` on CPU: writer overhead, truncated depth, storage codecs.
 
-Run: ``python benchmarks/bench_extract.py --out docs/benchmarks.md [--quick]``.
+Run: ``python benchmarks/bench_extract.py --out docs/benchmarks.md [--quick]``; it prints rich
+tables and appends a markdown section (machine, command, tables) to ``--out``.
 
 Model: the real Gemma-2 architecture at Gemma-2-2B width (``Gemma2Config()`` defaults: d_model
-2304, 8 heads of 256, MLP 9216) with few layers, vocab 32000 and seeded random weights, saved
-into a temp dir with the tokenizer of ``embedded:tiny-gemma2``, and loaded through
-``actcache.models.load_model`` in bfloat16. Windows come from ``embedded:stdlib-docstrings``
-via ``pack_windows`` (context 128, seed 0). Model loading and tokenisation are never timed.
+2304, 8 heads of 256, MLP 9216) with few layers, vocab 32000 and seeded random weights, saved to
+a temp dir with the tokenizer of ``embedded:tiny-gemma2`` and loaded in bfloat16 through
+``actcache.models.load_model``. Windows: ``embedded:stdlib-docstrings`` packed by
+``pack_windows`` (context 128, seed 0). Model loading and tokenisation are never timed.
 
 1. Writer overhead: ``runner.run_chunks`` (what ``extract()`` runs after setup: forward, copy-out,
    background zstd write + statistics) on a fresh ``StoreWriter.create`` store, against a
    ``ResidualCapture.run`` loop over exactly the same chunks and batches. Target <= 5%.
 2. Truncated vs full depth: ``ResidualCapture`` at ``blocks.1.hook_resid_post`` (stops after
-   block 1) against ``model(input_ids, use_cache=False)`` (every block, final norm, lm_head).
+   block 1) against ``model(input_ids, use_cache=False)`` (all blocks, final norm, lm_head).
 3. Codecs: stored bytes/token, compression ratio and write MB/s (uncompressed MB per second of
-   zarr chunk writes, 4096 x d_model chunks as the project lays them out) for none, blosc-lz4
-   and zstd level 1, on real activations of the random-weight model and of the trained
-   ``embedded:smollm2-135m``.
+   zarr chunk writes) for none, blosc-lz4 and zstd level 1, on real activations of the
+   random-weight model and of the trained ``embedded:smollm2-135m``.
 
-Timings alternate between the variants (A B, B A, ...) and report the median of the repeats;
-every ratio compares numbers measured side by side in the same run.
+Variants alternate (A B, B A, ...) and medians of the repeats are reported; every ratio compares
+numbers measured side by side in one run. Each timing records wall time and the process's CPU
+time (all its threads): when other processes share the cores, wall time swings by 2x while CPU
+time barely moves, so CPU-time ratios are the noise-robust cross-check.
 """
 
 from __future__ import annotations
@@ -37,39 +39,41 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+import zarr
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when transformers is imported, just below
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import transformers
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-import zarr  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from actcache.capture import ResidualCapture  # noqa: E402
-from actcache.corpus import STDLIB_DATASET, iter_documents  # noqa: E402
-from actcache.dtypes import storage_dtype, to_storage  # noqa: E402
-from actcache.embedded import DEMO_MODEL, tiny_gemma2_path  # noqa: E402
-from actcache.hooks import parse_hooks  # noqa: E402
-from actcache.models import load_model, n_layers, resolve_model_config  # noqa: E402
-from actcache.runner import run_chunks  # noqa: E402
-from actcache.store import Layout  # noqa: E402
-from actcache.store_writer import StoreWriter, compressors_for  # noqa: E402
-from actcache.windows import pack_windows  # noqa: E402
+from actcache.capture import ResidualCapture
+from actcache.corpus import STDLIB_DATASET, iter_documents
+from actcache.dtypes import storage_dtype, to_storage, torch_dtype
+from actcache.embedded import DEMO_MODEL, tiny_gemma2_path
+from actcache.hooks import parse_hooks
+from actcache.models import load_model, n_layers, resolve_model_config
+from actcache.runner import run_chunks
+from actcache.store import Layout
+from actcache.store_writer import StoreWriter, compressors_for
+from actcache.windows import Windows, pack_windows
 
 CTX = 128
 STORE_CHUNK_ROWS = 4096  # the project's default chunk_rows (32 windows of 128)
 CODECS = (("none", "none"), ("blosc-lz4", "blosc-lz4"), ("zstd", "zstd-1 (default `zstd`)"))
 WRITE_TARGET = 0.05
+TIMING_COLUMNS = ["variant", "tokens", "wall s", "tokens/s", "CPU s", "wall s per repeat", "CPU s per repeat"]
+med = statistics.median
 
 
 @dataclass(frozen=True)
 class Sizes:
     full_layers: int  # depth of the random Gemma-2-width model (measurement 2)
-    write_layers: int  # blocks kept for measurements 1 and 3; the hook is the last one
+    write_layers: int  # blocks kept for measurements 1 and 3; the hook is at the last one
     write_windows: int
     write_chunk_rows: int
     batch_size: int
@@ -77,15 +81,16 @@ class Sizes:
     depth_batch: int
     codec_tokens: int
     repeats: int
+    write_repeats: int  # the writer's overhead is small next to the machine's noise: more repeats
 
 
-DEFAULT = Sizes(8, 2, 16, 1024, 8, 2, 2, 16384, 3)
-QUICK = Sizes(4, 2, 2, 128, 1, 1, 1, 1024, 2)
+DEFAULT = Sizes(8, 2, 16, 1024, 8, 4, 4, 16384, 3, 5)
+QUICK = Sizes(4, 2, 2, 128, 1, 1, 1, 1024, 2, 2)
 
 
 @dataclass
 class Section:
-    """One result table plus the notes printed under it."""
+    """One result table and the notes printed under it."""
 
     title: str
     columns: list[str]
@@ -93,7 +98,18 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
-# --- setup ---------------------------------------------------------------------------------------
+class Timer:
+    """``with Timer() as t: ...`` then ``t.wall`` and ``t.cpu`` (process CPU time, every thread)."""
+
+    def __enter__(self) -> "Timer":
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self._w, time.process_time() - self._c
+
+
+# --- helpers -------------------------------------------------------------------------------------
 
 
 def build_gemma2_width_model(out: Path, layers: int) -> Path:
@@ -113,16 +129,16 @@ def build_gemma2_width_model(out: Path, layers: int) -> Path:
     return out
 
 
-def make_windows(tokenizer, n: int) -> np.ndarray:
-    return pack_windows(iter_documents(STDLIB_DATASET), tokenizer, context_size=CTX, n_windows=n, seed=0).tokens
+def make_windows(tokenizer, n: int) -> Windows:
+    return pack_windows(iter_documents(STDLIB_DATASET), tokenizer, context_size=CTX, n_windows=n, seed=0)
 
 
-def batches(windows: np.ndarray, size: int):
+def batches(windows: np.ndarray, size: int) -> Iterator[torch.Tensor]:
     for b0 in range(0, len(windows), size):
         yield torch.from_numpy(windows[b0 : b0 + size].astype(np.int64))
 
 
-def alternate(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], Timer]], repeats: int) -> dict[str, list[Timer]]:
     """Run each variant ``repeats`` times, flipping the order every round; each fn times itself."""
     names, out = list(fns), {n: [] for n in fns}
     for r in range(repeats):
@@ -131,12 +147,30 @@ def alternate(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, li
     return out
 
 
-def med(xs: list[float]) -> float:
-    return statistics.median(xs)
+def walls(ts: list[Timer]) -> list[float]:
+    return [t.wall for t in ts]
 
 
-def fmt_times(xs: list[float]) -> str:
-    return ", ".join(f"{x:.2f}" for x in xs)
+def cpus(ts: list[Timer]) -> list[float]:
+    return [t.cpu for t in ts]
+
+
+def timing_rows(tokens: int, variants: list[tuple[str, list[Timer]]]) -> list[list[str]]:
+    def seq(xs: list[float]) -> str:
+        return ", ".join(f"{x:.2f}" for x in xs)
+
+    return [[label, f"{tokens:,}", f"{med(walls(ts)):.2f}", f"{tokens / med(walls(ts)):.1f}", f"{med(cpus(ts)):.2f}",
+             seq(walls(ts)), seq(cpus(ts))] for label, ts in variants]
+
+
+def rel(a: float, b: float) -> float:
+    return (a - b) / b
+
+
+def release(lm) -> None:
+    """Free the weights now (closures may still hold the model object) before the next load."""
+    lm.model.to("meta")
+    gc.collect()
 
 
 # --- 1. writer overhead --------------------------------------------------------------------------
@@ -146,71 +180,67 @@ def bench_writer(model_dir: Path, work: Path, sz: Sizes) -> tuple[Section, np.nd
     lm = load_model(str(model_dir), dtype=torch.bfloat16, device="cpu", keep_layers=sz.write_layers)
     hook = f"blocks.{sz.write_layers - 1}.hook_resid_post"
     specs = parse_hooks([hook], n_layers(lm.model.config))
-    win = pack_windows(iter_documents(STDLIB_DATASET), lm.tokenizer, context_size=CTX,
-                       n_windows=sz.write_windows, seed=0)
+    win = make_windows(lm.tokenizer, sz.write_windows)
     layout = Layout.plan(len(win.tokens), CTX, False, sz.write_chunk_rows)
-    d = lm.model.config.hidden_size
-    stores = iter(range(10_000))
+    n_stores = iter(range(1_000_000))
 
-    def new_store() -> StoreWriter:
-        return StoreWriter.create(work / f"write-{next(stores)}.zarr", attrs={}, layout=layout, hooks=[hook],
-                                  d_model=d, logical_dtype="bfloat16", codec="zstd",
+    def new_store() -> StoreWriter:  # what extract() creates during setup, untimed
+        return StoreWriter.create(work / f"write-{next(n_stores)}.zarr", attrs={}, layout=layout, hooks=[hook],
+                                  d_model=lm.model.config.hidden_size, logical_dtype="bfloat16", codec="zstd",
                                   windows=win.tokens, window_source=win.source)
 
-    def forward_only() -> float:
-        t0 = time.perf_counter()
-        with ResidualCapture(lm.model, specs) as cap:
-            for c in range(layout.n_chunks):
-                w0, w1 = layout.chunk_windows(c)
-                for ids in batches(win.tokens[w0:w1], sz.batch_size):
+    def fwd() -> Timer:
+        with ResidualCapture(lm.model, specs) as cap, Timer() as t:
+            for c in range(layout.n_chunks):  # the batches compute_chunk runs, chunk by chunk
+                for ids in batches(win.tokens[slice(*layout.chunk_windows(c))], sz.batch_size):
                     cap.run(ids)
-        return time.perf_counter() - t0
+        return t
 
-    last: list[StoreWriter] = []
+    stores: list[StoreWriter] = []
 
-    def forward_write() -> float:
-        writer = new_store()  # untimed: extract() does this during setup
-        assert np.array_equal(writer.group["windows"][:], win.tokens)
-        t0 = time.perf_counter()
-        run_chunks(writer, lm.model, specs, writer.pending_chunks(), batch_size=sz.batch_size, queue_depth=2)
-        t = time.perf_counter() - t0
+    def write() -> Timer:
+        writer = new_store()
+        assert np.array_equal(writer.group["windows"][:], win.tokens)  # the very same windows
+        with Timer() as t:
+            run_chunks(writer, lm.model, specs, writer.pending_chunks(), batch_size=sz.batch_size, queue_depth=2)
         writer.finalize()  # raises unless every chunk was committed
-        last[:] = [writer]
+        stores.append(writer)
         return t
 
     with ResidualCapture(lm.model, specs) as cap:  # warm-up, untimed
         cap.run(next(batches(win.tokens, sz.batch_size)))
-    times = alternate({"fwd": forward_only, "write": forward_write}, sz.repeats)
-    acts = last[0].group[hook][:]
+    times = alternate({"fwd": fwd, "write": write}, sz.write_repeats)
+    acts = stores[-1].group[hook][:]
     r0, r1 = layout.chunk_rows_range(0)
-    write_alone = []
-    for _ in range(sz.repeats):  # the background thread's work per chunk, on the main thread
-        w = new_store()
-        t0 = time.perf_counter()
-        w.write_chunk(0, {hook: acts[r0:r1]})
-        write_alone.append(time.perf_counter() - t0)
-    tokens = layout.n_rows
-    t_fwd, t_write = med(times["fwd"]), med(times["write"])
-    overhead = (t_write - t_fwd) / t_fwd
-    sec = Section(f"1. Writer overhead (Gemma-2-2B width, {sz.write_layers} blocks, {hook}, bf16, zstd)",
-                  ["variant", "tokens", "median s", "tokens/s", "repeats (s)"])
-    sec.rows.append(["forward only (ResidualCapture loop)", str(tokens), f"{t_fwd:.2f}",
-                     f"{tokens / t_fwd:.1f}", fmt_times(times["fwd"])])
-    sec.rows.append(["forward + write (run_chunks)", str(tokens), f"{t_write:.2f}",
-                     f"{tokens / t_write:.1f}", fmt_times(times["write"])])
-    pair = [(w - f) / f for f, w in zip(times["fwd"], times["write"])]
-    sec.notes += [
-        f"**Overhead (t_write - t_fwd) / t_fwd = {overhead:+.1%}** (target <= {WRITE_TARGET:.0%}: "
-        f"{'met' if overhead <= WRITE_TARGET else 'NOT met'}); per-repeat pairs: "
-        + ", ".join(f"{p:+.1%}" for p in pair) + ".",
-        f"{layout.n_chunks} chunks of {layout.chunk_rows} rows, batch {sz.batch_size} windows of {CTX}, "
-        f"queue depth 2, {sz.repeats} alternating repeats; the last chunk's write is not overlapped.",
-        f"`write_chunk` alone (zstd + statistics, main thread): median {med(write_alone) * 1e3:.0f} ms per "
-        f"{r1 - r0}-row chunk = {(r1 - r0) / med(write_alone):,.0f} tokens/s, "
-        f"{(r1 - r0) / med(write_alone) / (tokens / t_fwd):,.0f}x the forward rate.",
-    ]
+    alone = []
+    for w in [new_store() for _ in range(sz.repeats)]:
+        with Timer() as t:
+            w.write_chunk(0, {hook: acts[r0:r1]})
+        alone.append(t)
+    release(lm)
     del lm
-    gc.collect()
+
+    tokens, f, w = layout.n_rows, times["fwd"], times["write"]
+    wall, cpu = rel(med(walls(w)), med(walls(f))), rel(med(cpus(w)), med(cpus(f)))
+    verdict = {True: "met", False: "NOT met"}
+    pairs = ", ".join(f"{rel(b.wall, a.wall):+.1%}" for a, b in zip(f, w))
+    sec = Section(f"1. Writer overhead (Gemma-2-2B width, {sz.write_layers} blocks, {hook}, bf16, zstd)",
+                  TIMING_COLUMNS, timing_rows(tokens, [("forward only (ResidualCapture loop)", f),
+                                                        ("forward + write (run_chunks)", w)]))
+    sec.notes += [
+        f"**Overhead (t_write - t_fwd) / t_fwd, medians: wall {wall:+.1%}, CPU time {cpu:+.1%}; target <= "
+        f"{WRITE_TARGET:.0%}: {verdict[wall <= WRITE_TARGET]} by wall time, {verdict[cpu <= WRITE_TARGET]} by CPU "
+        "time.** The forward keeps every core busy here, so the writer's CPU time is taken from it.",
+        f"Wall overhead from the fastest run of each: {rel(min(walls(w)), min(walls(f))):+.1%}; per-repeat pairs: "
+        f"{pairs}.",
+        f"{layout.n_chunks} chunks of {layout.chunk_rows} rows (fewer than the default 4096, so per-chunk costs "
+        f"recur more often), batches of {sz.batch_size} windows of {CTX}, queue depth 2, {sz.write_repeats} "
+        "alternating repeats; the last chunk's write overlaps no forward.",
+        f"`write_chunk` alone (zstd + statistics + manifest, main thread): {med(walls(alone)) * 1e3:.0f} ms wall, "
+        f"{med(cpus(alone)) * 1e3:.0f} ms CPU per {r1 - r0}-row chunk = {(r1 - r0) / med(walls(alone)):,.0f} "
+        f"tokens/s, {(r1 - r0) / med(walls(alone)) / (tokens / med(walls(f))):,.0f}x this forward's rate "
+        "(how much faster a forward, e.g. on a GPU, could get before this writer limits it).",
+    ]
     return sec, acts
 
 
@@ -221,117 +251,110 @@ def bench_depth(model_dir: Path, sz: Sizes) -> Section:
     lm = load_model(str(model_dir), dtype=torch.bfloat16, device="cpu")
     hook = "blocks.1.hook_resid_post"
     specs = parse_hooks([hook], n_layers(lm.model.config))
-    windows = make_windows(lm.tokenizer, sz.depth_windows)
+    windows = make_windows(lm.tokenizer, sz.depth_windows).tokens
 
-    def truncated() -> float:
-        t0 = time.perf_counter()
-        with ResidualCapture(lm.model, specs) as cap:
+    def truncated() -> Timer:
+        with ResidualCapture(lm.model, specs) as cap, Timer() as t:
             for ids in batches(windows, sz.depth_batch):
                 cap.run(ids)
-        return time.perf_counter() - t0
+        return t
 
-    @torch.inference_mode()
-    def full() -> float:
-        t0 = time.perf_counter()
-        for ids in batches(windows, sz.depth_batch):
-            lm.model(input_ids=ids, use_cache=False)
-        return time.perf_counter() - t0
+    def full() -> Timer:
+        with torch.inference_mode(), Timer() as t:
+            for ids in batches(windows, sz.depth_batch):
+                lm.model(input_ids=ids, use_cache=False)
+        return t
 
     truncated()  # warm-up, untimed
     times = alternate({"trunc": truncated, "full": full}, sz.repeats)
-    tokens = windows.size
-    t_tr, t_full = med(times["trunc"]), med(times["full"])
-    sec = Section(f"2. Truncated vs full depth (Gemma-2-2B width, {sz.full_layers} blocks, bf16)",
-                  ["variant", "tokens", "median s", "tokens/s", "repeats (s)"])
-    sec.rows.append([f"ResidualCapture at {hook} (blocks 0-1)", str(tokens), f"{t_tr:.2f}",
-                     f"{tokens / t_tr:.1f}", fmt_times(times["trunc"])])
-    sec.rows.append([f"full forward ({sz.full_layers} blocks + norm + lm_head)", str(tokens), f"{t_full:.2f}",
-                     f"{tokens / t_full:.1f}", fmt_times(times["full"])])
+    release(lm)
+    del lm
+    tr, fu = times["trunc"], times["full"]
+    sec = Section(f"2. Truncated vs full depth (Gemma-2-2B width, {sz.full_layers} blocks, bf16)", TIMING_COLUMNS,
+                  timing_rows(windows.size, [(f"ResidualCapture at {hook} (runs blocks 0-1)", tr),
+                                             (f"full forward ({sz.full_layers} blocks + norm + lm_head)", fu)]))
     sec.notes += [
-        f"**Speed-up of the truncated forward: {t_full / t_tr:.2f}x** (no target; compute alone would "
-        f"give about ({sz.full_layers} blocks + tied lm_head) / 2 blocks).",
+        f"**Truncated forward is {med(walls(fu)) / med(walls(tr)):.2f}x faster by wall time, "
+        f"{med(cpus(fu)) / med(cpus(tr)):.2f}x by CPU time** (medians; no target; by weight count alone about "
+        f"({sz.full_layers} blocks + lm_head of ~1 block) / 2 blocks = {(sz.full_layers + 1) / 2:.1f}x).",
         f"{len(windows)} windows of {CTX} in batches of {sz.depth_batch}, {sz.repeats} alternating repeats.",
     ]
-    del lm
-    gc.collect()
     return sec
 
 
 # --- 3. codecs -----------------------------------------------------------------------------------
 
 
-def fp32_activations(model: str, hook_layer: int | None, n_tokens: int, batch: int) -> tuple[str, np.ndarray]:
-    """(hook, float32 (rows, d_model)) from an fp32 forward; hook_layer None = middle block."""
-    cfg_layers = n_layers(resolve_model_config(model))
-    layer = cfg_layers // 2 if hook_layer is None else hook_layer
+def fp32_activations(model: str, layer: int | None, n_tokens: int, batch: int) -> tuple[str, np.ndarray]:
+    """(hook, float32 (rows, d_model)) from an fp32 forward; ``layer`` None = the middle block."""
+    total = n_layers(resolve_model_config(model))
+    layer = total // 2 if layer is None else layer
     lm = load_model(model, dtype=torch.float32, device="cpu", keep_layers=layer + 1)
     hook = f"blocks.{layer}.hook_resid_post"
-    specs = parse_hooks([hook], cfg_layers)
-    windows = make_windows(lm.tokenizer, max(1, n_tokens // CTX))
     out = []
-    with ResidualCapture(lm.model, specs) as cap:
-        for ids in batches(windows, batch):
+    with ResidualCapture(lm.model, parse_hooks([hook], total)) as cap:
+        for ids in batches(make_windows(lm.tokenizer, max(1, n_tokens // CTX)).tokens, batch):
             a = cap.run(ids)[hook]
-            out.append(a.reshape(-1, a.shape[-1]).float().numpy())
+            out.append(a.reshape(-1, a.shape[-1]).numpy().copy())
+    release(lm)
     del lm
-    gc.collect()
     return hook, np.concatenate(out)
 
 
-def as_storage(acts32: np.ndarray, logical: str) -> np.ndarray:
-    return to_storage(torch.from_numpy(acts32).to({"bfloat16": torch.bfloat16, "float16": torch.float16}[logical]))
-
-
-def write_codec(acts: np.ndarray, codec: str, path: Path) -> tuple[float, int]:
-    """Seconds to write ``acts`` chunk by chunk into a fresh zarr array, and its stored bytes."""
-    g = zarr.create_group(str(path))
-    arr = g.create_array("acts", shape=acts.shape, chunks=(STORE_CHUNK_ROWS, acts.shape[1]), dtype=acts.dtype,
-                         compressors=compressors_for(codec, acts.dtype.itemsize), fill_value=0)
-    t0 = time.perf_counter()
-    for r0 in range(0, len(acts), STORE_CHUNK_ROWS):
-        arr[r0 : r0 + STORE_CHUNK_ROWS] = acts[r0 : r0 + STORE_CHUNK_ROWS]
-    t = time.perf_counter() - t0
+def write_codec(acts: np.ndarray, codec: str, chunk: int, path: Path) -> tuple[Timer, int]:
+    """Time to write ``acts`` chunk by chunk into a fresh zarr array, and its stored bytes."""
+    arr = zarr.create_group(str(path)).create_array(
+        "acts", shape=acts.shape, chunks=(chunk, acts.shape[1]), dtype=acts.dtype, fill_value=0,
+        compressors=compressors_for(codec, acts.dtype.itemsize))
+    with Timer() as t:
+        for r0 in range(0, len(acts), chunk):
+            arr[r0 : r0 + chunk] = acts[r0 : r0 + chunk]
     stored = sum(f.stat().st_size for f in (path / "acts" / "c").rglob("*") if f.is_file())
     shutil.rmtree(path)
     return t, stored
 
 
-def codec_rows(label: str, source: str, logical: str, acts: np.ndarray, work: Path, repeats: int) -> list[list[str]]:
+def codec_rows(model: str, source: str, logical: str, acts: np.ndarray, work: Path, repeats: int) -> list[list[str]]:
     assert acts.dtype == storage_dtype(logical)
-    raw = acts.nbytes
-    results: dict[str, list[tuple[float, int]]] = {c: [] for c, _ in CODECS}
+    chunk = min(STORE_CHUNK_ROWS, len(acts))  # a short run gets no padded edge chunk
+    res: dict[str, list[tuple[Timer, int]]] = {c: [] for c, _ in CODECS}
     for r in range(repeats):  # codecs interleaved, so drift hits them all alike
         for c, _ in CODECS if r % 2 == 0 else CODECS[::-1]:
-            results[c].append(write_codec(acts, c, work / f"codec-{c}.zarr"))
+            res[c].append(write_codec(acts, c, chunk, work / "codec.zarr"))
     rows = []
     for c, name in CODECS:
-        stored = results[c][0][1]
-        t = med([t for t, _ in results[c]])
-        rows.append([label, source, logical, name, f"{len(acts):,}", f"{stored / len(acts):,.0f}",
-                     f"{raw / stored:.3f}", f"{raw / 1e6 / t:,.0f}"])
+        stored, ts, mb = res[c][0][1], [t for t, _ in res[c]], acts.nbytes / 1e6
+        rows.append([model, source, logical, name, f"{len(acts):,} / {chunk:,}", f"{stored / len(acts):,.0f}",
+                     f"{acts.nbytes / stored:.3f}", f"{mb / med(walls(ts)):,.0f}", f"{mb / med(cpus(ts)):,.0f}"])
     return rows
 
 
 def bench_codecs(model_dir: Path, native_bf16: np.ndarray, work: Path, sz: Sizes) -> Section:
-    sec = Section("3. Codecs (zarr v3 chunks of 4096 rows x d_model)",
-                  ["model", "activations", "dtype", "codec", "rows", "bytes/token", "ratio", "write MB/s"])
-    rnd = "gemma2-2b-width random"
-    hook, g32 = fp32_activations(str(model_dir), sz.write_layers - 1, sz.codec_tokens, sz.batch_size)
-    for logical in ("bfloat16", "float16"):
-        sec.rows += codec_rows(rnd, f"{hook}, fp32 fwd rounded", logical, as_storage(g32, logical), work, sz.repeats)
-    sec.rows += codec_rows(rnd, f"{hook}, native bf16 fwd (sec. 1)", "bfloat16", native_bf16, work, sz.repeats)
-    del g32
-    hook, s32 = fp32_activations(DEMO_MODEL, None, sz.codec_tokens, sz.batch_size)
-    for logical in ("bfloat16", "float16"):
-        sec.rows += codec_rows("smollm2-135m trained", f"{hook}, fp32 fwd rounded", logical,
-                               as_storage(s32, logical), work, sz.repeats)
+    sec = Section("3. Codecs (zarr v3 chunks of up to 4096 rows x d_model, as the project lays them out)",
+                  ["model", "activations", "dtype", "codec", "rows / chunk", "bytes/token", "ratio", "write MB/s",
+                   "MB per CPU s"])
+    write_codec(native_bf16, "zstd", len(native_bf16), work / "warm-up.zarr")  # untimed
+    peaks = []
+    for model, layer, name in ((str(model_dir), sz.write_layers - 1, "gemma2-2b-width (random)"),
+                               (DEMO_MODEL, None, "smollm2-135m (trained)")):
+        hook, a32 = fp32_activations(model, layer, sz.codec_tokens, sz.batch_size)
+        peaks.append(f"{name} {np.abs(a32).max():,.1f}")
+        for logical in ("bfloat16", "float16"):
+            acts = to_storage(torch.from_numpy(a32).to(torch_dtype(logical)))
+            sec.rows += codec_rows(name, f"{hook}, fp32 forward rounded", logical, acts, work, sz.repeats)
+        if model == str(model_dir):
+            sec.rows += codec_rows(name, f"{hook}, bf16 forward (section 1)", "bfloat16", native_bf16, work,
+                                   sz.repeats)
+        del a32
     sec.notes += [
         "bytes/token = stored chunk bytes / rows (uncompressed: 2 x d_model); ratio = uncompressed / stored; "
-        f"write MB/s = uncompressed MB / seconds of the chunk writes, median of {sz.repeats} fresh stores.",
-        "Activations come from an fp32 forward rounded to each dtype: on this CPU an fp16 matmul is ~100x slower "
-        "than fp32 and bf16 ~5x slower, so native fp16 forwards are out of reach. The native-bf16 row "
-        "(section 1's store) checks that rounding changes the compressibility little.",
-        "Random-weight activations may compress differently from a trained model's; hence the smollm2 rows.",
+        "write MB/s = uncompressed MB / wall seconds of the chunk writes (MB per CPU s: per CPU second), "
+        f"medians of {sz.repeats} fresh stores.",
+        "Activations come from an fp32 forward rounded to each dtype: this CPU has no native bf16/fp16 matmul "
+        "(see the GFLOPS on the machine line), so a 16k-token fp16 forward would take over an hour. "
+        "The bf16-forward row (section 1's store) checks whether that shortcut changes compression.",
+        "Random-weight activations can compress differently from a trained model's: hence the smollm2 rows.",
+        f"Largest |activation| (float16 overflows above 65,504): {', '.join(peaks)}.",
     ]
     return sec
 
@@ -339,39 +362,43 @@ def bench_codecs(model_dir: Path, native_bf16: np.ndarray, work: Path, sz: Sizes
 # --- report --------------------------------------------------------------------------------------
 
 
+def matmul_gflops(dtype: torch.dtype, m: int = 64, n: int = 1024) -> float:
+    a, b = torch.randn(m, n).to(dtype), torch.randn(n, n).to(dtype)
+    ts = []
+    for _ in range(3):
+        with Timer() as t:
+            a @ b
+        ts.append(t.wall)
+    return 2 * m * n * n / med(ts) / 1e9
+
+
 def machine() -> str:
-    cpu, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in info if ln.startswith("flags")), set())
     isa = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16", "avx512_fp16"))
-    return (f"{cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}; {isa}); "
-            f"device cpu; torch {torch.__version__}, zarr {zarr.__version__}, transformers "
+    gflops = ", ".join(f"{name} {matmul_gflops(dt):.1f}" for name, dt in
+                       (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)))
+    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} ({isa}; matmul GFLOPS "
+            f"{gflops}); device cpu; torch {torch.__version__}, zarr {zarr.__version__}, transformers "
             f"{transformers.__version__}, python {platform.python_version()}")
 
 
 def to_markdown(sections: list[Section], header: list[str]) -> str:
     lines = header[:]
     for s in sections:
-        lines += ["", f"### {s.title}", "", "| " + " | ".join(s.columns) + " |",
-                  "|" + "---|" * len(s.columns)]
-        lines += ["| " + " | ".join(r) + " |" for r in s.rows]
-        lines += [""] + [f"- {n}" for n in s.notes]
+        lines += ["", f"### {s.title}", "", "| " + " | ".join(s.columns) + " |", "|" + "---|" * len(s.columns)]
+        lines += ["| " + " | ".join(r) + " |" for r in s.rows] + [""] + [f"- {n}" for n in s.notes]
     return "\n".join(lines) + "\n"
 
 
 def render(console: Console, s: Section) -> None:
-    t = Table(title=s.title, title_justify="left")
+    table = Table(title=s.title, title_justify="left")
     for c in s.columns:
-        t.add_column(c)
+        table.add_column(c)
     for r in s.rows:
-        t.add_row(*r)
-    console.print(t)
+        table.add_row(*r)
+    console.print(table)
     for n in s.notes:
         console.print(f"  - {n}", markup=False)
 
@@ -387,31 +414,32 @@ def append_report(out: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="markdown file to append the results to")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, about a minute: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (under a minute): a smoke test")
     args = ap.parse_args(argv)
     sz = QUICK if args.quick else DEFAULT
     transformers.utils.logging.disable_progress_bar()
-    console, started, t0 = Console(), datetime.now(timezone.utc), time.perf_counter()
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    started, t0, load0, host = datetime.now(timezone.utc), time.perf_counter(), os.getloadavg()[0], machine()
     work = Path(tempfile.mkdtemp(prefix="actcache-bench-"))
     try:
         model_dir = build_gemma2_width_model(work / "gemma2-2b-width", sz.full_layers)
-        console.print(f"model built in {time.perf_counter() - t0:.0f} s", markup=False)
+        console.print(f"built the {sz.full_layers}-block model in {time.perf_counter() - t0:.0f} s", markup=False)
         writer_sec, native_bf16 = bench_writer(model_dir, work, sz)
         render(console, writer_sec)
         depth_sec = bench_depth(model_dir, sz)
         render(console, depth_sec)
         codec_sec = bench_codecs(model_dir, native_bf16, work, sz)
         render(console, codec_sec)
-        sections = [writer_sec, depth_sec, codec_sec]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    wall = time.perf_counter() - t0
+    n = os.cpu_count()
     header = [f"## extract benchmark, {started:%Y-%m-%d %H:%M} UTC{' (--quick)' if args.quick else ''}", "",
-              f"- Machine: {machine()}",
-              f"- Command: `{shlex.join(getattr(sys, 'orig_argv', sys.argv))}`",
-              f"- Wall time: {wall:.0f} s (model build and loads included)"]
-    append_report(args.out, to_markdown(sections, header))
-    console.print(f"appended to {args.out} ({wall:.0f} s)", markup=False)
+              f"- Machine: {host}", f"- Command: `{shlex.join(getattr(sys, 'orig_argv', sys.argv))}`",
+              f"- Wall time: {time.perf_counter() - t0:.0f} s (model build and loads included); 1-min load "
+              f"average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (this run alone keeps the "
+              f"{n} cores busy; a load well above {n} means other processes competed for them)"]
+    append_report(args.out, to_markdown([writer_sec, depth_sec, codec_sec], header))
+    console.print(f"appended to {args.out}", markup=False)
 
 
 if __name__ == "__main__":

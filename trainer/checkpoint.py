@@ -52,11 +52,19 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def _split_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors go to safetensors; modules' extra state (plain Python scalars) to JSON."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+
+
 def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> None:
     ckpt_dir = Path(ckpt_dir)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.tmp-"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / A.CKPT_MODEL)
+    tensors, extra = _split_state(model.state_dict())
+    save_file(tensors, tmp / A.CKPT_MODEL)
+    state = {**state, "module_extra_state": extra}
     torch.save(optimizer.state_dict(), tmp / A.CKPT_OPTIMIZER)
     save_file(_rng_state(), tmp / A.CKPT_RNG)
     (tmp / A.CKPT_STATE).write_text(json.dumps(state, indent=2))
@@ -84,7 +92,8 @@ def find_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     device: torch.device) -> dict[str, Any]:
-    model.load_state_dict(load_file(ckpt_dir / A.CKPT_MODEL, device=str(device)))
+    state = json.loads((ckpt_dir / A.CKPT_STATE).read_text())
+    model.load_state_dict({**load_file(ckpt_dir / A.CKPT_MODEL, device=str(device)), **state.pop("module_extra_state", {})})
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(ckpt_dir / A.CKPT_OPTIMIZER, map_location=device, weights_only=True))
     rng = load_file(ckpt_dir / A.CKPT_RNG)
@@ -92,4 +101,4 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
     cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    return json.loads((ckpt_dir / A.CKPT_STATE).read_text())
+    return state

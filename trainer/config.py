@@ -38,7 +38,7 @@ class SAEConfig:
     eps: float = 1e-6
     """Diagonal damping of the latent covariance; 0 disables it (ablation)."""
     cov_dtype: str = "float32"
-    """dtype of the d_sae x d_sae second-moment buffer."""
+    """dtype of the d_sae x d_sae second-moment buffer: float32 or float64."""
     k_aux: int = 0
     """AuxK latents per token among dead ones; 0 = d_in // 2 (OpenAI's recipe)."""
     aux_coef: float = 1 / 32
@@ -70,6 +70,8 @@ class SAEConfig:
                 raise ActcacheError(f"--eps {self.eps} must be >= 0 (0 disables damping)")
             if self.lambda_max < 0:
                 raise ActcacheError(f"--lambda-max {self.lambda_max} must be >= 0")
+        if self.cov_dtype not in ("float32", "float64"):
+            raise ActcacheError(f"--cov-dtype {self.cov_dtype!r}: use float32 or float64 (bf16 loses the EMA increments)")
         if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
             raise ActcacheError(f"--b-dec-init {self.b_dec_init!r}: use mean, geometric_median or zeros")
 

@@ -11,7 +11,8 @@ from trainer.saes.base import SAEOutput, StepContext
 from trainer.saes.covariance import LatentStatistics, correlation_penalty
 from trainer.saes.topk import TopKSAE
 
-_COV_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+# bfloat16 is not offered: it rounds away most of each step's beta-sized increment of M.
+_COV_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class DynCorrSAE(TopKSAE):

@@ -1,0 +1,336 @@
+"""trainer.saes.covariance against float64 dense references (docs/sae-math.md)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from trainer.saes.covariance import (
+    LatentStatistics,
+    correlation_penalty,
+    dense_correlation_penalty,
+    dense_update,
+    topk_to_dense,
+)
+
+F64 = torch.float64
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The matrices here are tiny: intra-op threads only add overhead (10x on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def batches(n, d=64, B=32, k=4, n_alive=48, seed=0, zero_frac=0.0, dtype=F64, device="cpu"):
+    """Random TopK batches: latents >= n_alive never fire (dead); firing is skewed (some latents
+    are frequent, some rare) so pairs repeat across rows and steps; optionally some val = 0."""
+    g = torch.Generator().manual_seed(seed)
+    w = 1.0 / torch.arange(1, n_alive + 1, dtype=F64) ** 0.8
+    for _ in range(n):
+        keys = torch.rand(B, n_alive, generator=g, dtype=F64) ** (1.0 / w)  # weighted sampling w/o replacement
+        idx = keys.topk(k, dim=1).indices
+        idx = torch.randperm(n_alive, generator=g)[idx]  # frequent latents at random positions
+        val = torch.rand(B, k, generator=g, dtype=F64) * 3.0
+        if zero_frac:
+            val = torch.where(torch.rand(B, k, generator=g, dtype=F64) < zero_frac, 0.0, val)
+        yield idx.to(device), val.to(dtype=dtype, device=device)
+
+
+def dense_run(stats_like: LatentStatistics, data):
+    d, eps = stats_like.d_sae, stats_like.eps
+    M, mu = eps * torch.eye(d, dtype=F64), torch.zeros(d, dtype=F64)
+    for idx, val in data:
+        M, mu = dense_update(M, mu, topk_to_dense(idx.cpu(), val.cpu().to(F64), d), stats_like.beta, eps)
+    return M, mu
+
+
+def assert_rel(a, b, rtol, what=""):
+    a, b = a.detach().cpu().to(F64), b.detach().cpu().to(F64)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{what}: non-finite values"
+    scale = b.abs().max().clamp_min(1e-300)
+    err = ((a - b).abs() / torch.maximum(b.abs(), 1e-3 * scale)).max().item()
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
+
+
+# -- lazy running statistics == the defining recursion ----------------------------------
+@pytest.mark.parametrize("beta,steps,fold_threshold", [(0.05, 200, 1e-3), (0.3, 80, 1e-3), (0.02, 40, 0.9),
+                                                       (1.0, 5, 1e-3)])
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_lazy_update_matches_dense_formula(beta, steps, fold_threshold, eps):
+    st = LatentStatistics(64, beta, eps, dtype=F64, fold_threshold=fold_threshold)
+    data = list(batches(steps, seed=steps))
+    for idx, val in data:
+        st.update(idx, val)
+    M, mu = dense_run(st, data)
+    expected_folds = 0
+    s = 1.0
+    for _ in range(steps):  # the fold-back schedule is deterministic
+        s *= 1 - beta
+        if s < fold_threshold:
+            s, expected_folds = 1.0, expected_folds + 1
+    assert st.n_folds == expected_folds and st.step == steps
+    if beta < 1:
+        assert st.n_folds >= 1, "the case must exercise the fold-back"
+    Ml = st.second_moment()
+    assert torch.equal(Ml, Ml.T)
+    # Elementwise: the entries are sums of non-negative terms, no cancellation.
+    assert_rel(Ml, M, 1e-10, "M")
+    assert_rel(st.mean(), mu, 1e-10, "mu")
+    # dead latents: exactly eps on the diagonal, 0 elsewhere; mu exactly 0
+    assert torch.all(st.mean()[48:] == 0)
+    assert torch.all(Ml[48:, :48] == 0)
+    assert torch.allclose(Ml[48:, 48:].diagonal(), torch.full((16,), eps, dtype=F64), rtol=1e-12, atol=0)
+    # blocks, variance and covariance read through the lazy form
+    rows, cols = torch.tensor([3, 0, 50, 7, 3]), torch.tensor([7, 3, 1, 63])
+    assert_rel(st.second_moment(rows, cols), M[rows][:, cols], 1e-10, "block")
+    assert_rel(st.second_moment(rows), M[rows], 1e-10, "row block")
+    assert_rel(st.second_moment(cols=cols), M[:, cols], 1e-10, "col block")
+    Sigma = M - torch.outer(mu, mu)
+    lat = torch.arange(0, 64, 3)
+    top = Sigma.abs().max()
+    assert (st.covariance_block(lat) - Sigma[lat][:, lat]).abs().max() <= 1e-12 * top
+    assert (st.covariance_block() - Sigma).abs().max() <= 1e-12 * top
+    assert (st.variance() - Sigma.diagonal()).abs().max() <= 1e-12 * top
+
+
+def test_float32_buffer_tracks_float64_reference():
+    st = LatentStatistics(64, 0.05, 1e-6)  # default dtype float32
+    data = list(batches(200, seed=5, dtype=torch.float32))
+    for idx, val in data:
+        st.update(idx, val)
+    assert st.dtype == torch.float32 and st.n_folds >= 1
+    M, mu = dense_run(st, data)
+    assert_rel(st.second_moment(), M, 2e-5, "fp32 M")
+    assert_rel(st.mean(), mu, 2e-5, "fp32 mu")
+
+
+# -- the eigenvalue invariant -------------------------------------------------------------
+def test_sigma_eigenvalues_stay_above_eps_with_dead_latents():
+    eps = 1e-6
+    st, st0 = LatentStatistics(64, 0.05, eps, dtype=F64), LatentStatistics(64, 0.05, 0.0, dtype=F64)
+    assert st.min_eigenvalue() == pytest.approx(eps, rel=1e-12)  # Sigma_0 = eps I
+    worst = math.inf
+    for t, (idx, val) in enumerate(batches(200, seed=11)):
+        st.update(idx, val)
+        st0.update(idx, val)
+        lam = st.min_eigenvalue()  # every step
+        worst = min(worst, lam)
+        assert lam >= eps - 1e-12, f"step {t + 1}: min eigenvalue {lam:.3e} < eps"
+    assert worst == pytest.approx(eps, rel=1e-6)  # attained on the dead latents
+    alive = torch.arange(48)
+    assert st.min_eigenvalue(alive) >= eps - 1e-12
+    assert 1.0 < st.condition_number() < math.inf
+    # The ablation: without damping the dead latents make Sigma singular.
+    lam0 = st0.min_eigenvalue()
+    assert abs(lam0) <= 1e-13, lam0
+    assert st0.condition_number() > 1e12 or st0.condition_number() == math.inf
+    assert st0.min_eigenvalue(alive) >= -1e-12  # still PSD
+    assert (st0.variance()[48:] == 0).all() and (st.variance()[48:] == eps).all()
+
+
+# -- the correlation penalty == dense reference -------------------------------------------
+def _compare_penalty(st: LatentStatistics, idx, val, rtol=1e-10):
+    M_prev, mu_prev = st.second_moment(dtype=F64).cpu(), st.mean().cpu().to(F64)
+    before = (st.M_buf.clone(), st.mu.clone(), st.step, st.scale)
+    v = val.clone().requires_grad_(True)
+    loss, diag = correlation_penalty(st, idx, v)
+    loss.backward()
+    z = topk_to_dense(idx.cpu(), val.detach().cpu().to(F64), st.d_sae).requires_grad_(True)
+    ref = dense_correlation_penalty(M_prev, mu_prev, z, st.beta, st.eps)
+    ref.backward()
+    assert torch.isfinite(loss) and torch.isfinite(v.grad).all()
+    assert_rel(loss, ref, rtol, "L_corr")
+    g_ref = z.grad.gather(1, idx.cpu().long())
+    gscale = g_ref.abs().max()
+    assert (v.grad.cpu().to(F64) - g_ref).abs().max() <= rtol * gscale, "grad"
+    # diagnostics: every co-active unordered pair once, the diagonal never
+    Q = z.detach().T @ z.detach()
+    assert int(diag["n_pairs"]) == int(torch.triu(Q != 0, diagonal=1).sum())
+    assert int(diag["nonfinite"]) == 0
+    # the penalty must not touch the statistics
+    assert torch.equal(before[0], st.M_buf) and torch.equal(before[1], st.mu) and before[2:] == (st.step, st.scale)
+    return loss, diag
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+@pytest.mark.parametrize("beta,d,k", [(0.05, 64, 4), (0.3, 16, 5), (1.0, 64, 4)])
+def test_penalty_matches_dense_reference(device, eps, beta, d, k):
+    st = LatentStatistics(d, beta, eps, dtype=F64, device=device)
+    data = list(batches(61, d=d, k=k, n_alive=min(48, d), seed=3, zero_frac=0.1, device=device))
+    for t, (idx, val) in enumerate(data):
+        if t in (0, 1, 30, 60):  # fresh (M_0 = eps I), early, after folds
+            _compare_penalty(st, idx, val)
+        st.update(idx, val)
+
+
+def test_penalty_counts_only_coactive_pairs_once():
+    # Hand-checkable: d = 6; rows {0,1,2}, {1,0,4}, {5,3,2} with a zero at (row 2, latent 3).
+    beta, eps, d = 0.5, 1e-6, 6
+    st = LatentStatistics(d, beta, eps, dtype=F64)
+    idx = torch.tensor([[0, 1, 2], [1, 0, 4], [5, 3, 2]])
+    val = torch.tensor([[1.0, 2.0, 0.5], [1.5, 0.25, 1.0], [2.0, 0.0, 1.0]], dtype=F64)
+    loss, diag = correlation_penalty(st, idx, val)
+    # co-active (non-zero product in some row): 01 02 12 04 14 25; not 35/23 (zero value), no diagonal
+    assert int(diag["n_pairs"]) == 6
+    z = topk_to_dense(idx, val, d)
+    Q, m = z.T @ z / 3, z.mean(0)
+    mu_t = beta * m
+    S = 0.5 * eps * torch.eye(d, dtype=F64) + beta * (Q + eps * torch.eye(d, dtype=F64)) - torch.outer(mu_t, mu_t)
+    pairs = [(0, 1), (0, 2), (1, 2), (0, 4), (1, 4), (2, 5)]
+    want = sum(S[i, j] ** 2 / (S[i, i] * S[j, j]) for i, j in pairs) / len(pairs)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    # repeated pairs across rows are one pair: duplicate the batch, still 6 pairs
+    _, diag2 = correlation_penalty(st, torch.cat([idx, idx]), torch.cat([val, val]))
+    assert int(diag2["n_pairs"]) == 6
+
+
+def test_penalty_without_pairs_is_zero_and_differentiable():
+    st = LatentStatistics(16, 0.1, 1e-6, dtype=F64)
+    for idx, val in [(torch.tensor([[3], [5]]), torch.tensor([[1.0], [2.0]], dtype=F64)),       # k = 1
+                     (torch.tensor([[3, 4], [5, 6]]), torch.zeros(2, 2, dtype=F64))]:           # nothing fires
+        v = val.clone().requires_grad_(True)
+        loss, diag = correlation_penalty(st, idx, v)
+        loss.backward()
+        assert loss.item() == 0.0 and int(diag["n_pairs"]) == 0 and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_eps_zero_degenerate_variance_is_nonfinite_not_an_exception():
+    # (a) beta = 1, one row: S is the batch covariance of a single sample = 0 -> R = 0/0.
+    for eps, finite in [(0.0, False), (1e-6, True)]:
+        st = LatentStatistics(8, 1.0, eps, dtype=F64)
+        v = torch.tensor([[1.0, 2.0, 3.0]], dtype=F64, requires_grad=True)
+        loss, diag = correlation_penalty(st, torch.tensor([[0, 1, 2]]), v)
+        loss.backward()
+        assert bool(torch.isfinite(loss)) is finite
+        assert (int(diag["nonfinite"]) == 0) is finite
+        assert (diag["min_var"].item() > 0) is finite
+    # (b) a never-fired latent turns up with a value whose square underflows: S_ii = 0 -> inf.
+    data = list(batches(20, d=16, k=3, n_alive=12, seed=2))
+    idx = torch.tensor([[0, 13], [1, 2]])  # 13 never fired before
+    val = torch.tensor([[1.0, 1e-200], [1.0, 2.0]], dtype=F64)
+    for eps, finite in [(0.0, False), (1e-6, True)]:
+        st = LatentStatistics(16, 0.01, eps, dtype=F64)
+        for i, v in data:
+            st.update(i, v)
+        v = val.clone().requires_grad_(True)
+        loss, diag = correlation_penalty(st, idx, v)
+        loss.backward()  # must not raise
+        assert bool(torch.isfinite(loss)) is finite, (eps, loss)
+        if not finite:
+            assert diag["min_var"].item() == 0.0 and int(diag["nonfinite"]) >= 1
+        st.update(idx, val)  # the statistics themselves stay finite
+        assert torch.isfinite(st.second_moment()).all()
+
+
+def test_penalty_casts_inputs_and_keeps_grad():
+    st = LatentStatistics(32, 0.1, 1e-6, dtype=F64)
+    for idx, val in batches(3, d=32, n_alive=32):
+        st.update(idx, val)
+    idx, val = next(batches(1, d=32, n_alive=32, seed=9))
+    v32 = val.float().requires_grad_(True)
+    loss, _ = correlation_penalty(st, idx.int(), v32)
+    assert loss.dtype == F64
+    loss.backward()
+    assert v32.grad.dtype == torch.float32 and torch.isfinite(v32.grad).all() and v32.grad.abs().sum() > 0
+
+
+# -- module plumbing ----------------------------------------------------------------------
+def test_state_dict_round_trip_and_resume_is_exact():
+    a = LatentStatistics(32, 0.2, 1e-6, dtype=F64)
+    data = list(batches(30, d=32, n_alive=24, seed=4))
+    for idx, val in data[:20]:
+        a.update(idx, val)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = LatentStatistics(32, 0.2, 1e-6, dtype=F64)
+    b.load_state_dict(torch.load(buf))  # weights_only default: plain types only
+    assert (b.step, b.scale, b.diag_extra, b.n_folds) == (a.step, a.scale, a.diag_extra, a.n_folds)
+    assert torch.equal(a.second_moment(), b.second_moment())
+    for idx, val in data[20:]:
+        a.update(idx, val)
+        b.update(idx, val)
+    assert torch.equal(a.M_buf, b.M_buf) and torch.equal(a.mu, b.mu) and a.step == b.step == 30
+    with pytest.raises(ValueError, match="beta"):
+        LatentStatistics(32, 0.3, 1e-6, dtype=F64).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_to_dtype_device_and_nbytes(device):
+    st = LatentStatistics(40, 0.1)
+    assert st.nbytes == 40 * 40 * 4 + 40 * 4
+    assert st.nbytes == sum(b.numel() * b.element_size() for b in st.buffers())
+    for idx, val in batches(5, d=40, n_alive=30, dtype=torch.float32):
+        st.update(idx, val)
+    ref = st.second_moment(dtype=F64)
+    st = st.to(device=device, dtype=F64)
+    assert st.dtype == F64 and st.M_buf.device.type == device and st.mu.device.type == device
+    assert st.nbytes == 40 * 40 * 8 + 40 * 8
+    assert torch.equal(st.second_moment().cpu(), ref)
+    idx, val = next(batches(1, d=40, n_alive=30, seed=1))
+    st.update(idx.to(device), val.to(device))
+    loss, _ = correlation_penalty(st, idx.to(device), val.to(device).requires_grad_(True))
+    assert torch.isfinite(loss) and st.step == 6
+    assert math.isfinite(st.min_eigenvalue(torch.arange(10, device=device)))
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        LatentStatistics(8, 0.0)
+    with pytest.raises(ValueError):
+        LatentStatistics(8, 0.1, eps=-1.0)
+    st = LatentStatistics(8, 0.1)
+    with pytest.raises(ValueError):
+        st.update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2))
+    with pytest.raises(ValueError):
+        correlation_penalty(st, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    with pytest.raises(TypeError):
+        st.update(torch.zeros(2, 2), torch.zeros(2, 2))
+
+
+def test_update_and_penalty_never_build_anything_dense():
+    """The cost claim, checked op by op: with d_sae = 1024, B = 8, k = 4 no op of ``update`` or
+    ``correlation_penalty`` (forward and backward) produces a tensor larger than
+    max(B k^2, d_sae) elements (d_sae^2 = 1M, B d_sae = 8192), and the only ops that write into
+    the d_sae x d_sae buffer are the scatter (plus the fold, which this run does not reach)."""
+    dispatch = pytest.importorskip("torch.utils._python_dispatch")
+    d, B, k = 1024, 8, 4
+    st = LatentStatistics(d, 0.05, 1e-6)
+    data = list(batches(4, d=d, B=B, k=k, n_alive=900, dtype=torch.float32))
+    st.update(*data[0])
+    big, writes = [], []
+
+    class Watch(dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if first is not None and first.untyped_storage().data_ptr() == st.M_buf.untyped_storage().data_ptr() \
+                    and name.endswith("_") and name not in ("index_add_", "index_put_", "_index_put_impl_"):
+                writes.append(name)  # an in-place op on the buffer other than the scatter
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.numel() > max(B * k * k, d):
+                    big.append((name, tuple(o.shape)))
+            return out
+
+    with Watch():
+        for idx, val in data[1:]:
+            v = val.clone().requires_grad_(True)
+            loss, _ = correlation_penalty(st, idx, v)
+            loss.backward()
+            st.update(idx, val)
+    assert st.n_folds == 0
+    # views of the buffer (diagonal, flattened) and the in-place scatter return it: fine
+    big = [b for b in big if b[0] not in ("view", "diagonal", "alias", "detach", "index_add_", "index_put_",
+                                          "_index_put_impl_")]
+    assert not big, big
+    assert not writes, writes
