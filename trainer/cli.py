@@ -53,7 +53,7 @@ class RichTrainProgress:
         self._bar.stop()
 
 
-def _flat_from_cli(options: dict[str, Any], config: Optional[Path]) -> dict[str, Any]:
+def _flat_from_cli(ctx: typer.Context, options: dict[str, Any], config: Optional[Path]) -> dict[str, Any]:
     """--config JSON first, then every option the user actually set on the command line."""
     flat: dict[str, Any] = {}
     if config is not None:
@@ -61,7 +61,6 @@ def _flat_from_cli(options: dict[str, Any], config: Optional[Path]) -> dict[str,
             flat.update(json.loads(config.read_text()))
         except (OSError, ValueError) as e:
             raise ActcacheError(f"cannot read --config {config}: {e}") from None
-    ctx = typer.get_current_context()
     for name, value in options.items():
         source = ctx.get_parameter_source(name)
         if config is None or (source is not None and source.name != "DEFAULT"):
@@ -71,6 +70,7 @@ def _flat_from_cli(options: dict[str, Any], config: Optional[Path]) -> dict[str,
 
 @app.command()
 def train(
+    ctx: typer.Context,
     store: Annotated[str, typer.Option(help="Activation store written by actcache extract.")] = "",
     hook: Annotated[str, typer.Option(help="Hook to train on; default: the store's only hook.")] = "",
     out: Annotated[str, typer.Option(help="Run directory.")] = "",
@@ -101,12 +101,12 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train an SAE on one hook of a store; writes config, metrics, checkpoints, weights and a SAELens export."""
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "config", "resume", "overwrite", "quiet")}
     from trainer.train import Interrupted, train as run_train
 
-    options = {k: v for k, v in locals().items() if k not in ("config", "resume", "overwrite", "quiet")}
     progress = None if quiet else RichTrainProgress()
     try:
-        cfg = RunConfig.from_flat(_flat_from_cli(options, config))
+        cfg = RunConfig.from_flat(_flat_from_cli(ctx, options, config))
         summary = run_train(cfg, resume=resume, overwrite=overwrite, progress=progress)
     except ActcacheError as e:
         _fail(str(e))

@@ -29,10 +29,11 @@ from trainer.config import RunConfig
 from trainer.evaluate import evaluate
 from trainer.export import export_saelens, folded_weights, saelens_cfg, write_weights
 from trainer.loader import ActivationLoader
-from trainer.saes import SAE, SAEOutput, StepContext, build_sae
+from trainer.saes import ARCHS, SAE, SAEOutput, StepContext, build_sae
 
 log = logging.getLogger(__name__)
 RUNTIME_FIELDS = ("device", "log_every", "checkpoint_every", "out")  # may change on --resume
+_MAX_ROLLBACKS = 20
 _EIG_BLOCK = 256  # latents in the sampled block for Sigma's eigenvalue metrics
 
 
@@ -81,12 +82,15 @@ class Trainer:
         if not hook:
             raise ActcacheError(f"the store holds several hooks ({', '.join(store.hooks)}): choose one with --hook")
         store.array(hook)  # unknown hook -> one-line error
+        if cfg.sae.arch not in ARCHS:
+            raise ActcacheError(f"unknown arch {cfg.sae.arch!r}: use one of {', '.join(ARCHS)}")
         cfg = replace(cfg, train=replace(cfg.train, hook=hook), sae=cfg.sae.resolved(store.d_model))
         self.device = resolve_device(cfg.train.device)
-        self.paths, has_ckpt = _prepare_run_dir(cfg, resume, overwrite)
         self.cfg, self.store, self.hook, self.progress = cfg, store, hook, progress
         self.loader = ActivationLoader(store, hook, cfg.loader, device=self.device)
         self.n_steps = self._count_steps()
+        # Only now, with every input checked, is anything written.
+        self.paths, has_ckpt = _prepare_run_dir(cfg, resume, overwrite)
         warm = int(cfg.train.lr_warmup_frac * self.n_steps)
         self.sched = sch.Schedule(total_steps=self.n_steps, warmup_steps=warm,
                                   penalty_warmup_steps=int(cfg.train.penalty_warmup_frac * self.n_steps),
@@ -114,10 +118,13 @@ class Trainer:
             raise ActcacheError(f"--batch-size {t.batch_size} is larger than the {tokens:,} training tokens")
         return steps
 
-    def _restore(self) -> None:
+    def _restore(self, *, data_position: bool = True) -> None:
         ckpt = find_checkpoint(self.paths.checkpoint)
         self.state = load_checkpoint(ckpt, model=self.sae, optimizer=self.opt, device=self.device)
-        self.loader.load_state_dict(self.state.pop("loader"))
+        loader_state = self.state.pop("loader")
+        if not data_position:
+            return
+        self.loader.load_state_dict(loader_state)
         # Metrics written after the checkpoint belong to steps that will be redone.
         if self.paths.metrics.exists():
             keep = [ln for ln in self.paths.metrics.read_text().splitlines() if json.loads(ln)["step"] <= self.state["step"]]
@@ -136,11 +143,12 @@ class Trainer:
                 x = next(batches)
                 if self.state["step"] == 0 and self.state["tokens"] == 0:
                     self.sae.init_b_dec(x)
+                    self._checkpoint()  # a rollback target exists from the start
                 out = self._step(x)
                 self.state["wall_s"] = time.perf_counter() - t0
                 if out is None:
                     if self.state["nonfinite_in_row"] >= self.cfg.train.max_nonfinite_in_row:
-                        batches = self._rollback()
+                        self._rollback()
                     continue
                 self._log(out, x)
                 self._maybe_checkpoint()
@@ -197,19 +205,21 @@ class Trainer:
         st["tokens"] += x.shape[0]
         return out
 
-    def _rollback(self):
-        """Too many non-finite steps in a row: back to the last checkpoint, half the lr."""
+    def _rollback(self) -> None:
+        """Too many non-finite steps in a row: weights back to the last checkpoint, half the lr.
+
+        The data keeps moving forward (the loader is not rewound): replaying the same batches
+        would replay a bad stretch of data forever."""
         st = self.state
-        counters = {k: st[k] for k in ("nonfinite_events", "skipped_steps", "rollbacks")}
-        if find_checkpoint(self.paths.checkpoint) is None:
-            raise ActcacheError(f"{st['nonfinite_in_row']} non-finite steps in a row before any checkpoint: "
-                                "lower --lr or check the data (actcache verify)")
+        if st["rollbacks"] >= _MAX_ROLLBACKS:
+            raise ActcacheError(f"training diverged: {st['rollbacks']} rollbacks without recovering; "
+                                "lower --lr, or check the store with actcache verify")
+        kept = {k: st[k] for k in ("nonfinite_events", "skipped_steps", "rollbacks", "tokens", "wall_s")}
         lr_scale = st["lr_scale"] / 2
-        self._restore()
-        self.state.update(counters, lr_scale=lr_scale, nonfinite_in_row=0)
+        self._restore(data_position=False)
+        self.state.update(kept, lr_scale=lr_scale, nonfinite_in_row=0)
         self.state["rollbacks"] += 1
         log.warning("rolled back to step %d with lr scale %.3g", self.state["step"], lr_scale)
-        return self.loader.batches()
 
     def _log(self, out: SAEOutput, x: torch.Tensor) -> None:
         st = self.state

@@ -92,6 +92,9 @@ class SAE(nn.Module, ABC):
 
     @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor) -> None:
+        x = x[torch.isfinite(x).all(dim=1)]  # a bad row must not poison b_dec for the whole run
+        if len(x) == 0:
+            return
         if self.cfg.b_dec_init == "mean":
             self.b_dec.copy_(x.mean(0))
         elif self.cfg.b_dec_init == "geometric_median":
