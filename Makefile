@@ -3,6 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-out
 DEMO_TOKENS ?= 65536
+DEMO_HOOK ?= blocks.5.hook_resid_post
 
 .PHONY: install demo test bench docs clean
 
@@ -14,10 +15,15 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/actcache extract --model embedded:smollm2-135m --dataset embedded:stdlib-docstrings \
-	  --hooks blocks.5.hook_resid_post --out $(DEMO_DIR)/smollm2.zarr \
+	  --hooks $(DEMO_HOOK) --out $(DEMO_DIR)/smollm2.zarr \
 	  --context-size 128 --n-tokens $(DEMO_TOKENS) --batch-size 16 --dtype bfloat16 --overwrite
 	$(BIN)/actcache info $(DEMO_DIR)/smollm2.zarr
 	$(BIN)/actcache verify $(DEMO_DIR)/smollm2.zarr --recompute 4
+	for arch in baseline dyncorr; do \
+	  $(BIN)/sae train --store $(DEMO_DIR)/smollm2.zarr --out $(DEMO_DIR)/run-$$arch --arch $$arch \
+	    --d-sae 2304 --k-start 64 --k-end 16 --batch-size 1024 --n-tokens 180000 --epochs 3 --lr 1e-3 \
+	    --normalize expected_average_only_in --dead-after-tokens 50000 --overwrite || exit 1; \
+	done
 
 test: install
 	$(BIN)/python -m pytest -q
