@@ -238,8 +238,9 @@ class Trainer:
                                    "tokens_per_s": st["tokens"] / max(st["wall_s"], 1e-9),
                                    "nonfinite_events": st["nonfinite_events"], "skipped_steps": st["skipped_steps"],
                                    "rollbacks": st["rollbacks"]}
-            if "mean_abs_R" in out.extras:
-                rec["mean_abs_R"] = float(out.extras["mean_abs_R"])
+            for name in ("mean_abs_R", "max_abs_R", "n_pairs", "min_var", "nonfinite"):
+                if name in out.extras:  # dyncorr penalty diagnostics
+                    rec[name if name != "nonfinite" else "corr_nonfinite"] = float(out.extras[name])
             if hasattr(self.sae, "stats"):
                 rec["sigma_min_eig"] = self.sae.stats.min_eigenvalue(self.eig_block)
                 rec["sigma_condition"] = self.sae.stats.condition_number(self.eig_block)
