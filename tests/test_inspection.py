@@ -74,3 +74,9 @@ def test_recompute_catches_activations_that_are_not_the_model_s(store_copy):
     arr[:] = np.roll(a, 1, axis=1)  # finite, plausible, but wrong
     rep = verify_store(store_copy, recompute=2, device="cpu")
     assert not rep.ok and all("recomputed activations differ" in p for p in rep.problems)
+
+
+def test_verify_flags_a_missing_chunk_file(store_copy):
+    (store_copy / HOOK / "c" / "3" / "0").unlink()
+    rep = verify_store(store_copy)
+    assert any(f"{HOOK} chunk 3: chunk file is missing" in p for p in rep.problems)
