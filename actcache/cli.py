@@ -7,6 +7,7 @@ import logging
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -136,14 +137,14 @@ def info(
         typer.echo(json.dumps(d, indent=2))
         return
     out = Console()
-    t = Table(title=f"{d['path']}  ({'complete' if d['complete'] else 'INCOMPLETE'}, {d['chunks_done']}/{d['n_chunks']} chunks)")
-    for col in ("hook", "rows x d_model", "on disk", "ratio", "E||x||", "E||x||^2"):
+    t = Table(box=box.SIMPLE_HEAD, title=f"{d['path']}  ({'complete' if d['complete'] else 'INCOMPLETE'}, {d['chunks_done']}/{d['n_chunks']} chunks)")
+    for col in ("hook", "rows x d", "on disk", "ratio", "E||x||", "E||x||^2"):
         t.add_column(col, justify="left" if col == "hook" else "right", no_wrap=True)
     for h in d["hooks"]:
         t.add_row(h["hook"], "x".join(map(str, h["shape"])), _fmt_bytes(h["bytes_on_disk"]),
                   f"{h['ratio']:.2f}" if h["ratio"] else "-",
-                  f"{h['mean_norm']:.3f}" if h["mean_norm"] is not None else "-",
-                  f"{h['mean_sq_norm']:.3f}" if h["mean_sq_norm"] is not None else "-")
+                  f"{h['mean_norm']:.4g}" if h["mean_norm"] is not None else "-",
+                  f"{h['mean_sq_norm']:.4g}" if h["mean_sq_norm"] is not None else "-")
     out.print(t)
     out.print(f"model {d['model']} | dataset {d['dataset']}\n{d['dtype']} (stored as {d['hooks'][0]['storage_dtype']}) | "
               f"codec {d['codec']} | chunks of {d['chunk_rows']:,} rows | context {d['context_size']} | "

@@ -35,9 +35,9 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log deb
 
 class RichTrainProgress:
     def __init__(self) -> None:
-        self._bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed:,.0f}/{task.total:,.0f}"),
-                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                             TimeRemainingColumn(), console=console)
+        self._bar = Progress(TextColumn("[bold]train"), BarColumn(bar_width=16),
+                             TextColumn("{task.completed:,.0f}/{task.total:,.0f}"), TextColumn("{task.fields[info]}"),
+                             TimeElapsedColumn(), TimeRemainingColumn(), console=console)
         self._task = None
 
     def start(self, total_steps: int, done_steps: int, batch_size: int) -> None:
@@ -45,8 +45,8 @@ class RichTrainProgress:
         self._task = self._bar.add_task("train", total=total_steps, completed=done_steps, info="")
 
     def update(self, step: int, r: dict[str, Any]) -> None:
-        info = (f"{r['tokens_per_s']:,.0f} tok/s loss {r['loss']:.4g} L0 {r['l0']:.1f} "
-                f"EV {r['explained_variance']:.3f} dead {r['dead_fraction']:.1%}")
+        info = (f"{r['tokens_per_s']:,.0f} tok/s loss {r['loss']:.3g} L0 {r['l0']:.0f} "
+                f"EV {r['explained_variance']:.3f} dead {r['dead_fraction']:.0%}")
         self._bar.update(self._task, completed=step, info=info)
 
     def stop(self) -> None:
