@@ -1,0 +1,326 @@
+"""Helpers shared by ``bench_train.py`` and ``bench_vs_saelens.py``.
+
+* :func:`machine_lines`: the header of a markdown section (date, CPU model, cores, torch, device,
+  load average, the exact command line).
+* :func:`make_activations`: synthetic residual-stream-like activations, rounded to bfloat16.
+* :func:`write_store`: an actcache store of those rows (any codec, bfloat16 or float32).
+* :class:`StepWorker`: one training setup living in its own Python process (our trainer in the
+  project's interpreter, or SAELens in its side venv), driven step by step over a pipe so that
+  several setups can be timed side by side in alternating order, each with its own peak RSS.
+* :func:`rounds`: the alternating order of the variants (rotated every repeat).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+HOOK = "blocks.12.hook_resid_post"
+CTX = 128  # rows per window of the synthetic stores
+med = statistics.median
+
+
+# -- machine / report ------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here (use --device cpu or auto)")
+    return dev
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} torch threads"
+
+
+def loadavg() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine_lines(title: str, script: str, argv: Sequence[str], device: torch.device, load_start: str) -> list[str]:
+    n_cores = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = n_cores
+    return [
+        f"## {title}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"`{shlex.join(['python', script, *argv])}`",
+        "",
+        f"Machine: {cpu_model()}, {n_cores} cores ({usable} usable); torch {torch.__version__}; "
+        f"device {device.type} ({device_name(device)}); Python {platform.python_version()}. "
+        f"Load average (1, 5, 15 min) at start: {load_start}; at end: {loadavg()}.",
+        "",
+    ]
+
+
+def emit(lines: list[str], out: Path | None) -> None:
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out is not None:
+        with out.open("a") as f:
+            f.write("\n" + text + "\n")
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def rounds(names: Sequence[str], repeats: int) -> Iterator[list[str]]:
+    """``repeats`` orders of ``names``, rotated by one each time (A B C, B C A, C A B, ...)."""
+    n = len(names)
+    for r in range(repeats):
+        yield [names[(r + i) % n] for i in range(n)]
+
+
+# -- data ------------------------------------------------------------------------------------
+def make_activations(n: int, d: int, *, seed: int = 0, block: int = 8192) -> np.ndarray:
+    """``n`` float32 rows shaped like a mid-layer residual stream, rounded to bfloat16.
+
+    ``x = mu + sum_{j in S} c_j D_j + noise``: 32 of 8192 unit directions per row (Zipf(1.1)
+    frequencies, so some fire often and many rarely), coefficients |N(0, 3)|, isotropic noise of
+    std 0.5 per coordinate, and a mean ``mu`` with a few large coordinates (as real residual
+    streams have): row norms of about 50, the order of Gemma-2-2B's middle layers. bfloat16
+    rounding makes the values exactly those a bf16 store holds.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_feat, k = 8192, 32
+    D = torch.randn(n_feat, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    mu = torch.randn(d, generator=g) * 0.3
+    big = torch.randperm(d, generator=g)[:4]
+    mu[big] = torch.tensor([40.0, -25.0, 15.0, 10.0])[: len(big)]
+    freq = 1.0 / torch.arange(1, n_feat + 1, dtype=torch.float64) ** 1.1
+    freq = freq[torch.randperm(n_feat, generator=g)]
+    out = np.empty((n, d), np.float32)
+    for r0 in range(0, n, block):
+        m = min(block, n - r0)
+        idx = torch.multinomial(freq.expand(m, n_feat), k, replacement=False, generator=g)
+        coef = torch.randn(m, k, generator=g).abs() * 3.0
+        x = torch.nn.functional.embedding_bag(idx, D, per_sample_weights=coef, mode="sum")
+        x += mu
+        x += torch.randn(m, d, generator=g) * 0.5
+        out[r0:r0 + m] = x.to(torch.bfloat16).float().numpy()
+    return out
+
+
+def write_store(path: Path, x: np.ndarray, *, codec: str, logical_dtype: str = "bfloat16",
+                chunk_rows: int = 4096) -> Path:
+    """A complete store holding ``x`` (rows a multiple of ``CTX``) under ``HOOK``, through ``StoreWriter``."""
+    from actcache.dtypes import to_storage, torch_dtype
+    from actcache.store import Layout
+    from actcache.store_writer import StoreWriter
+
+    n_windows = len(x) // CTX
+    layout = Layout(n_windows, CTX, False, max(1, chunk_rows // CTX))
+    attrs = {"model": {"id": "synthetic"}, "context_size": CTX, "prepend_bos": False, "exclude_bos": False,
+             "seed": 0, "dataset": {"path": "synthetic"}, "extract_config": {}}
+    w = StoreWriter.create(path, attrs=attrs, layout=layout, hooks=[HOOK], d_model=x.shape[1],
+                           logical_dtype=logical_dtype, codec=codec,
+                           windows=np.zeros((n_windows, CTX), np.int32), window_source=np.arange(n_windows))
+    for c in range(layout.n_chunks):
+        r0, r1 = layout.chunk_rows_range(c)
+        w.write_chunk(c, {HOOK: to_storage(torch.from_numpy(x[r0:r1]).to(torch_dtype(logical_dtype)))})
+    w.finalize()
+    return Path(path)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# -- step workers ----------------------------------------------------------------------------
+# Runs in the worker process; the setup code that follows it defines ``step(i)`` and
+# ``prepare(cmd)`` and then calls ``_serve(info)``. Protocol lines start with TAG; anything
+# else a library prints to stdout is passed over.
+TAG = "@@bench "
+WORKER_PRELUDE = r'''
+import json, os, resource, sys, time
+import numpy as np
+import torch
+P = json.loads(sys.argv[1])
+DEV = torch.device(P["device"])
+TAG = "@@bench "
+def _say(obj):
+    sys.stdout.write(TAG + json.dumps(obj) + "\n"); sys.stdout.flush()
+def _sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize(DEV)
+def _load_batches():
+    a = np.load(P["batches"])  # (n_batches, B, d_in) float32
+    return [torch.from_numpy(np.ascontiguousarray(a[i])).to(DEV) for i in range(a.shape[0])]
+def _dead_mask(frac):
+    m = torch.zeros(P["d_sae"], dtype=torch.bool)
+    if frac > 0:
+        m[np.load(P["dead"])[: int(round(frac * P["d_sae"]))]] = True
+    return m.to(DEV)
+def _serve(info):
+    if DEV.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEV)
+    _say({"ready": info})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            res = {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            if DEV.type == "cuda":
+                res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(DEV) / 2**20
+            _say(res)
+            return
+        prepare(cmd)
+        _sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        extra = step(cmd["i"])
+        _sync()
+        _say({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, **(extra or {})})
+'''
+
+# Our trainer: a real ``Trainer`` on a small store of the same width, whose ``_step`` (forward,
+# backward, decoder-gradient projection, clip, Adam, decoder renormalisation, after_step) is
+# called on the batches from the .npy file.
+OURS_WORKER = WORKER_PRELUDE + r'''
+torch.set_num_threads(P.get("threads") or torch.get_num_threads())
+sys.path.insert(0, P["repo"])
+from trainer.config import RunConfig
+from trainer.train import Trainer
+cfg = RunConfig.from_flat({"store": P["store"], "out": P["out"], "arch": P["arch"], "d_sae": P["d_sae"],
+                           "k": P["k"], "k_start": P["k"], "k_end": P["k"], "batch_size": P["batch"],
+                           "device": P["device"], "seed": 0, "heldout_chunks": 1})
+tr = Trainer(cfg, overwrite=True)
+X = _load_batches()
+tr.sae.init_b_dec(X[0])
+DEAD_AFTER = float(tr.cfg.sae.dead_after_tokens)
+def prepare(cmd):
+    # Force the same latents dead on every step (0 of them: none), as the SAELens side does.
+    m = _dead_mask(cmd.get("dead_frac", 0.0))
+    tr.sae.tokens_since_fired.copy_(torch.where(m, DEAD_AFTER, 0.0).to(tr.sae.tokens_since_fired.dtype))
+def step(i):
+    out = tr._step(X[i % len(X)])
+    return {"skipped": out is None, "loss": None if out is None else float(out.loss)}
+_serve({"arch": P["arch"], "params": sum(p.numel() for p in tr.sae.parameters()),
+        "torch": torch.__version__, "threads": torch.get_num_threads()})
+'''
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class StepWorker:
+    """A training setup in its own process: ``step(i, **kw)`` times one step there."""
+
+    def __init__(self, name: str, python: str, source: str, params: dict[str, Any], *, timeout_s: float = 1200):
+        self.name = name
+        self._err = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".stderr", delete=False)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen([python, "-c", source, json.dumps(params)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._err, text=True, env=env, cwd=str(REPO))
+        self.timeout_s = timeout_s
+        self.info = self._read()["ready"]
+        self.times: list[dict[str, Any]] = []
+        self.final: dict[str, Any] = {}
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(TAG):
+                return json.loads(line[len(TAG):])
+        self.proc.wait()
+        raise WorkerError(f"{self.name} worker exited (code {self.proc.returncode}):\n{self.stderr_tail()}")
+
+    def stderr_tail(self, n: int = 3000) -> str:
+        self._err.flush()
+        text = Path(self._err.name).read_text(errors="replace")
+        return text[-n:]
+
+    def step(self, i: int, **kw: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": "step", "i": i, **kw}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict[str, Any]:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.final = self._read()
+            except (WorkerError, BrokenPipeError):
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        try:
+            os.unlink(self._err.name)
+        except OSError:
+            pass
+        return self.final
+
+
+def timed_rounds(workers: dict[str, StepWorker], repeats: int, *, warmup: int = 1, start: int = 0,
+                 log: bool = True, **kw: Any) -> dict[str, list[dict[str, Any]]]:
+    """``warmup`` untimed steps per worker, then ``repeats`` rounds in rotated order."""
+    names = list(workers)
+    for w in range(warmup):
+        for name in names:
+            workers[name].step(start + w, **kw)
+    res: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for r, order in enumerate(rounds(names, repeats)):
+        for name in order:
+            t = workers[name].step(start + warmup + r, **kw)
+            res[name].append(t)
+            if log:
+                print(f"  round {r + 1}/{repeats} {name}: {t['wall']:.3f} s wall, {t['cpu']:.3f} s CPU"
+                      + (" (SKIPPED: non-finite)" if t.get("skipped") else ""), file=sys.stderr, flush=True)
+    return res
+
+
+def peak_mb(w: StepWorker) -> str:
+    f = w.final
+    if not f:
+        return "n/a"
+    s = f"{f['maxrss_mb']:,.0f}"
+    if "cuda_peak_mb" in f:
+        s += f" (GPU {f['cuda_peak_mb']:,.0f})"
+    return s
+
+
+def elapsed(t0: float) -> str:
+    return f"{time.perf_counter() - t0:,.0f} s"
