@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Annotated, Optional
 
 import typer
@@ -13,12 +12,11 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
+from actcache.cli_support import console, fail, new_app
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
 
-app = typer.Typer(help="Cache residual-stream activations of causal LMs in Zarr v3 stores.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console(stderr=True)
+app = new_app("Cache residual-stream activations of causal LMs in Zarr v3 stores.")
 _D = ExtractConfig  # defaults come from the config dataclass, never a second copy
 
 
@@ -49,21 +47,6 @@ class RichProgress:
 
     def stop(self) -> None:
         self._bar.stop()
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
 
 
 @app.command()
@@ -103,9 +86,9 @@ def extract(
     try:
         path = run_extract(cfg, resume=resume, overwrite=overwrite, workers=workers, scheduler=scheduler, progress=progress)
     except ActcacheError as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted: finished chunks are kept; continue with the same command plus --resume", 130)
+        fail("interrupted: finished chunks are kept; continue with the same command plus --resume", 130)
     finally:
         if progress:
             progress.stop()
@@ -132,7 +115,7 @@ def info(
     try:
         d = store_info(store)
     except ActcacheError as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps(d, indent=2))
         return
@@ -164,7 +147,7 @@ def verify(
     try:
         rep = verify_store(store, recompute=recompute, seed=seed, device=device)
     except ActcacheError as e:
-        _fail(str(e))
+        fail(str(e))
     for p in rep.problems:
         console.print(f"[red]problem:[/red] {p}", highlight=False)
     extra = f", {rep.windows_recomputed} windows recomputed (max relative error {rep.max_recompute_error:.2e})" if rep.windows_recomputed else ""
@@ -172,7 +155,7 @@ def verify(
     if rep.ok:
         Console().print(f"[green]ok[/green]: {msg}", highlight=False)
     else:
-        _fail(f"{len(rep.problems)} problems; {msg}", 1)
+        fail(f"{len(rep.problems)} problems; {msg}", 1)
 
 
 def main() -> None:

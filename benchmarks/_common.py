@@ -112,7 +112,7 @@ def rounds(names: Sequence[str], repeats: int) -> Iterator[list[str]]:
 def make_activations(n: int, d: int, *, seed: int = 0, block: int = 8192) -> np.ndarray:
     """``n`` float32 rows shaped like a mid-layer residual stream, rounded to bfloat16.
 
-    ``x = mu + sum_{j in S} c_j D_j + noise``: 32 of 8192 unit directions per row (Zipf(1.1)
+    ``x = mu + sum_{j in S} c_j D_j + noise``: 32 draws from 8192 unit directions per row (Zipf(1.1)
     frequencies, so some fire often and many rarely), coefficients |N(0, 3)|, isotropic noise of
     std 0.5 per coordinate, and a mean ``mu`` with a few large coordinates (as real residual
     streams have): row norms of about 50, the order of Gemma-2-2B's middle layers. bfloat16
@@ -126,11 +126,13 @@ def make_activations(n: int, d: int, *, seed: int = 0, block: int = 8192) -> np.
     big = torch.randperm(d, generator=g)[:4]
     mu[big] = torch.tensor([40.0, -25.0, 15.0, 10.0])[: len(big)]
     freq = 1.0 / torch.arange(1, n_feat + 1, dtype=torch.float64) ** 1.1
-    freq = freq[torch.randperm(n_feat, generator=g)]
+    cdf = torch.cumsum(freq[torch.randperm(n_feat, generator=g)], 0)
+    cdf = (cdf / cdf[-1]).float()
     out = np.empty((n, d), np.float32)
     for r0 in range(0, n, block):
         m = min(block, n - r0)
-        idx = torch.multinomial(freq.expand(m, n_feat), k, replacement=False, generator=g)
+        # Inverse-CDF draws (with replacement: a repeated direction just adds its coefficients).
+        idx = torch.searchsorted(cdf, torch.rand(m, k, generator=g)).clamp_(max=n_feat - 1)
         coef = torch.randn(m, k, generator=g).abs() * 3.0
         x = torch.nn.functional.embedding_bag(idx, D, per_sample_weights=coef, mode="sum")
         x += mu
@@ -196,7 +198,13 @@ def _serve(info):
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
-            res = {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak over the exec).
+            try:
+                with open("/proc/self/status") as f:
+                    hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            res = {"maxrss_mb": hwm / 1024}
             if DEV.type == "cuda":
                 res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(DEV) / 2**20
             _say(res)

@@ -1,6 +1,5 @@
 """Interrupted extractions (kill -9, Ctrl-C) finish with --resume, identical row for row."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """sae train: exact resume after kill -9, the non-finite guard, the SAELens export, bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

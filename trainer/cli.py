@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from actcache.cli_support import console, fail, new_app
 from actcache.errors import ActcacheError
 from trainer.config import RunConfig, SAEConfig, TrainConfig
 from trainer.loader import LoaderConfig
 from trainer.saes import ARCHS
 
-app = typer.Typer(help="Train sparse autoencoders on actcache stores.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-console = Console(stderr=True)
+app = new_app("Train sparse autoencoders on actcache stores.")
 _S, _T, _L = SAEConfig(), TrainConfig(), LoaderConfig()
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
 class RichTrainProgress:
@@ -109,9 +95,9 @@ def train(
         cfg = RunConfig.from_flat(_flat_from_cli(ctx, options, config))
         summary = run_train(cfg, resume=resume, overwrite=overwrite, progress=progress)
     except ActcacheError as e:
-        _fail(str(e))
+        fail(str(e))
     except Interrupted:
-        _fail("interrupted: a checkpoint was written; continue with the same command plus --resume", 130)
+        fail("interrupted: a checkpoint was written; continue with the same command plus --resume", 130)
     finally:
         if progress:
             progress.stop()
@@ -132,10 +118,10 @@ def export(
     from trainer.export import export_saelens
 
     if format != "saelens":
-        _fail(f"unknown format {format!r}: use saelens")
+        fail(f"unknown format {format!r}: use saelens")
     weights = A.run_paths(run_dir).weights
     if not weights.exists():
-        _fail(f"{run_dir} has no {A.WEIGHTS}: train it to the end first (sae train ... --resume)")
+        fail(f"{run_dir} has no {A.WEIGHTS}: train it to the end first (sae train ... --resume)")
     typer.echo(str(export_saelens(weights, out)))
 
 

@@ -14,7 +14,6 @@ import shutil
 import signal
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch

@@ -1,0 +1,216 @@
+"""Benchmark our TopK / dyncorr training step against SAELens' TopK training step, side by side.
+
+Run: ``python benchmarks/bench_vs_saelens.py [--quick] [--device auto|cpu|cuda] [--out docs/benchmarks.md]``.
+
+SAELens is never installed into the project's environment: it lives in a side venv whose
+interpreter is ``--saelens-python`` (default ``/tmp/saelens-venv/bin/python``). Set it up once with::
+
+    python3 -m venv /tmp/saelens-venv && /tmp/saelens-venv/bin/pip install torch==2.13.0 && \\
+        /tmp/saelens-venv/bin/pip install sae-lens==6.54.12
+
+(torch first and pinned, so pip takes the CPU build on this machine's disk instead of downloading
+a CUDA build when sae-lens asks for torch). Without that interpreter, or if it cannot import
+sae_lens, the benchmark says why and exits 0.
+
+What is timed, on the same batches (``_common.make_activations``: synthetic residual-stream-like
+rows rounded to bfloat16, written once to a .npy file that both sides load), d_in 2304,
+d_sae 16,384, k 64, batch 4,096 (``--quick``: d_sae 2,048, batch 1,024), float32 weights:
+
+* SAELens 6.54.12: a ``TopKTrainingSAE`` (``TopKTrainingSAEConfig`` defaults: decoder-norm
+  rescaling, dense activations, aux coefficient 1) inside a real ``SAETrainer`` (constant lr,
+  no wandb), whose ``_train_step`` is called: ``training_forward_pass`` (encode, TopK, decode,
+  MSE + AuxK loss), the dead-latent bookkeeping, backward, ``clip_grad_norm_(1.0)``, Adam step,
+  ``zero_grad``, lr-scheduler step. Autocast as SAELens' default (off) on CPU; on CUDA on (bf16),
+  as our trainer does there.
+* Ours: a real ``Trainer`` (topk; dyncorr with k_start = k_end = 64) whose ``Trainer._step`` is
+  called: forward with the sparse TopK encoder / decoder, backward, decoder-gradient projection,
+  clip 1.0, Adam, decoder renormalisation, ``after_step`` (dyncorr: the latent-statistics update).
+
+Each setup runs in its own process (SAELens with its own interpreter), driven step by step over a
+pipe, so they are timed alternately in one run: one untimed warm-up step each, then ``--repeats``
+rounds of one step per setup in rotated order; tokens/s = batch / median step wall time. Two
+scenarios: no dead latents (a fresh SAE: AuxK is skipped on both sides), and the same
+``--dead-frac`` of latents forced dead on every step on both sides (AuxK active: k_aux = d_in / 2
+on both). Ratios ours / SAELens are of tokens/s; the CPU time of each step (all threads) is the
+noise-robust cross-check. Target: ours >= 3x SAELens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+SAELENS_VERSION = "6.54.12"
+DEFAULT_PY = "/tmp/saelens-venv/bin/python"
+SETUP = (f"python3 -m venv /tmp/saelens-venv && /tmp/saelens-venv/bin/pip install torch==2.13.0 && "
+         f"/tmp/saelens-venv/bin/pip install sae-lens=={SAELENS_VERSION}")
+TARGET = 3.0
+
+SAELENS_WORKER = C.WORKER_PRELUDE + r'''
+import sae_lens
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+torch.manual_seed(0)
+sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=P["d_in"], d_sae=P["d_sae"], k=P["k"], dtype="float32",
+                                            device=P["device"]))
+tr = SAETrainer(cfg=SAETrainerConfig(total_training_samples=P["batch"] * 10**6, train_batch_size_samples=P["batch"],
+                                     lr=3e-4, lr_end=3e-5, device=P["device"], autocast=P["autocast"],
+                                     logger=LoggingConfig(log_to_wandb=False)),
+                sae=sae, data_provider=iter(()))
+X = _load_batches()
+WINDOW = float(tr.cfg.dead_feature_window)
+def prepare(cmd):
+    # SAETrainer.dead_neurons is n_forward_passes_since_fired > dead_feature_window.
+    m = _dead_mask(cmd.get("dead_frac", 0.0))
+    tr.n_forward_passes_since_fired = torch.where(m, WINDOW + 1, 0.0).to(tr.n_forward_passes_since_fired)
+def step(i):
+    out = tr._train_step(sae, X[i % len(X)])
+    return {"loss": float(out.loss)}
+_serve({"arch": "sae-lens TopK", "sae_lens": sae_lens.__version__, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "params": sum(p.numel() for p in sae.parameters())})
+'''
+
+
+def check_saelens(python: str) -> str | None:
+    """None if ``python`` imports sae_lens and torch; else why not."""
+    if not Path(python).exists():
+        return f"no SAELens interpreter at {python}"
+    try:
+        r = subprocess.run([python, "-c", "import sae_lens, torch; print(sae_lens.__version__, torch.__version__)"],
+                           capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{python} could not be run ({e})"
+    if r.returncode != 0:
+        return f"{python} cannot import sae_lens and torch: {r.stderr.strip().splitlines()[-1:] or r.returncode}"
+    version = r.stdout.split()[0]
+    if version != SAELENS_VERSION:
+        print(f"note: sae-lens {version} found, this benchmark was written for {SAELENS_VERSION}", file=sys.stderr)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="d_sae 2048, batch 1024: < 1 min")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    ap.add_argument("--out", type=Path, default=None, help="append the markdown section to this file")
+    ap.add_argument("--saelens-python", default=DEFAULT_PY, help=f"interpreter of the SAELens side venv ({DEFAULT_PY})")
+    ap.add_argument("--d-in", type=int, default=2304)
+    ap.add_argument("--d-sae", type=int, default=None, help="default 16384 (quick: 2048)")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="default 4096 (quick: 1024)")
+    ap.add_argument("--archs", nargs="+", default=["topk", "dyncorr"], choices=["topk", "dyncorr"])
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per scenario")
+    ap.add_argument("--n-batches", type=int, default=3, help="distinct batches, cycled")
+    ap.add_argument("--dead-frac", type=float, default=0.1,
+                    help="fraction of latents forced dead in the AuxK scenario (0: skip that scenario)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else argv
+
+    why = check_saelens(a.saelens_python)
+    if why:
+        print(f"bench_vs_saelens skipped: {why}.\nSet up the side venv with:\n  {SETUP}\n"
+              f"or pass --saelens-python PATH.")
+        return
+
+    device = C.resolve_device(a.device)
+    d_in, k = a.d_in, a.k
+    d_sae, B = a.d_sae or (2048 if a.quick else 16384), a.batch or (1024 if a.quick else 4096)
+    load_start = C.loadavg()
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="bench-saelens-", dir=a.workdir))
+    workers: dict[str, C.StepWorker] = {}
+    scenarios = [("no dead latents (AuxK off on both sides)", 0.0)]
+    if a.dead_frac > 0:
+        scenarios.append((f"{a.dead_frac:.0%} of latents dead (AuxK on, k_aux = {d_in // 2})", a.dead_frac))
+    results = []
+    try:
+        x = C.make_activations(a.n_batches * B, d_in, seed=a.seed + 1)
+        batches = work / "batches.npy"
+        np.save(batches, x.reshape(a.n_batches, B, d_in))
+        dead = work / "dead.npy"
+        np.save(dead, np.random.default_rng(a.seed).permutation(d_sae))
+        store = C.write_store(work / "step-store.zarr", x[: 2 * B], codec="none", logical_dtype="float32", chunk_rows=B)
+        del x
+        common = {"device": str(device), "d_in": d_in, "d_sae": d_sae, "k": k, "batch": B,
+                  "batches": str(batches), "dead": str(dead)}
+        print("starting workers (SAELens' imports take a while)", file=sys.stderr, flush=True)
+        workers["sae-lens"] = C.StepWorker("sae-lens", a.saelens_python, SAELENS_WORKER,
+                                           {**common, "autocast": device.type == "cuda"})
+        for arch in a.archs:
+            workers[f"ours {arch}"] = C.StepWorker(arch, sys.executable, C.OURS_WORKER,
+                                                   {**common, "repo": str(C.REPO), "store": str(store),
+                                                    "out": str(work / f"run-{arch}"), "arch": arch})
+        start = 0
+        for label, frac in scenarios:
+            print(f"scenario: {label}", file=sys.stderr, flush=True)
+            res = C.timed_rounds(workers, a.repeats, warmup=1, start=start, dead_frac=frac)
+            start += a.repeats + 1
+            results.append((label, res))
+    finally:
+        for w in workers.values():
+            w.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    sl = workers["sae-lens"].info
+    lines = [
+        f"### Training step: ours vs SAELens {sl.get('sae_lens')} TopK, d_in {d_in}, d_sae {d_sae:,}, k {k}, batch {B:,}",
+        "",
+        f"SAELens side: `{a.saelens_python}`, sae-lens {sl.get('sae_lens')}, torch {sl.get('torch')}, "
+        f"{sl.get('threads')} threads, autocast {'on (bf16)' if device.type == 'cuda' else 'off'}. "
+        f"Ours: torch {torch.__version__}. Float32 weights on both; one untimed warm-up step per setup and "
+        f"scenario, then the median of {a.repeats} rotated rounds.",
+        "",
+    ]
+    all_ok = True
+    for label, res in results:
+        wall = {n: C.med(t["wall"] for t in res[n]) for n in res}
+        cpu = {n: C.med(t["cpu"] for t in res[n]) for n in res}
+        lines += [f"#### {label}", "",
+                  "| implementation | tokens/s | step wall s (median) | step CPU s (median) | wall s of each step "
+                  "| ours / SAELens (wall) | ours / SAELens (CPU time) | target | |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+        for n in res:
+            each = ", ".join(f"{t['wall']:.2f}" for t in res[n])
+            row = f"| {n} | {B / wall[n]:,.0f} | {wall[n]:.3f} | {cpu[n]:.3f} | {each} |"
+            if n == "sae-lens":
+                row += " | | | |"
+            else:
+                r, rc = wall["sae-lens"] / wall[n], cpu["sae-lens"] / cpu[n]
+                ok = r >= TARGET
+                all_ok &= ok
+                row += f" **{r:.2f}x** | {rc:.2f}x | >= {TARGET:g}x | {C.met(ok)} |"
+            lines.append(row)
+            if any(t.get("skipped") for t in res[n]):
+                lines.append(f"WARNING: {n} skipped non-finite steps; its timings are not of full steps.")
+        lines.append("")
+    lines += [
+        "Peak resident memory of each process (MB, `VmHWM`; informative): "
+        + ", ".join(f"{n} {C.peak_mb(w)}" for n, w in workers.items()) + ".",
+        "",
+        f"Target ours >= {TARGET:g}x SAELens" + ("" if (d_sae, B) == (16384, 4096) else
+                                                  " (defined at d_sae 16,384, batch 4,096)")
+        + f": **{C.met(all_ok)}** for every row above.",
+        "",
+        f"Wall time of the whole benchmark: {C.elapsed(t0)}.",
+    ]
+    C.emit(C.machine_lines("SAE training step vs SAELens", "benchmarks/bench_vs_saelens.py", argv_used,
+                           device, load_start) + lines, a.out)
+
+
+if __name__ == "__main__":
+    main()

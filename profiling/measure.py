@@ -1,0 +1,217 @@
+"""Measured peaks, each in a fresh subprocess (``python -m profiling.measure KIND SPEC_JSON``).
+
+Training: a few real steps of ``Trainer._step`` (the method itself, inherited by
+:class:`StepHarness`, which sets up the same SAE, Adam, schedule and state as
+``Trainer.__init__`` without a store or run dir). As in ``Trainer.fit``, the previous step's
+output stays alive while the next step runs. Before every step all latents are marked dead, so
+the AuxK branch runs at full size (``k_aux`` per token), as late in a real run.
+
+* CPU: peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs`` when the kernel
+  allows it, else ``ru_maxrss``) minus the resident memory after imports, a warm-up step of a
+  tiny SAE of the same arch (thread pools, lazy kernels) and the input batch (the loader's).
+* CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the same point.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+_RESULT = "PROFILE-RESULT "
+
+
+@dataclass(frozen=True)
+class Measurement:
+    peak_bytes: int | None  # above the baseline; None when not measured
+    baseline_bytes: int | None = None
+    method: str = ""
+    step_s: float | None = None  # median wall time of one step
+    note: str = ""  # why it was not measured, or the error
+
+
+# -- resident memory ------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss() -> int:
+    kib = _status_kib("VmRSS")
+    if kib is None:  # no procfs: the high-water mark is the best we have
+        return peak_rss()
+    return kib * 1024
+
+
+def peak_rss() -> int:
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru if sys.platform == "darwin" else ru * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def available_ram() -> int:
+    """MemAvailable (what can be allocated without swapping), or total RAM where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# -- the training step -----------------------------------------------------------------------
+def _harness_class():
+    import torch
+
+    from trainer import schedules as sch
+    from trainer.saes import build_sae
+    from trainer.train import Trainer
+
+    class StepHarness(Trainer):
+        """``Trainer`` minus the store, loader and run dir: the same objects ``Trainer.__init__``
+        builds for ``_step`` (tests/test_profiling.py checks they stay the same)."""
+
+        def __init__(self, cfg, device: torch.device, n_steps: int):
+            self.cfg, self.device, self.n_steps = cfg, device, n_steps
+            warm = int(cfg.train.lr_warmup_frac * n_steps)
+            self.sched = sch.Schedule(total_steps=n_steps, warmup_steps=warm,
+                                      penalty_warmup_steps=int(cfg.train.penalty_warmup_frac * n_steps),
+                                      lr_min_ratio=cfg.train.lr_min_ratio)
+            torch.manual_seed(cfg.train.seed)
+            self.sae = build_sae(cfg.sae, seed=cfg.train.seed).to(device)
+            self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.train.lr, betas=(0.9, 0.999))
+            self.state = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
+                          "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0}
+            self._stop = False
+
+    return StepHarness
+
+
+def run_steps(flat: dict[str, Any], d_in: int, steps: int, n_steps: int = 10_000) -> tuple[Any, list[float]]:
+    """Build the harness for the flat RunConfig ``flat`` and run ``steps`` real steps on random
+    input; returns the harness and the step times. Used by the child and by the tests."""
+    import torch
+
+    from actcache.device import resolve_device
+    from trainer.config import RunConfig
+
+    cfg = RunConfig.from_flat(flat)
+    cfg = replace(cfg, sae=cfg.sae.resolved(d_in))
+    device = resolve_device(cfg.train.device)
+    x = torch.randn(cfg.train.batch_size, d_in, generator=torch.Generator().manual_seed(0)).to(device)
+    return _steps(cfg, device, x, steps, n_steps)
+
+
+def _steps(cfg, device, x, steps: int, n_steps: int) -> tuple[Any, list[float]]:
+    harness = _harness_class()(cfg, device, n_steps)
+    harness.sae.init_b_dec(x)  # as Trainer.fit does before the first step
+    out, times = None, []
+    for _ in range(steps):
+        harness.sae.tokens_since_fired.fill_(float(cfg.sae.dead_after_tokens))  # AuxK at full size
+        t0 = time.perf_counter()
+        out = harness._step(x)  # the previous ``out`` is alive meanwhile, as in Trainer.fit
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if out is None:
+            raise RuntimeError("non-finite loss or gradient on random input")
+    return harness, times
+
+
+def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from actcache.device import resolve_device
+    from trainer.config import RunConfig
+
+    cfg = RunConfig.from_flat(spec["flat"])
+    d_in, steps = int(spec["d_in"]), int(spec["steps"])
+    cfg = replace(cfg, sae=cfg.sae.resolved(d_in))
+    device = resolve_device(cfg.train.device)
+    # Warm-up on a tiny SAE of the same arch: thread pools, allocator arenas, lazy kernel init.
+    tiny = dict(spec["flat"], d_sae=16, k=2, k_start=4, k_end=2, k_aux=2, batch_size=8)
+    run_steps(tiny, 8, 2)
+    x = torch.randn(cfg.train.batch_size, d_in, generator=torch.Generator().manual_seed(0)).to(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        _, times = _steps(cfg, device, x, steps, int(spec.get("n_steps", 10_000)))
+        peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+    else:
+        base = current_rss()
+        reset = reset_peak_rss()
+        _, times = _steps(cfg, device, x, steps, int(spec.get("n_steps", 10_000)))
+        peak = peak_rss() - base
+        method = "VmHWM - VmRSS (fresh subprocess)" if reset else "ru_maxrss - VmRSS (fresh subprocess)"
+    times.sort()
+    return {"peak_bytes": int(peak), "baseline_bytes": int(base), "method": method,
+            "step_s": times[len(times) // 2]}
+
+
+# -- the parent side -------------------------------------------------------------------------
+def run_child(kind: str, spec: dict[str, Any], timeout_s: float) -> Measurement:
+    """Run ``python -m profiling.measure KIND SPEC`` and read its result line."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "profiling.measure", kind, json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return Measurement(None, note=f"not measured: timed out after {timeout_s:.0f} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT):
+            return Measurement(**json.loads(line[len(_RESULT):]))
+    err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    if proc.returncode < 0 or proc.returncode == 137:
+        err = f"killed (signal {-proc.returncode if proc.returncode < 0 else 9}): out of memory?"
+    return Measurement(None, note=f"measurement failed: {err}")
+
+
+def measure_training(flat: dict[str, Any], d_in: int, *, steps: int = 3, timeout_s: float = 900) -> Measurement:
+    return run_child("train", {"flat": flat, "d_in": d_in, "steps": steps}, timeout_s)
+
+
+def main(argv: list[str]) -> None:
+    kind, spec = argv[0], json.loads(argv[1])
+    if kind == "train":
+        result = _train_child(spec)
+    elif kind == "extract":
+        from profiling.extract_side import extract_child
+
+        result = extract_child(spec)
+    else:
+        raise SystemExit(f"unknown measurement {kind!r}")
+    print(_RESULT + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
