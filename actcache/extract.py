@@ -48,7 +48,7 @@ def _validate(cfg: ExtractConfig) -> list[HookSpec]:
     if cfg.exclude_bos and not cfg.prepend_bos:
         raise ActcacheError("--exclude-bos needs BOS tokens: drop it or drop --no-prepend-bos")
     dataset_kind(cfg.dataset)
-    specs = parse_hooks(list(cfg.hooks))
+    parse_hooks(list(cfg.hooks))  # bad names fail before the (slower) model config is resolved
     mcfg = resolve_model_config(cfg.model, cfg.gguf_file)
     specs = parse_hooks(list(cfg.hooks), n_layers(mcfg))
     max_pos = getattr(mcfg, "max_position_embeddings", None)

@@ -112,13 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--batch", type=int, default=None, help="default 4096 (quick: 1024)")
     ap.add_argument("--archs", nargs="+", default=["topk", "dyncorr"], choices=["topk", "dyncorr"])
-    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per scenario")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per scenario, default 5 (quick: 3)")
     ap.add_argument("--n-batches", type=int, default=3, help="distinct batches, cycled")
     ap.add_argument("--dead-frac", type=float, default=0.1,
                     help="fraction of latents forced dead in the AuxK scenario (0: skip that scenario)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    a.repeats = a.repeats or (3 if a.quick else 5)
     argv_used = sys.argv[1:] if argv is None else argv
 
     why = check_saelens(a.saelens_python)
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     workers: dict[str, C.StepWorker] = {}
     scenarios = [("no dead latents (AuxK off on both sides)", 0.0)]
     if a.dead_frac > 0:
-        scenarios.append((f"{a.dead_frac:.0%} of latents dead (AuxK on, k_aux = {d_in // 2})", a.dead_frac))
+        n_dead = int(round(a.dead_frac * d_sae))
+        scenarios.append((f"{a.dead_frac:.0%} of latents ({n_dead:,}) dead on every step (AuxK on, k_aux = "
+                          f"{min(d_in // 2, n_dead):,} on both sides)", a.dead_frac))
     results = []
     try:
         x = C.make_activations(a.n_batches * B, d_in, seed=a.seed + 1)

@@ -179,9 +179,10 @@ def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the parent side -------------------------------------------------------------------------
-def run_child(kind: str, spec: dict[str, Any], timeout_s: float) -> Measurement:
-    """Run ``python -m profiling.measure KIND SPEC`` and read its result line."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+def run_child(kind: str, spec: dict[str, Any], timeout_s: float, env: dict[str, str] | None = None) -> Measurement:
+    """Run ``python -m profiling.measure KIND SPEC`` (with ``env`` added) and read its result line."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    malloc = env.get("MALLOC_MMAP_THRESHOLD_")
     try:
         proc = subprocess.run([sys.executable, "-m", "profiling.measure", kind, json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout_s, env=env)
@@ -189,15 +190,20 @@ def run_child(kind: str, spec: dict[str, Any], timeout_s: float) -> Measurement:
         return Measurement(None, note=f"not measured: timed out after {timeout_s:.0f} s")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT):
-            return Measurement(**json.loads(line[len(_RESULT):]))
+            m = Measurement(**json.loads(line[len(_RESULT):]))
+            if "VmHWM" in m.method or "ru_maxrss" in m.method:
+                m = replace(m, method=m.method + (f", MALLOC_MMAP_THRESHOLD_={malloc}" if malloc else
+                                                   ", default malloc settings"))
+            return m
     err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
     if proc.returncode < 0 or proc.returncode == 137:
         err = f"killed (signal {-proc.returncode if proc.returncode < 0 else 9}): out of memory?"
     return Measurement(None, note=f"measurement failed: {err}")
 
 
-def measure_training(flat: dict[str, Any], d_in: int, *, steps: int = 3, timeout_s: float = 900) -> Measurement:
-    return run_child("train", {"flat": flat, "d_in": d_in, "steps": steps}, timeout_s)
+def measure_training(flat: dict[str, Any], d_in: int, *, steps: int = 3, timeout_s: float = 1800,
+                     env: dict[str, str] | None = None) -> Measurement:
+    return run_child("train", {"flat": flat, "d_in": d_in, "steps": steps}, timeout_s, env)
 
 
 def main(argv: list[str]) -> None:

@@ -58,6 +58,7 @@ class LoaderSpec:
     shuffle_buffer_mb: float = 256.0
     prefetch: bool = True
     chunk_rows: int = 4096
+    train_chunks: int | None = None  # a store's training chunks cap a group; None = unknown (no cap)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ def loader_bytes(spec: TrainSpec) -> dict[str, int]:
     """The loader's own rows (``ActivationLoader.rows_bound``): group + prefetched group + one batch."""
     L, d = spec.loader, spec.d_in
     buffer_rows = int(L.shuffle_buffer_mb * 2**20) // (4 * d)
-    group = max(1, buffer_rows // 2 // L.chunk_rows) * L.chunk_rows
+    chunks = max(1, buffer_rows // 2 // L.chunk_rows)
+    group = (min(chunks, L.train_chunks) if L.train_chunks else chunks) * L.chunk_rows
     return {"group": 4 * group * d, "prefetch": 4 * group * d if L.prefetch else 0,
             "batch": 4 * spec.batch_size * d}
 
@@ -144,44 +146,50 @@ def _persistent(s: TrainSpec) -> dict[str, int]:
             "activations": prev_out}
 
 
+def _grads(nd_buffers: int, s: TrainSpec) -> dict[str, int]:
+    """Backward: the previous step's gradients are gone (zero_grad), ``nd_buffers`` d_sae x d_in exist."""
+    return {"gradients": -param_bytes(s.d_in, s.d_sae) + nd_buffers * 4 * s.d_sae * s.d_in}
+
+
 def _baseline_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     B, d, n = s.batch_size, s.d_in, s.d_sae
     bf16, cpu = s.effective_dtype == "bfloat16", s.device == "cpu"
-    Bn, Bd = B * n, B * d
-    saved_z = 4 * Bn + (2 * Bn if bf16 else 0)  # ReLU output (+ its bf16 cast saved by the decoder mm)
-    tail = 4 * 3 * Bd  # x_c, x_hat - x (saved), x_hat
-    casts = 2 * (2 * n * d + Bd) if bf16 else 0  # autocast's cached bf16 W_enc, W_dec and x_c
-    fwd = {
-        "forward.pre": {"activations": (2 if bf16 else 4) * Bn + 4 * Bn + casts, "saved": 4 * Bd},
-        "forward.l1": {"saved": saved_z + tail, "activations": 4 * Bn + casts},
-        # active = z > 0 (1 byte), and on CPU (active).sum(-1) first casts it to int64.
-        "forward.l0": {"saved": saved_z + tail, "activations": Bn + (8 * Bn if cpu else 0) + casts},
+    Bn, Bd = 4 * B * n, 4 * B * d  # bytes of one float32 B x d_sae / B x d_in tensor
+    z = Bn + (Bn // 2 if bf16 else 0)  # ReLU output (+ its bf16 cast, saved by the decoder mm)
+    casts = {"activations": 2 * (2 * n * d + B * d)} if bf16 else {}  # autocast's bf16 W_enc, W_dec, x_c
+    after = {"saved": z + 2 * Bd, "activations": Bd}  # z, x_c, x_hat - x; x_hat
+    return {
+        "forward.pre": _merge({"saved": Bd, "activations": (Bn // 2 if bf16 else Bn) + Bn}, casts),  # mm, + b_enc
+        "forward.l1": _merge(after, {"activations": Bn}, casts),  # z * ||W_dec||
+        # active = z > 0 (1 byte each); on CPU (active).sum(-1) first casts it to int64.
+        "forward.l0": _merge(after, {"activations": B * n + (2 * Bn if cpu else 0)}, casts),
+        "backward.l1": _merge(after, {"activations": 2 * Bn}, _grads(0, s)),
+        "backward.mse": _merge(after, {"activations": Bn + 3 * Bd}, _grads(1, s)),  # pow's backward
+        "backward.decode": _merge(after, {"activations": 2 * Bn + Bd}, _grads(2, s)),
     }
-    bwd = {"backward": {"saved": saved_z + 2 * 4 * Bd, "activations": 2 * 4 * Bn + 4 * Bd,
-                        "gradients": -param_bytes(d, n) + 2 * 4 * n * d}}
-    return {**fwd, **bwd}
 
 
 def _topk_forward(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """TopK/dyncorr forward phases, and what is alive once the forward (before the penalty) is done."""
+    """TopK/dyncorr phases, and what is alive once the forward (before the penalty) is done."""
     B, d, n, k, ka = s.batch_size, s.d_in, s.d_sae, s.k, s.ka
     bf16 = s.effective_dtype == "bfloat16"
     a = 2 if bf16 else 4
-    Bd, kt = B * d, k + ka
-    casts = {"activations": 2 * (n * d + Bd + n)} if bf16 else {}  # autocast's bf16 W_enc, x_c, b_enc
+    Bd, kt = 4 * B * d, k + ka
+    casts = {"activations": 2 * (n * d + B * d + n)} if bf16 else {}  # autocast's bf16 W_enc, x_c, b_enc
     outs = B * kt * (a + 8)  # val, idx, aux_val, aux_idx
-    cats = B * kt * (a + 8)  # torch.cat([idx, aux_idx]), torch.cat([val, aux_val]), saved for backward
-    bags = 8 * B * kt + 16 * B * (2 if ka else 1)  # embedding_bag offset2bag / offsets, saved
-    after = {"saved": 4 * Bd + cats + bags + 4 * Bd * (2 if ka else 1),  # x_c, err (+ AuxK's e_hat - err)
-             "activations": outs + 4 * Bd}  # + x_hat
-    phases = {
-        "forward.encode": _merge({"saved": 4 * Bd + cats, "activations": a * B * n + outs}, casts),
-        "forward.decode": _merge(after, {"activations": 2 * 4 * Bd}, casts),
-        # _TopKEncode.backward: W_dec.grad exists, sparse.mm builds W_enc's gradient and a second buffer.
-        "backward.encode": _merge(after, {"activations": 40 * B * kt + 2 * 4 * Bd,
-                                          "gradients": -param_bytes(d, n) + 3 * 4 * n * d}),
-    }
-    return phases, _merge(after, casts)
+    cats = B * kt * (a + 8)  # torch.cat([idx, aux_idx]), torch.cat([val, aux_val]): saved for backward
+    n_err = 2 if ka else 1  # x - x_hat (and AuxK's e_hat - err), saved by pow
+    after = {"saved": Bd + cats + n_err * Bd, "activations": outs + Bd}  # x_c, ...; x_hat
+    # _TopKEncode.backward: W_dec.grad exists; g, grad_x, the COO rows/indices, coalesce's copies and sort.
+    enc_bwd = {"saved": Bd + cats, "activations": 3 * Bd + 12 * B * k + 4 * B * kt}
+    return {
+        "forward.encode": _merge({"saved": Bd + cats, "activations": a * B * n + outs}, casts),
+        "forward.decode": _merge(after, {"activations": 2 * Bd}, casts),
+        "backward.mse": _merge(after, {"activations": 3 * Bd}, _grads(0, s)),
+        "backward.decode": _merge(after, {"activations": 40 * B * max(k, ka)}, _grads(2 if ka else 1, s)),
+        "backward.coalesce": _merge(enc_bwd, {"activations": 72 * B * kt}, _grads(1, s)),
+        "backward.sparse_mm": _merge(enc_bwd, {"activations": 28 * B * kt}, _grads(3, s)),
+    }, _merge(after, casts)
 
 
 def _penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
@@ -225,10 +233,8 @@ def _step_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     else:
         phases, after = _topk_forward(s)
         if s.arch == "dyncorr":
-            in_backward = _merge(phases["backward.encode"], {"activations": -40 * s.batch_size * (s.k + s.ka),
-                                                             "gradients": -3 * 4 * s.d_sae * s.d_in})
             for name, p in _penalty_phases(s).items():
-                phases[name] = _merge(in_backward if name.startswith("backward") else after, p)
+                phases[name] = _merge(after, p, _grads(0, s) if name.startswith("backward") else {})
             phases["update"] = _merge(out_t, _update_phase(s))
     phases["optimizer"] = _merge(out_t, _optimizer_phase(s))
     return phases
@@ -284,10 +290,11 @@ def covariance_cost(s: TrainSpec) -> CovarianceCost:
     return CovarianceCost(dense_flops, dense_bytes, lazy_flops, lazy_bytes, fold, P1)
 
 
-def train_spec(cfg: RunConfig, *, dtype: str = "float32", device: str = "cpu", chunk_rows: int = 4096) -> TrainSpec:
+def train_spec(cfg: RunConfig, *, dtype: str = "float32", device: str = "cpu", chunk_rows: int = 4096,
+               train_chunks: int | None = None) -> TrainSpec:
     """The TrainSpec of a RunConfig whose ``sae`` is resolved (``SAEConfig.resolved(d_in)``)."""
     s, ld = cfg.sae, cfg.loader
     return TrainSpec(arch=s.arch, d_in=s.d_in, d_sae=s.d_sae, batch_size=cfg.train.batch_size,
                      k=s.k_start if s.arch == "dyncorr" else s.k, k_aux=s.k_aux, cov_dtype=s.cov_dtype,
                      dtype=dtype, device=device, beta=s.beta,
-                     loader=LoaderSpec(ld.shuffle_buffer_mb, ld.prefetch, chunk_rows))
+                     loader=LoaderSpec(ld.shuffle_buffer_mb, ld.prefetch, chunk_rows, train_chunks))

@@ -1,0 +1,163 @@
+"""``sae profile-memory``: the typer command (registered by ``trainer/cli.py`` as
+``app.command("profile-memory")(profile_memory)``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from actcache.errors import ActcacheError
+from trainer.config import SAEConfig
+from trainer.loader import LoaderConfig
+
+console = Console(stderr=True)
+_S, _L = SAEConfig(), LoaderConfig()
+PIN_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _budget(text: Optional[str], device: str) -> tuple[int, str]:
+    from profiling.measure import available_ram
+    from profiling.plan import parse_size
+
+    if text is not None:
+        return parse_size(text), f"--budget {text}"
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    return available_ram(), "available RAM"
+
+
+def _free(device: str) -> int:
+    from profiling.measure import available_ram
+
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    return available_ram()
+
+
+def _measure_training(rows: list, steps: int, env: dict[str, str]) -> list:
+    from profiling.measure import Measurement, measure_training
+
+    done: dict[str, Measurement] = {}
+    out = []
+    for i, r in enumerate(rows, 1):
+        key = repr(sorted(r.flat.items()))  # bf16 rows on CPU run exactly the float32 step: measured once
+        s = r.spec
+        if s.device == "cuda" and s.dtype == "float32":
+            m = Measurement(None, note="not measured: sae train always autocasts to bf16 on CUDA")
+        elif key in done:
+            m = done[key]
+        elif r.estimate.step_total > 0.9 * _free(s.device):
+            m = Measurement(None, note=f"not measured: needs ~{r.estimate.step_total / 2**30:.1f} GiB, "
+                                       f"{_free(s.device) / 2**30:.1f} GiB free on this machine")
+        else:
+            console.print(f"measuring {i}/{len(rows)}: {s.arch} d_sae={s.d_sae} B={s.batch_size} ({steps} steps)",
+                          highlight=False)
+            m = done[key] = measure_training(r.flat, s.d_in, steps=steps, env=env)
+        out.append(replace(r, measured=m))
+    return out
+
+
+def _measure_extraction(row, env: dict[str, str]):
+    from profiling.measure import Measurement, run_child
+
+    if row.spec.device != "cpu":
+        return replace(row, measured=Measurement(None, note="not measured: extraction is measured on CPU only"))
+    if row.comparable > 0.9 * _free("cpu"):
+        return replace(row, measured=Measurement(None, note=f"not measured: needs ~{row.comparable / 2**30:.1f} GiB"))
+    console.print(f"measuring extraction: {row.spec.model} layer {row.spec.hook_layer}, {row.n_windows} windows",
+                  highlight=False)
+    spec = {"extract": vars(row.spec), "compute_dtype": row.estimate.compute_dtype, "n_windows": row.n_windows}
+    return replace(row, measured=run_child("extract", spec, timeout_s=1800, env=env))
+
+
+def profile_memory(
+    ctx: typer.Context,
+    d_in: Annotated[int, typer.Option(help="Width of the activations (2304: Gemma-2-2B's residual stream).")] = 2304,
+    d_sae: Annotated[str, typer.Option(help="Latents, comma list.")] = "2304,16384,65536",
+    batch_size: Annotated[str, typer.Option(help="Tokens per step, comma list.")] = "4096",
+    arch: Annotated[str, typer.Option(help="Architectures, comma list: baseline, topk, dyncorr.")] = "baseline,topk,dyncorr",
+    dtype: Annotated[str, typer.Option(help="float32 and/or bfloat16 (bf16 = autocast, CUDA only: CPU trains in float32).")] = "float32,bfloat16",
+    k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = _S.k,
+    k_start: Annotated[int, typer.Option(help="Largest k of the dyncorr schedule (its memory peak).")] = _S.k_start,
+    k_end: Annotated[int, typer.Option(help="k at the end of the dyncorr schedule.")] = _S.k_end,
+    k_aux: Annotated[int, typer.Option(help="AuxK latents per token; 0 = d_in // 2.")] = _S.k_aux,
+    cov_dtype: Annotated[str, typer.Option(help="dtype of the dyncorr covariance buffer: float32 or float64.")] = _S.cov_dtype,
+    shuffle_buffer_mb: Annotated[float, typer.Option(help="Loader shuffle buffer, MiB.")] = _L.shuffle_buffer_mb,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per store chunk (the loader reads whole chunks).")] = 4096,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda: where training (and extraction) would run.")] = "auto",
+    budget: Annotated[Optional[str], typer.Option(help="Memory to fit in, e.g. 80GB, 80GiB; default: free RAM / GPU memory.")] = None,
+    measure: Annotated[bool, typer.Option(help="Also run a few real steps per config in a fresh subprocess and measure the peak (only configs that fit in free memory).")] = False,
+    steps: Annotated[int, typer.Option(help="Training steps per measurement (>= 2 reaches the steady state).")] = 3,
+    pin_malloc: Annotated[bool, typer.Option(help="Measure with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=131072): RSS then tracks live tensors.")] = False,
+    format: Annotated[str, typer.Option(help="table, json, csv or markdown.")] = "table",
+    out: Annotated[Optional[Path], typer.Option(help="Write the report in --format here (the table still goes to the terminal).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="run.json of `sae train` fields: profile exactly that run (options given here win).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="A run directory: profile the run its config.json describes.")] = None,
+    extract: Annotated[bool, typer.Option(help="Also profile activation extraction for --extract-model.")] = True,
+    extract_model: Annotated[str, typer.Option(help="gemma-2-2b (built-in config), a model dir / .gguf, or a hub id.")] = "gemma-2-2b",
+    hook_layer: Annotated[int, typer.Option(help="Deepest hooked block (blocks.L.hook_resid_post).")] = 5,
+    context_size: Annotated[int, typer.Option(help="Tokens per extraction window.")] = 128,
+    extract_batch: Annotated[int, typer.Option(help="Windows per extraction forward pass.")] = 8,
+    extract_batches: Annotated[int, typer.Option(help="Forward passes an extraction measurement runs.")] = 2,
+    queue_depth: Annotated[int, typer.Option(help="Chunks queued for the store writer.")] = 2,
+    extract_dtype: Annotated[str, typer.Option(help="Storage dtype of the activations: bfloat16, float16 or float32.")] = "bfloat16",
+) -> None:
+    """Predict (and with --measure, measure) the peak memory of SAE training and of activation extraction."""
+    opts = dict(locals())
+    from actcache.device import resolve_device
+    from actcache.dtypes import check_logical
+    from profiling import plan
+    from profiling.extract_side import ExtractSpec
+    from profiling.report import FORMATS, Context, render, render_rich
+
+    explicit = {n for n in opts if (src := ctx.get_parameter_source(n)) is not None and src.name != "DEFAULT"}
+    try:
+        if format not in FORMATS:
+            raise ActcacheError(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
+        if steps < 1 or extract_batches < 1:
+            raise ActcacheError("--steps and --extract-batches must be >= 1")
+        flat = plan.load_flat(config, run)
+        topts = plan.train_options(opts, explicit, flat)
+        dev = resolve_device(topts.device).type
+        limit, source = _budget(budget, dev)
+        rows = plan.train_rows(topts, limit)
+        erows = []
+        if extract:
+            espec = ExtractSpec(model=extract_model, hook_layer=hook_layer, context_size=context_size,
+                                batch=extract_batch, chunk_rows=chunk_rows, queue_depth=queue_depth,
+                                dtype=check_logical(extract_dtype), device=dev)
+            erows = [plan.extract_row(espec, limit, extract_batches)]
+        env = {**PIN_MALLOC, **{k: v for k, v in os.environ.items() if k in PIN_MALLOC}} if pin_malloc else {}
+        if measure:
+            rows = _measure_training(rows, steps, env)
+            erows = [_measure_extraction(r, env) for r in erows]
+        notes = ["AuxK assumed active at min(k_aux, d_sae) latents per token; dyncorr at k = k_start (its peak)",
+                 "measured = peak RSS (CUDA: max_memory_allocated) of a fresh subprocess above its baseline; "
+                 "ratio compares the step without the loader (extraction: weights + activations + chunk)"]
+        report = Context(device=dev, budget=limit, budget_source=source, notes=notes)
+        if out is not None:
+            try:
+                out.write_text(render(format, rows, erows, report))
+            except OSError as e:
+                raise ActcacheError(f"cannot write --out {out} ({e.strerror}): choose a writable path") from None
+    except ActcacheError as e:
+        _fail(str(e))
+    if format == "table" or out is not None:
+        render_rich(rows, erows, report, Console(width=None if sys.stdout.isatty() else 120))
+    else:
+        typer.echo(render(format, rows, erows, report), nl=False)

@@ -1,0 +1,259 @@
+"""sae profile-memory: the memory model against real tensors and real measured peaks, the CLI."""
+
+import csv
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from profiling.cli import PIN_MALLOC, profile_memory
+from profiling.extract_side import (ExtractSpec, ModelShape, estimate_extraction, measured_part, model_config,
+                                    model_shape)
+from profiling.measure import _harness_class, measure_training, run_child
+from profiling.model import (TrainSpec, covariance_bytes, covariance_cost, estimate_training, loader_bytes,
+                             train_spec)
+from profiling.plan import parse_size
+from trainer.config import RunConfig
+from trainer.saes import build_sae
+from trainer.saes.covariance import LatentStatistics
+
+TOLERANCE = 0.15  # |predicted / measured - 1| for the training step on CPU
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+app.callback()(lambda: None)
+app.command("profile-memory")(profile_memory)
+runner = CliRunner()
+QUICK = ["profile-memory", "--no-extract", "--device", "cpu"]
+
+# Small configs whose peaks are different phases: baseline's B x d_sae int64 cast, TopK's
+# pre-activations, the dyncorr penalty's unique pairs (+ its covariance buffer).
+MEASURED = {
+    "baseline": ({"arch": "baseline", "d_sae": 4096, "batch_size": 1024}, 32),
+    "topk": ({"arch": "topk", "d_sae": 8192, "batch_size": 1024}, 32),
+    "dyncorr": ({"arch": "dyncorr", "d_sae": 1024, "batch_size": 1024, "k_start": 64}, 32),
+}
+# One thread per child: the four measurements run side by side on a small machine.
+ENV = {**PIN_MALLOC, "OMP_NUM_THREADS": "1"}
+
+
+def _spec(flat: dict, d_in: int) -> TrainSpec:
+    cfg = RunConfig.from_flat({"device": "cpu", **flat})
+    return train_spec(replace(cfg, sae=cfg.sae.resolved(d_in)))
+
+
+def _extract_setup(tmp: Path) -> tuple[ExtractSpec, ModelShape]:
+    from transformers import Gemma2Config
+
+    Gemma2Config(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=96, vocab_size=32000).save_pretrained(tmp)
+    spec = ExtractSpec(model=str(tmp), hook_layer=2, compute_dtype="float32", context_size=64, batch=4)
+    return spec, model_shape(model_config(str(tmp)), 2)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """Every measurement at once, each in its own fresh subprocess. glibc's mmap threshold is
+    pinned so RSS tracks live tensors (docs/memory.md: with glibc's dynamic threshold, freed
+    1-32 MiB blocks stay resident and small configs read higher)."""
+    spec, _ = _extract_setup(tmp_path_factory.mktemp("extract"))
+
+    def run(item):
+        name, (flat, d_in) = item
+        if name == "extract":
+            return name, run_child("extract", {"extract": vars(spec), "compute_dtype": "float32", "n_windows": 8},
+                                   300, ENV)
+        return name, measure_training({"device": "cpu", **flat}, d_in, steps=2, env=ENV)
+
+    with ThreadPoolExecutor(len(MEASURED) + 1) as pool:
+        return {**dict(pool.map(run, [*MEASURED.items(), ("extract", (None, 0))])), "extract_spec": spec}
+
+
+@pytest.mark.parametrize("arch", list(MEASURED))
+def test_predicted_peak_within_tolerance_of_measured(measured, arch):
+    flat, d_in = MEASURED[arch]
+    m = measured[arch]
+    assert m.peak_bytes, m.note
+    est = estimate_training(_spec(flat, d_in))
+    ratio = est.step_total / m.peak_bytes
+    assert abs(ratio - 1) <= TOLERANCE, (arch, est.peak_phase, est.step_total, m.peak_bytes, ratio)
+
+
+@pytest.mark.parametrize("d_sae,cov_dtype", [(1, "float32"), (300, "float32"), (777, "float64")])
+def test_covariance_bytes_are_the_buffers_real_nbytes(d_sae, cov_dtype):
+    stats = LatentStatistics(d_sae, beta=0.01, dtype=getattr(torch, cov_dtype))
+    assert covariance_bytes(d_sae, cov_dtype) == stats.nbytes == stats.M_buf.nbytes + stats.mu.nbytes
+    cfg = RunConfig.from_flat({"arch": "dyncorr", "d_sae": d_sae, "k_start": 1, "k_end": 1, "cov_dtype": cov_dtype})
+    cfg = replace(cfg, sae=cfg.sae.resolved(8))
+    sae = build_sae(cfg.sae)
+    assert estimate_training(train_spec(cfg)).components["covariance"] == sae.stats.nbytes
+
+
+def test_parameter_and_loader_terms_match_the_real_objects():
+    from trainer.loader import LoaderConfig
+
+    cfg = RunConfig.from_flat({"arch": "topk", "d_sae": 96, "k": 4, "batch_size": 64, "shuffle_buffer_mb": 1})
+    cfg = replace(cfg, sae=cfg.sae.resolved(40))
+    sae = build_sae(cfg.sae)
+    comps = estimate_training(train_spec(cfg, chunk_rows=256)).components
+    assert comps["parameters"] == sum(p.nbytes for p in sae.parameters())
+    assert comps["buffers"] == sum(b.nbytes for b in sae.buffers())
+    # The loader's own bound (ActivationLoader.rows_bound), for the same buffer and chunk size.
+    lc = LoaderConfig(batch_size=64, shuffle_buffer_mb=1)
+    group_chunks = max(1, int(lc.shuffle_buffer_mb * 2**20) // (4 * 40) // 2 // 256)
+    rows_bound = 2 * group_chunks * 256 + 64
+    assert sum(loader_bytes(train_spec(cfg, chunk_rows=256)).values()) == 4 * 40 * rows_bound
+
+
+def test_harness_builds_what_trainer_builds(tmp_path):
+    from synthetic import sparse_data, write_store
+    from trainer.train import Trainer
+
+    x, _ = sparse_data(n=16 * 16 * 4, d=16, n_features=24, k=3)
+    store = write_store(tmp_path / "s.zarr", x)
+    cfg = RunConfig.from_flat({"store": str(store), "out": str(tmp_path / "run"), "arch": "dyncorr", "d_sae": 32,
+                               "k_start": 8, "k_end": 3, "batch_size": 64, "device": "cpu", "seed": 5})
+    real = Trainer(cfg)
+    harness = _harness_class()(real.cfg, real.device, real.n_steps)
+    assert type(harness)._step is Trainer._step and type(harness)._ctx is Trainer._ctx
+    assert type(harness.sae) is type(real.sae) and harness.sched == real.sched and harness.state == real.state
+    for (n1, a), (n2, b) in zip(harness.sae.state_dict().items(), real.sae.state_dict().items()):
+        assert n1 == n2 and (not torch.is_tensor(a) or torch.equal(a, b)), n1
+    assert type(harness.opt) is type(real.opt) and harness.opt.defaults == real.opt.defaults
+    assert [p.shape for p in harness.opt.param_groups[0]["params"]] == [p.shape for p in real.opt.param_groups[0]["params"]]
+
+
+def test_extraction_counts_the_weights_load_model_keeps():
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from actcache.models import _truncate
+
+    cfg = Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=32, vocab_size=500)
+    shape = model_shape(cfg, hook_layer=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert shape.full_params == sum(p.numel() for p in model.parameters())
+    _truncate(model, 3)  # what load_model(keep_layers=3) does
+    assert shape.kept_params == sum(p.numel() for p in model.parameters())
+    est = estimate_extraction(ExtractSpec(model="unused", hook_layer=2, compute_dtype="float32", chunk_rows=640,
+                                          context_size=128), shape)
+    assert est.weights == 4 * shape.kept_params and est.chunk_rows == 640
+    assert est.writer_queue == 4 * 640 * 64 * 2  # queue_depth + 2 chunks of bf16 rows
+
+
+def test_extraction_measurement_runs_actcache_code(measured):
+    spec = measured["extract_spec"]
+    shape = model_shape(model_config(spec.model), spec.hook_layer)
+    m = measured["extract"]
+    assert m.peak_bytes, m.note
+    ratio = measured_part(estimate_extraction(spec, shape), spec, shape, 8) / m.peak_bytes
+    assert 0.75 <= ratio <= 1.25, ratio
+
+
+def test_covariance_cost_dense_vs_lazy():
+    s = _spec({"arch": "dyncorr", "d_sae": 16384, "batch_size": 4096}, 2304)
+    c = covariance_cost(s)
+    assert c.dense_flops == 2 * 4096 * 16384**2 + 3 * 16384**2
+    assert c.pairs == 4096 * 128 * 129 // 2 and c.fold_every == 688  # (1 - 0.01)^688 < 1e-3 <= 0.99^687
+    assert c.lazy_flops < c.dense_flops / 1000
+
+
+def test_bf16_is_cuda_only_and_halves_the_pre_activations():
+    s = _spec({"arch": "topk", "d_sae": 65536, "batch_size": 4096}, 2304)
+    assert replace(s, dtype="bfloat16").effective_dtype == "float32"
+    cuda32, cuda16 = replace(s, device="cuda"), replace(s, device="cuda", dtype="bfloat16")
+    assert cuda16.effective_dtype == "bfloat16"
+    p32 = estimate_training(cuda32).phases["forward.encode"]
+    p16 = estimate_training(cuda16).phases["forward.encode"]
+    assert p32 - p16 >= 2 * 4096 * 65536 - 2 * (65536 * 2304 + 4096 * 2304 + 65536)
+
+
+@pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("1.5 TB", 15 * 10**11),
+                                           ("512MiB", 2**29), ("4096", 4096), ("2g", 2 * 2**30)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_default_command_prints_the_gemma_tables():
+    r = runner.invoke(app, ["profile-memory"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert max(len(ln) for ln in lines) <= 120
+    assert "gemma-2-2b" in r.output and "Covariance update" in r.output
+    rows = [ln for ln in lines if ln.split()[:1] in (["baseline"], ["topk"], ["dyncorr"])]
+    assert len(rows) == 3 * 3 * (2 if "bf16*" in r.output else 1)
+    assert all(ln.split()[1] in ("2304", "16384", "65536") for ln in rows)
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "markdown"])
+def test_formats_to_file(tmp_path, fmt):
+    out = tmp_path / f"p.{fmt}"
+    r = runner.invoke(app, QUICK + ["--d-sae", "64,128", "--d-in", "32", "--k-start", "16", "--k-end", "4",
+                                    "--k", "8", "--k-aux", "8",
+                                    "--format", fmt, "--out", str(out), "--budget", "1GiB"])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    if fmt == "json":
+        rows = json.loads(text)["rows"]
+        assert len(rows) == 3 * 2 * 2 and {r["runs_as"] for r in rows} == {"float32"}
+        assert all(sum(v for k, v in r.items() if k.startswith("bytes_")) == r["total_bytes"] for r in rows)
+    elif fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert len(rows) == 12 and rows[0]["section"] == "training"
+    else:
+        assert text.count("| dyncorr |") == 4 and "| arch |" in text
+
+
+def test_config_file_profiles_that_run(tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"arch": "dyncorr", "d_in": 48, "d_sae": 96, "k_start": 12, "k_end": 4,
+                               "batch_size": 256, "device": "cpu", "cov_dtype": "float64"}))
+    r = runner.invoke(app, ["profile-memory", "--no-extract", "--config", str(cfg), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.output)["rows"]
+    assert (row["arch"], row["d_in"], row["d_sae"], row["k"], row["batch_size"]) == ("dyncorr", 48, 96, 12, 256)
+    assert row["bytes_covariance"] == 8 * (96 * 96 + 96) and row["runs_as"] == "float32"
+    run_dir = tmp_path / "rundir"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(cfg.read_text())
+    r = runner.invoke(app, ["profile-memory", "--no-extract", "--run", str(run_dir), "--d-sae", "48,64",
+                            "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert [x["d_sae"] for x in json.loads(r.output)["rows"]] == [48, 64]  # options given here win
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--arch", "topk,sparse"], "unknown arch 'sparse'"),
+    (["--dtype", "float16"], "unknown dtype 'float16'"),
+    (["--d-sae", "2304,0"], "--d-sae 0 must be > 0"),
+    (["--batch-size", "-4"], "--batch-size -4 must be > 0"),
+    (["--arch", "topk", "--d-sae", "16", "--k", "32"], "--k 32 must be in 1..d_sae (16)"),
+    (["--budget", "lots"], "--budget 'lots' is not a size"),
+    (["--format", "yaml"], "unknown --format 'yaml'"),
+    (["--d-in", "0"], "--d-in 0 must be > 0"),
+])
+def test_bad_input_is_one_line(args, needle):
+    _assert_user_error(runner.invoke(app, QUICK + args), needle)
+
+
+def test_bad_config_files_are_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"arch": "topk", "lr_schedule": "cosine"}))
+    _assert_user_error(runner.invoke(app, QUICK + ["--config", str(bad)]), "unknown config keys lr_schedule")
+    bad.write_text("{not json")
+    _assert_user_error(runner.invoke(app, QUICK + ["--config", str(bad)]), "cannot read --config")
+    _assert_user_error(runner.invoke(app, QUICK + ["--run", str(tmp_path)]), "no readable config.json")
+    _assert_user_error(runner.invoke(app, ["profile-memory", "--extract-model", str(tmp_path / "nope")]),
+                       "does not exist")
+
+
+def _assert_user_error(result, needle: str) -> None:
+    out = result.output.strip()
+    assert result.exit_code not in (0, None), out
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert len(out.splitlines()) == 1 and out.startswith("error:") and "Traceback" not in out, out
+    assert needle in out, out
