@@ -28,8 +28,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Each script appends a measured section to docs/benchmarks.md. bench_vs_saelens needs a side
+# venv with sae-lens (see its docstring) and skips itself without one.
 bench: install
 	$(BIN)/python benchmarks/bench_extract.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_covariance.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_train.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_vs_saelens.py --out docs/benchmarks.md
 
 docs: install
 	$(BIN)/python tests/gen_cli_docs.py > docs/cli.md
