@@ -176,6 +176,8 @@ import json, os, resource, sys, time
 import numpy as np
 import torch
 P = json.loads(sys.argv[1])
+if P.get("threads"):
+    torch.set_num_threads(P["threads"])
 DEV = torch.device(P["device"])
 TAG = "@@bench "
 def _say(obj):
@@ -194,7 +196,7 @@ def _dead_mask(frac):
 def _serve(info):
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats(DEV)
-    _say({"ready": info})
+    _say({"ready": {**info, "threads": torch.get_num_threads()}})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
@@ -221,7 +223,6 @@ def _serve(info):
 # backward, decoder-gradient projection, clip, Adam, decoder renormalisation, after_step) is
 # called on the batches from the .npy file.
 OURS_WORKER = WORKER_PRELUDE + r'''
-torch.set_num_threads(P.get("threads") or torch.get_num_threads())
 sys.path.insert(0, P["repo"])
 from trainer.config import RunConfig
 from trainer.train import Trainer
@@ -240,7 +241,7 @@ def step(i):
     out = tr._step(X[i % len(X)])
     return {"skipped": out is None, "loss": None if out is None else float(out.loss)}
 _serve({"arch": P["arch"], "params": sum(p.numel() for p in tr.sae.parameters()),
-        "torch": torch.__version__, "threads": torch.get_num_threads()})
+        "torch": torch.__version__})
 '''
 
 
@@ -251,17 +252,22 @@ class WorkerError(RuntimeError):
 class StepWorker:
     """A training setup in its own process: ``step(i, **kw)`` times one step there."""
 
-    def __init__(self, name: str, python: str, source: str, params: dict[str, Any], *, timeout_s: float = 1200):
+    def __init__(self, name: str, python: str, source: str, params: dict[str, Any]):
         self.name = name
         self._err = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".stderr", delete=False)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen([python, "-c", source, json.dumps(params)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True, env=env, cwd=str(REPO))
-        self.timeout_s = timeout_s
-        self.info = self._read()["ready"]
-        self.times: list[dict[str, Any]] = []
+        self._info: dict[str, Any] | None = None
         self.final: dict[str, Any] = {}
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the worker said once set up; waits for it (start several workers, then ask each)."""
+        if self._info is None:
+            self._info = self._read()["ready"]
+        return self._info
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -277,6 +283,7 @@ class StepWorker:
         return text[-n:]
 
     def step(self, i: int, **kw: Any) -> dict[str, Any]:
+        self.info  # noqa: B018 (set up first)
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"op": "step", "i": i, **kw}) + "\n")
         self.proc.stdin.flush()
@@ -285,6 +292,7 @@ class StepWorker:
     def close(self) -> dict[str, Any]:
         if self.proc.poll() is None:
             try:
+                self.info  # noqa: B018 (a worker still setting up answers "ready" first)
                 assert self.proc.stdin is not None
                 self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 self.proc.stdin.flush()
@@ -306,6 +314,8 @@ def timed_rounds(workers: dict[str, StepWorker], repeats: int, *, warmup: int = 
                  log: bool = True, **kw: Any) -> dict[str, list[dict[str, Any]]]:
     """``warmup`` untimed steps per worker, then ``repeats`` rounds in rotated order."""
     names = list(workers)
+    for name in names:  # all started in parallel; wait until each is set up
+        workers[name].info  # noqa: B018
     for w in range(warmup):
         for name in names:
             workers[name].step(start + w, **kw)

@@ -27,8 +27,9 @@ tables) is appended to that file. ``--quick`` shrinks every size so the whole ru
 
 Every ratio compares numbers measured side by side in one run. The CPU time of each timing (all
 threads of the process) is shown next to the wall time: when other jobs share the cores, wall time
-swings while CPU time barely moves, so the CPU-time ratio is the noise-robust cross-check. The load
-average at start and end is in the header.
+swings while CPU time barely moves, so the CPU-time ratio is the noise-robust cross-check (with
+multi-threaded torch ops under contention, CPU time grows too: ``--threads 1`` gives steadier ratios on
+a shared machine). The load average at start and end is in the header.
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ def bench_step(a, device: torch.device, work: Path) -> tuple[list[str], bool]:
     workers: dict[str, C.StepWorker] = {}
     try:
         for arch in a.archs:
-            params = {"device": str(device), "repo": str(C.REPO), "store": str(store), "out": str(work / f"run-{arch}"),
-                      "arch": arch, "d_sae": d_sae, "k": k, "batch": B, "batches": str(batches)}
+            params = {"device": str(device), "threads": a.threads, "repo": str(C.REPO), "store": str(store),
+                      "out": str(work / f"run-{arch}"), "arch": arch, "d_sae": d_sae, "k": k, "batch": B, "batches": str(batches)}
             workers[arch] = C.StepWorker(arch, sys.executable, C.OURS_WORKER, params)
         res = C.timed_rounds(workers, a.repeats, warmup=1)
     finally:
@@ -172,7 +173,8 @@ def bench_step(a, device: torch.device, work: Path) -> tuple[list[str], bool]:
             w.close()
     lines = [
         f"### Training step (`Trainer._step`): d_in {d_in}, d_sae {d_sae:,}, k {k} (dyncorr k_start = k_end = {k}), "
-        f"batch {B:,}; 1 warm-up step, median of {a.repeats} rotated rounds",
+        f"batch {B:,}; {next(iter(workers.values())).info.get('threads')} torch threads per process; "
+        f"1 warm-up step, median of {a.repeats} rotated rounds",
         "",
         "| arch | tokens/s | step wall s (median) | step CPU s (median) | wall s of each step | peak RSS MB |",
         "| --- | ---: | ---: | ---: | --- | ---: |",
@@ -216,12 +218,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--loader-batch", type=int, default=4096)
     ap.add_argument("--loader-repeats", type=int, default=None, help="default 5 (quick: 3)")
     ap.add_argument("--chunk-rows", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every process (default: torch's own choice, one per core)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the temporary stores go (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     a.repeats = a.repeats or (3 if a.quick else 5)
     a.loader_repeats = a.loader_repeats or (3 if a.quick else 5)
     device = C.resolve_device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     load_start = C.loadavg()
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-train-", dir=a.workdir))

@@ -32,7 +32,8 @@ rounds of one step per setup in rotated order; tokens/s = batch / median step wa
 scenarios: no dead latents (a fresh SAE: AuxK is skipped on both sides), and the same
 ``--dead-frac`` of latents forced dead on every step on both sides (AuxK active: k_aux = d_in / 2
 on both). Ratios ours / SAELens are of tokens/s; the CPU time of each step (all threads) is the
-noise-robust cross-check. Target: ours >= 3x SAELens.
+noise-robust cross-check (``--threads 1`` gives steadier ratios on a shared machine). Target: ours >= 3x
+SAELens.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def step(i):
     out = tr._train_step(sae, X[i % len(X)])
     return {"loss": float(out.loss)}
 _serve({"arch": "sae-lens TopK", "sae_lens": sae_lens.__version__, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "params": sum(p.numel() for p in sae.parameters())})
+        "params": sum(p.numel() for p in sae.parameters())})
 '''
 
 
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-batches", type=int, default=3, help="distinct batches, cycled")
     ap.add_argument("--dead-frac", type=float, default=0.1,
                     help="fraction of latents forced dead in the AuxK scenario (0: skip that scenario)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every process (default: torch's own choice, one per core)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     device = C.resolve_device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     d_in, k = a.d_in, a.k
     d_sae, B = a.d_sae or (2048 if a.quick else 16384), a.batch or (1024 if a.quick else 4096)
     load_start = C.loadavg()
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         np.save(dead, np.random.default_rng(a.seed).permutation(d_sae))
         store = C.write_store(work / "step-store.zarr", x[: 2 * B], codec="none", logical_dtype="float32", chunk_rows=B)
         del x
-        common = {"device": str(device), "d_in": d_in, "d_sae": d_sae, "k": k, "batch": B,
+        common = {"device": str(device), "threads": a.threads, "d_in": d_in, "d_sae": d_sae, "k": k, "batch": B,
                   "batches": str(batches), "dead": str(dead)}
         print("starting workers (SAELens' imports take a while)", file=sys.stderr, flush=True)
         workers["sae-lens"] = C.StepWorker("sae-lens", a.saelens_python, SAELENS_WORKER,
@@ -170,12 +175,13 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     sl = workers["sae-lens"].info
+    ours_threads = next(w.info.get("threads") for n, w in workers.items() if n != "sae-lens")
     lines = [
         f"### Training step: ours vs SAELens {sl.get('sae_lens')} TopK, d_in {d_in}, d_sae {d_sae:,}, k {k}, batch {B:,}",
         "",
         f"SAELens side: `{a.saelens_python}`, sae-lens {sl.get('sae_lens')}, torch {sl.get('torch')}, "
         f"{sl.get('threads')} threads, autocast {'on (bf16)' if device.type == 'cuda' else 'off'}. "
-        f"Ours: torch {torch.__version__}. Float32 weights on both; one untimed warm-up step per setup and "
+        f"Ours: torch {torch.__version__}, {ours_threads} threads. Float32 weights on both; one untimed warm-up step per setup and "
         f"scenario, then the median of {a.repeats} rotated rounds.",
         "",
     ]

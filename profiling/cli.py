@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +15,11 @@ from rich.console import Console
 from actcache.errors import ActcacheError
 from trainer.config import SAEConfig
 from trainer.loader import LoaderConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from profiling.plan import ExtractRow, TrainRow
 
 console = Console(stderr=True)
 _S, _L = SAEConfig(), LoaderConfig()
@@ -26,30 +31,31 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _budget(text: Optional[str], device: str) -> tuple[int, str]:
-    from profiling.measure import available_ram
+def _budget(text: Optional[str], device: torch.device) -> tuple[int, str]:
+    from profiling.measure import total_ram
     from profiling.plan import parse_size
 
     if text is not None:
         return parse_size(text), f"--budget {text}"
-    if device == "cuda":
+    if device.type == "cuda":
         import torch
 
-        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
-    return available_ram(), "available RAM"
+        return torch.cuda.get_device_properties(device).total_memory, "this GPU's memory"
+    return total_ram(), "this machine's RAM"
 
 
-def _free(device: str) -> int:
+def _free(device: torch.device) -> int:
+    """Bytes free now on ``device``."""
     from profiling.measure import available_ram
 
-    if device == "cuda":
+    if device.type == "cuda":
         import torch
 
-        return torch.cuda.mem_get_info()[0]
+        return torch.cuda.mem_get_info(device)[0]
     return available_ram()
 
 
-def _measure_training(rows: list, steps: int, env: dict[str, str]) -> list:
+def _measure_training(rows: list[TrainRow], steps: int, env: dict[str, str], device: torch.device) -> list[TrainRow]:
     from profiling.measure import Measurement, measure_training
 
     done: dict[str, Measurement] = {}
@@ -61,9 +67,9 @@ def _measure_training(rows: list, steps: int, env: dict[str, str]) -> list:
             m = Measurement(None, note="not measured: sae train always autocasts to bf16 on CUDA")
         elif key in done:
             m = done[key]
-        elif r.estimate.step_total > 0.9 * _free(s.device):
+        elif r.estimate.step_total > 0.9 * (free := _free(device)):
             m = Measurement(None, note=f"not measured: needs ~{r.estimate.step_total / 2**30:.1f} GiB, "
-                                       f"{_free(s.device) / 2**30:.1f} GiB free on this machine")
+                                       f"{free / 2**30:.1f} GiB free on {device}")
         else:
             console.print(f"measuring {i}/{len(rows)}: {s.arch} d_sae={s.d_sae} B={s.batch_size} ({steps} steps)",
                           highlight=False)
@@ -72,17 +78,29 @@ def _measure_training(rows: list, steps: int, env: dict[str, str]) -> list:
     return out
 
 
-def _measure_extraction(row, env: dict[str, str]):
+def _measure_extraction(row: ExtractRow, env: dict[str, str]) -> ExtractRow:
     from profiling.measure import Measurement, run_child
 
     if row.spec.device != "cpu":
         return replace(row, measured=Measurement(None, note="not measured: extraction is measured on CPU only"))
-    if row.comparable > 0.9 * _free("cpu"):
-        return replace(row, measured=Measurement(None, note=f"not measured: needs ~{row.comparable / 2**30:.1f} GiB"))
+    from profiling.measure import available_ram
+
+    if row.comparable > 0.9 * (free := available_ram()):
+        return replace(row, measured=Measurement(None, note=f"not measured: needs ~{row.comparable / 2**30:.1f} GiB, "
+                                                            f"{free / 2**30:.1f} GiB free on cpu"))
     console.print(f"measuring extraction: {row.spec.model} layer {row.spec.hook_layer}, {row.n_windows} windows",
                   highlight=False)
     spec = {"extract": vars(row.spec), "compute_dtype": row.estimate.compute_dtype, "n_windows": row.n_windows}
     return replace(row, measured=run_child("extract", spec, timeout_s=1800, env=env))
+
+
+def _notes(rows: list[TrainRow], erows: list[ExtractRow]) -> list[str]:
+    notes = ["AuxK assumed active at min(k_aux, d_sae) latents per token; dyncorr at k = k_start (its peak)"]
+    methods = sorted({r.measured.method for r in [*rows, *erows] if r.measured.method})
+    if methods:
+        notes.append("measured = peak of a fresh subprocess above its baseline (" + "; ".join(methods) + ")" +
+                     "; ratio compares the step without the loader (extraction: weights + activations + chunk)")
+    return notes
 
 
 def profile_memory(
@@ -100,7 +118,7 @@ def profile_memory(
     shuffle_buffer_mb: Annotated[float, typer.Option(help="Loader shuffle buffer, MiB.")] = _L.shuffle_buffer_mb,
     chunk_rows: Annotated[int, typer.Option(help="Rows per store chunk (the loader reads whole chunks).")] = 4096,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda: where training (and extraction) would run.")] = "auto",
-    budget: Annotated[Optional[str], typer.Option(help="Memory to fit in, e.g. 80GB, 80GiB; default: free RAM / GPU memory.")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Memory to fit in, e.g. 80GB, 80GiB; default: this machine's RAM / GPU memory.")] = None,
     measure: Annotated[bool, typer.Option(help="Also run a few real steps per config in a fresh subprocess and measure the peak (only configs that fit in free memory).")] = False,
     steps: Annotated[int, typer.Option(help="Training steps per measurement (>= 2 reaches the steady state).")] = 3,
     pin_malloc: Annotated[bool, typer.Option(help="Measure with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=131072): RSS then tracks live tensors.")] = False,
@@ -116,6 +134,7 @@ def profile_memory(
     extract_batches: Annotated[int, typer.Option(help="Forward passes an extraction measurement runs.")] = 2,
     queue_depth: Annotated[int, typer.Option(help="Chunks queued for the store writer.")] = 2,
     extract_dtype: Annotated[str, typer.Option(help="Storage dtype of the activations: bfloat16, float16 or float32.")] = "bfloat16",
+    extract_compute_dtype: Annotated[str, typer.Option(help="Dtype the model runs in: auto (as actcache extract picks it), bfloat16, float16 or float32.")] = "auto",
 ) -> None:
     """Predict (and with --measure, measure) the peak memory of SAE training and of activation extraction."""
     opts = dict(locals())
@@ -133,23 +152,20 @@ def profile_memory(
             raise ActcacheError("--steps and --extract-batches must be >= 1")
         flat = plan.load_flat(config, run)
         topts = plan.train_options(opts, explicit, flat)
-        dev = resolve_device(topts.device).type
-        limit, source = _budget(budget, dev)
+        device_obj = resolve_device(topts.device)
+        dev = device_obj.type
+        limit, source = _budget(budget, device_obj)
         rows = plan.train_rows(topts, limit)
-        erows = []
-        if extract:
-            espec = ExtractSpec(model=extract_model, hook_layer=hook_layer, context_size=context_size,
-                                batch=extract_batch, chunk_rows=chunk_rows, queue_depth=queue_depth,
-                                dtype=check_logical(extract_dtype), device=dev)
-            erows = [plan.extract_row(espec, limit, extract_batches)]
+        erows = [plan.extract_row(ExtractSpec(
+            model=extract_model, hook_layer=hook_layer, context_size=context_size, batch=extract_batch,
+            chunk_rows=chunk_rows, queue_depth=queue_depth, dtype=check_logical(extract_dtype), device=dev,
+            compute_dtype=extract_compute_dtype if extract_compute_dtype == "auto" else check_logical(extract_compute_dtype),
+        ), limit, extract_batches)] if extract else []
         env = {**PIN_MALLOC, **{k: v for k, v in os.environ.items() if k in PIN_MALLOC}} if pin_malloc else {}
         if measure:
-            rows = _measure_training(rows, steps, env)
+            rows = _measure_training(rows, steps, env, device_obj)
             erows = [_measure_extraction(r, env) for r in erows]
-        notes = ["AuxK assumed active at min(k_aux, d_sae) latents per token; dyncorr at k = k_start (its peak)",
-                 "measured = peak RSS (CUDA: max_memory_allocated) of a fresh subprocess above its baseline; "
-                 "ratio compares the step without the loader (extraction: weights + activations + chunk)"]
-        report = Context(device=dev, budget=limit, budget_source=source, notes=notes)
+        report = Context(device=dev, budget=limit, budget_source=source, notes=_notes(rows, erows))
         if out is not None:
             try:
                 out.write_text(render(format, rows, erows, report))

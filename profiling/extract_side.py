@@ -201,5 +201,5 @@ def extract_child(spec: dict[str, Any]) -> dict[str, Any]:
     n_batches = -(-len(windows) // es.batch)
     peak = peak_rss() - base
     return {"peak_bytes": int(peak), "baseline_bytes": int(base),
-            "method": "VmHWM - VmRSS (fresh subprocess)" if reset else "ru_maxrss - VmRSS (fresh subprocess)",
+            "method": "VmHWM - VmRSS" if reset else "ru_maxrss - VmRSS",
             "step_s": (time.perf_counter() - t0) / n_batches}

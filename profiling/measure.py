@@ -9,6 +9,9 @@ the AuxK branch runs at full size (``k_aux`` per token), as late in a real run.
 * CPU: peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs`` when the kernel
   allows it, else ``ru_maxrss``) minus the resident memory after imports, a warm-up step of a
   tiny SAE of the same arch (thread pools, lazy kernels) and the input batch (the loader's).
+  glibc's malloc keeps freed 128 KiB - 32 MiB blocks resident once its dynamic mmap threshold
+  has risen, so RSS can exceed the live tensors; ``MALLOC_MMAP_THRESHOLD_`` in the child's
+  environment (``--pin-malloc``) pins the threshold and RSS then tracks them (docs/memory.md).
 * CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the same point.
 """
 
@@ -71,6 +74,20 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def total_ram() -> int:
+    """Physical RAM, or the cgroup's memory limit when that is lower (containers)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
 
 
 def available_ram() -> int:
@@ -166,13 +183,13 @@ def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         _, times = _steps(cfg, device, x, steps, int(spec.get("n_steps", 10_000)))
-        peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+        peak, method = torch.cuda.max_memory_allocated(device) - base, "max_memory_allocated - memory_allocated"
     else:
         base = current_rss()
         reset = reset_peak_rss()
         _, times = _steps(cfg, device, x, steps, int(spec.get("n_steps", 10_000)))
         peak = peak_rss() - base
-        method = "VmHWM - VmRSS (fresh subprocess)" if reset else "ru_maxrss - VmRSS (fresh subprocess)"
+        method = "VmHWM - VmRSS" if reset else "ru_maxrss - VmRSS"
     times.sort()
     return {"peak_bytes": int(peak), "baseline_bytes": int(base), "method": method,
             "step_s": times[len(times) // 2]}
@@ -191,9 +208,9 @@ def run_child(kind: str, spec: dict[str, Any], timeout_s: float, env: dict[str, 
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT):
             m = Measurement(**json.loads(line[len(_RESULT):]))
-            if "VmHWM" in m.method or "ru_maxrss" in m.method:
+            if sys.platform.startswith("linux") and ("VmHWM" in m.method or "ru_maxrss" in m.method):
                 m = replace(m, method=m.method + (f", MALLOC_MMAP_THRESHOLD_={malloc}" if malloc else
-                                                   ", default malloc settings"))
+                                                   ", glibc malloc defaults"))
             return m
     err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
     if proc.returncode < 0 or proc.returncode == 137:

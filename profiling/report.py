@@ -127,7 +127,8 @@ def _tables(train: list[TrainRow], extract: list[ExtractRow], ctx: Context) -> t
 
 
 def _legend(train: list[TrainRow], ctx: Context) -> list[str]:
-    lines = [f"budget: {fmt_bytes(ctx.budget)} ({ctx.budget_source}); fits = total <= budget; ratio = predicted / measured",
+    lines = [f"budget: {fmt_bytes(ctx.budget)} ({ctx.budget_source}); fits = total <= budget (extraction: and load "
+             "peak); ratio = predicted / measured",
              "model+opt = parameters, gradients, Adam moments (+ Adam's temporaries when the peak is the optimizer "
              "step), buffers; acts = activations and tensors saved for backward"]
     if any(r.spec.effective_dtype != r.spec.dtype for r in train):

@@ -109,15 +109,24 @@ def test_parameter_and_loader_terms_match_the_real_objects():
     assert sum(loader_bytes(train_spec(cfg, chunk_rows=256)).values()) == 4 * 40 * rows_bound
 
 
-def test_harness_builds_what_trainer_builds(tmp_path):
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """A real Trainer (and its run dir) over a small synthetic store: 4 chunks of 256 rows, d = 16."""
     from synthetic import sparse_data, write_store
     from trainer.train import Trainer
 
+    tmp = tmp_path_factory.mktemp("run")
     x, _ = sparse_data(n=16 * 16 * 4, d=16, n_features=24, k=3)
-    store = write_store(tmp_path / "s.zarr", x)
-    cfg = RunConfig.from_flat({"store": str(store), "out": str(tmp_path / "run"), "arch": "dyncorr", "d_sae": 32,
+    store = write_store(tmp / "s.zarr", x)
+    cfg = RunConfig.from_flat({"store": str(store), "out": str(tmp / "run"), "arch": "dyncorr", "d_sae": 32,
                                "k_start": 8, "k_end": 3, "batch_size": 64, "device": "cpu", "seed": 5})
-    real = Trainer(cfg)
+    return Trainer(cfg)
+
+
+def test_harness_builds_what_trainer_builds(trainer):
+    from trainer.train import Trainer
+
+    real = trainer
     harness = _harness_class()(real.cfg, real.device, real.n_steps)
     assert type(harness)._step is Trainer._step and type(harness)._ctx is Trainer._ctx
     assert type(harness.sae) is type(real.sae) and harness.sched == real.sched and harness.state == real.state
@@ -125,6 +134,15 @@ def test_harness_builds_what_trainer_builds(tmp_path):
         assert n1 == n2 and (not torch.is_tensor(a) or torch.equal(a, b)), n1
     assert type(harness.opt) is type(real.opt) and harness.opt.defaults == real.opt.defaults
     assert [p.shape for p in harness.opt.param_groups[0]["params"]] == [p.shape for p in real.opt.param_groups[0]["params"]]
+
+
+def test_run_dir_profiles_its_store(trainer):
+    r = runner.invoke(app, ["profile-memory", "--no-extract", "--run", str(trainer.paths.root), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.output)["rows"]
+    assert (row["arch"], row["d_in"], row["d_sae"], row["k"], row["batch_size"]) == ("dyncorr", 16, 32, 8, 64)
+    # The loader's groups hold at most the store's 3 training chunks of 256 rows (+ one batch).
+    assert row["bytes_loader"] == row["loader_host_bytes"] == 4 * 16 * (2 * 3 * 256 + 64)
 
 
 def test_extraction_counts_the_weights_load_model_keeps():

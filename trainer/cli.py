@@ -125,6 +125,11 @@ def export(
     typer.echo(str(export_saelens(weights, out)))
 
 
+from profiling.cli import profile_memory  # noqa: E402  (profiling builds on trainer; registered here)
+
+app.command("profile-memory")(profile_memory)
+
+
 def main() -> None:
     app()
 
