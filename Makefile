@@ -24,6 +24,7 @@ demo: install
 	    --d-sae 2304 --k-start 64 --k-end 16 --batch-size 1024 --n-tokens 180000 --epochs 3 --lr 1e-3 \
 	    --normalize expected_average_only_in --dead-after-tokens 50000 --overwrite || exit 1; \
 	done
+	for arch in baseline dyncorr; do $(BIN)/sae profile-memory --run $(DEMO_DIR)/run-$$arch --no-measure || exit 1; done
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -39,7 +39,6 @@ SAELens.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
