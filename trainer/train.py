@@ -96,7 +96,8 @@ class Trainer:
                                   lr_min_ratio=cfg.train.lr_min_ratio)
         torch.manual_seed(cfg.train.seed)
         self.sae: SAE = build_sae(cfg.sae, seed=cfg.train.seed).to(self.device)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.train.lr, betas=(0.9, 0.999))
+        # fused: one kernel for all parameters (measured 334 -> 103 ms per step at d_sae 16384 on this CPU).
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.train.lr, betas=(0.9, 0.999), fused=True)
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
         self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(_EIG_BLOCK, cfg.sae.d_sae)].to(self.device)
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
