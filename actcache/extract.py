@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +34,32 @@ class Progress(Protocol):
 
     def start(self, total_rows: int, done_rows: int) -> None: ...
     def advance(self, rows: int) -> None: ...
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: finish the current chunk, then stop cleanly (libraries such as
+    zarr's sync layer may otherwise swallow a KeyboardInterrupt). A second one interrupts now."""
+
+    def __init__(self) -> None:
+        self._stop = False
+        self._old: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self._stop
+
+    def _handle(self, signum, frame) -> None:
+        if self._stop:
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def _validate(cfg: ExtractConfig) -> list[HookSpec]:
@@ -186,9 +214,10 @@ def extract(
         elif pending:
             from actcache.runner import run_chunks
 
-            run_chunks(writer, lm.model, specs, pending, batch_size=cfg.batch_size,
-                       queue_depth=cfg.queue_depth,
-                       on_written=(lambda c, rows: progress.advance(rows)) if progress else None)
+            with _StopOnSignal() as stop:
+                run_chunks(writer, lm.model, specs, pending, batch_size=cfg.batch_size,
+                           queue_depth=cfg.queue_depth, should_stop=stop.requested,
+                           on_written=(lambda c, rows: progress.advance(rows)) if progress else None)
         if not writer.group.attrs.get("complete"):
             writer.finalize()
     log.info("store %s complete (%d rows)", path, writer.layout.n_rows)

@@ -101,14 +101,18 @@ def run_chunks(
     batch_size: int,
     queue_depth: int = 2,
     on_written: ChunkCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
-    """Compute and write ``chunks``; on an interrupt, queued chunks are still written."""
+    """Compute and write ``chunks``; ``should_stop`` is polled between chunks, and on a stop
+    (or an interrupt) the chunks already queued are still written before KeyboardInterrupt."""
     device = next(model.parameters()).device
     lay = writer.layout
     bg = BackgroundWriter(writer, queue_depth, on_written)
     try:
         with ResidualCapture(model, specs) as cap:
             for c in chunks:
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt
                 acts = compute_chunk(cap, writer.read_windows(c), hooks=[s.name for s in specs],
                                      first_position=lay.first_position, batch_size=batch_size,
                                      logical_dtype=writer.logical_dtype, device=device)
