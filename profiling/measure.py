@@ -108,7 +108,7 @@ def _harness_class():
 
     from trainer import schedules as sch
     from trainer.saes import build_sae
-    from trainer.train import Trainer
+    from trainer.train import Trainer, make_optimizer
 
     class StepHarness(Trainer):
         """``Trainer`` minus the store, loader and run dir: the same objects ``Trainer.__init__``
@@ -122,7 +122,7 @@ def _harness_class():
                                       lr_min_ratio=cfg.train.lr_min_ratio)
             torch.manual_seed(cfg.train.seed)
             self.sae = build_sae(cfg.sae, seed=cfg.train.seed).to(device)
-            self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.train.lr, betas=(0.9, 0.999))
+            self.opt = make_optimizer(self.sae, cfg.train.lr)
             self.state = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
                           "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0}
             self._stop = False

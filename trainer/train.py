@@ -36,6 +36,13 @@ _MAX_ROLLBACKS = 20
 _EIG_BLOCK = 256  # latents in the sampled block for Sigma's eigenvalue metrics
 
 
+def make_optimizer(sae: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The one optimiser construction (the memory profiler reuses it).
+
+    fused: one kernel for all parameters (measured 334 -> 103 ms per step at d_sae 16384 on this CPU)."""
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+
+
 class Progress(Protocol):
     def start(self, total_steps: int, done_steps: int, batch_size: int) -> None: ...
     def update(self, step: int, record: dict[str, Any]) -> None: ...
@@ -96,8 +103,7 @@ class Trainer:
                                   lr_min_ratio=cfg.train.lr_min_ratio)
         torch.manual_seed(cfg.train.seed)
         self.sae: SAE = build_sae(cfg.sae, seed=cfg.train.seed).to(self.device)
-        # fused: one kernel for all parameters (measured 334 -> 103 ms per step at d_sae 16384 on this CPU).
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.train.lr, betas=(0.9, 0.999), fused=True)
+        self.opt = make_optimizer(self.sae, cfg.train.lr)
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
         self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(_EIG_BLOCK, cfg.sae.d_sae)].to(self.device)
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
