@@ -159,7 +159,6 @@ def extract_child(spec: dict[str, Any]) -> dict[str, Any]:
     import time
 
     import numpy as np
-    import torch
     from transformers import AutoModelForCausalLM
 
     from actcache.capture import ResidualCapture

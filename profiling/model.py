@@ -22,9 +22,10 @@ events, within a few percent):
   ``_TopKEncode.backward``: the COO matrix, ``coalesce``'s copies and sort, then ``sparse.mm``'s
   output and a second d_sae x d_in buffer. dyncorr: the penalty's saved tensors, then its
   B x k x k gradients.
-* ``optimizer``: CPU Adam runs per tensor; ``denom`` of the previous parameter is alive while
-  the next one's ``sqrt`` and division are built: 3 d_sae x d_in buffers. CUDA (foreach): one
-  copy of all parameters.
+* ``optimizer.*``: ``project_decoder_grad`` builds one d_sae x d_in product; Adam as
+  ``trainer.train.make_optimizer`` builds it: fused (no temporaries), per tensor (``denom`` of the
+  previous parameter alive while the next one's ``sqrt`` and quotient are built: 3 d_sae x d_in)
+  or foreach (one copy of all parameters).
 * ``update`` (dyncorr ``after_step``): ``LatentStatistics.update`` scatters B k (k+1) / 2 pairs.
 
 CUDA with bf16 autocast is modelled (bf16 pre-activations and autocast's cached weight copies)
@@ -38,7 +39,7 @@ with ``N = d_sae (d_sae - 1) / 2``; trained SAEs co-fire in structure, so fewer.
 
 from __future__ import annotations
 
-import inspect
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -52,13 +53,6 @@ COV_DTYPES = {"float32": 4, "float64": 8}
 CATEGORIES = ("parameters", "gradients", "optimizer", "buffers", "covariance", "activations", "saved",
               "penalty", "input", "loader")
 _INT32_MAX = 2**31 - 1
-
-
-def fold_threshold() -> float:
-    """``LatentStatistics``' default fold threshold, read from its signature (one source of truth)."""
-    from trainer.saes.covariance import LatentStatistics
-
-    return float(inspect.signature(LatentStatistics.__init__).parameters["fold_threshold"].default)
 
 
 @dataclass(frozen=True)
@@ -228,10 +222,27 @@ def _update_phase(s: TrainSpec) -> dict[str, int]:
     return {"penalty": B * k * (16 + c + 4) + P1 * kb + B * k * k * c + P1 * c + extra}
 
 
-def _optimizer_phase(s: TrainSpec) -> dict[str, int]:
+@functools.lru_cache(maxsize=None)
+def adam_mode() -> str:
+    """How ``trainer.train.make_optimizer`` builds Adam: fused, foreach or the per-tensor default."""
+    import torch
+
+    from trainer.train import make_optimizer
+
+    d = make_optimizer(torch.nn.Linear(1, 1), 1e-3).defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "default"
+
+
+def _optimizer_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
+    """``project_decoder_grad`` (one d_sae x d_in product), then Adam's temporaries: none fused;
+    per tensor (CPU default) the previous ``denom`` + ``sqrt`` + quotient, 3 d_sae x d_in;
+    foreach (CUDA default) ``sqrt`` of every parameter at once."""
     n, d = s.d_sae, s.d_in
-    temps = param_bytes(d, n) if s.device == "cuda" else 3 * 4 * n * d
-    return {"optimizer": temps}
+    mode = adam_mode()
+    if mode == "default" and s.device == "cuda":
+        mode = "foreach"
+    temps = {"fused": 0, "foreach": param_bytes(d, n), "default": 3 * 4 * n * d}[mode]
+    return {"optimizer.project": {"activations": 4 * n * d}, "optimizer": {"optimizer": temps}}
 
 
 def _step_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
@@ -245,7 +256,8 @@ def _step_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
             for name, p in _penalty_phases(s).items():
                 phases[name] = _merge(after, p, _grads(0, s) if name.startswith("backward") else {})
             phases["update"] = _merge(out_t, _update_phase(s))
-    phases["optimizer"] = _merge(out_t, _optimizer_phase(s))
+    for name, p in _optimizer_phases(s).items():
+        phases[name] = _merge(out_t, p)
     return phases
 
 
@@ -272,31 +284,6 @@ def estimate_training(s: TrainSpec) -> TrainEstimate:
     total = sum(comps.values())
     return TrainEstimate(components=comps, peak_phase=peak, phases=totals, step_total=totals[peak], total=total,
                          loader_host=loader, cov_share=comps["covariance"] / total if total else 0.0)
-
-
-@dataclass(frozen=True)
-class CovarianceCost:
-    """Per-step cost of the EMA second-moment update (dyncorr), dense vs lazy."""
-
-    dense_flops: int  # z^T z (2 B d_sae^2) + the EMA of M (3 d_sae^2)
-    dense_bytes: int  # read z twice, write/read Q, read+write M
-    lazy_flops: int  # per-pair product and scaled scatter-add, mu's index_add and EMA, + amortised fold
-    lazy_bytes: int  # keys + products written and read, M entries read+written, mu; + amortised fold
-    fold_every: int  # steps between fold-backs (M_buf *= scale), O(d_sae^2) each
-    pairs: int  # B k (k+1) / 2 entries scattered per step
-
-
-def covariance_cost(s: TrainSpec) -> CovarianceCost:
-    B, n, k = s.batch_size, s.d_sae, s.k
-    c, kb = COV_DTYPES[s.cov_dtype], key_bytes(n)
-    a = 2 if s.effective_dtype == "bfloat16" else 4
-    fold = math.ceil(math.log(fold_threshold()) / math.log(1.0 - s.beta)) if s.beta < 1 else 1
-    P1 = n_pairs(B, k, diagonal=True)
-    dense_flops = 2 * B * n * n + 3 * n * n
-    dense_bytes = 2 * B * n * a + 2 * n * n * c + 2 * n * n * c
-    lazy_flops = 3 * P1 + 2 * B * k + 3 * n + n * n // fold
-    lazy_bytes = P1 * (2 * kb + 2 * c + 2 * c) + B * k * (8 + c) + 3 * n * c + 2 * n * n * c // fold
-    return CovarianceCost(dense_flops, dense_bytes, lazy_flops, lazy_bytes, fold, P1)
 
 
 def train_spec(cfg: RunConfig, *, dtype: str = "float32", device: str = "cpu", chunk_rows: int = 4096,

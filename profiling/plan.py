@@ -14,7 +14,8 @@ from typing import Any
 from actcache.errors import ActcacheError
 from profiling.extract_side import ExtractEstimate, ExtractSpec, ModelShape
 from profiling.measure import Measurement
-from profiling.model import ARCH_NAMES, DTYPES, CovarianceCost, TrainEstimate, TrainSpec
+from profiling.cov_cost import CovarianceCost
+from profiling.model import ARCH_NAMES, DTYPES, TrainEstimate, TrainSpec
 from trainer.config import RunConfig
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
@@ -164,7 +165,8 @@ def train_options(opts: dict[str, Any], explicit: set[str], flat: dict[str, Any]
 
 def train_rows(t: TrainOptions, budget: int) -> list[TrainRow]:
     from actcache.device import resolve_device
-    from profiling.model import covariance_cost, estimate_training, train_spec
+    from profiling.cov_cost import covariance_cost
+    from profiling.model import estimate_training, train_spec
 
     dev = resolve_device(t.device).type
     # Without --dtype: what `sae train` would run (bf16 autocast on CUDA, float32 on CPU).

@@ -16,8 +16,8 @@ from profiling.cli import PIN_MALLOC, profile_memory
 from profiling.extract_side import (ExtractSpec, ModelShape, estimate_extraction, measured_part, model_config,
                                     model_shape)
 from profiling.measure import _harness_class, measure_training, run_child
-from profiling.model import (TrainSpec, covariance_bytes, covariance_cost, estimate_training, loader_bytes,
-                             train_spec)
+from profiling.cov_cost import covariance_cost
+from profiling.model import TrainSpec, covariance_bytes, estimate_training, loader_bytes, train_spec
 from profiling.plan import parse_size
 from trainer.config import RunConfig
 from trainer.saes import build_sae
@@ -188,6 +188,18 @@ def test_bf16_is_cuda_only_and_halves_the_pre_activations():
     p32 = estimate_training(cuda32).phases["forward.encode"]
     p16 = estimate_training(cuda16).phases["forward.encode"]
     assert p32 - p16 >= 2 * 4096 * 65536 - 2 * (65536 * 2304 + 4096 * 2304 + 65536)
+
+
+def test_optimizer_temporaries_follow_make_optimizer(monkeypatch):
+    import profiling.model as M
+
+    assert M.adam_mode() == "fused"  # what trainer.train.make_optimizer builds today: no temporaries
+    s = _spec({"arch": "topk", "d_sae": 4096, "batch_size": 256}, 512)
+    for mode, temps in (("fused", 0), ("default", 3 * 4 * 4096 * 512)):
+        monkeypatch.setattr(M, "adam_mode", lambda: mode)
+        assert M._step_phases(s)["optimizer"]["optimizer"] == temps
+    monkeypatch.setattr(M, "adam_mode", lambda: "default")
+    assert M._step_phases(replace(s, device="cuda"))["optimizer"]["optimizer"] == M.param_bytes(512, 4096)
 
 
 @pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("1.5 TB", 15 * 10**11),
