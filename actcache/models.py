@@ -8,6 +8,8 @@ cache once, so every later load is a plain, fast ``from_pretrained`` of that dir
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -226,22 +228,59 @@ def _weights_kwargs(source: _Source, config: PretrainedConfig, dtype: torch.dtyp
     return kwargs
 
 
-def _truncate(model: PreTrainedModel, keep_layers: int) -> None:
-    """Drop every block after the first ``keep_layers``; the config is left as loaded.
-
-    The config keeps the full layer count, so callers can still read the model's real depth
-    from it; HF forwards slice ``layers[:num_hidden_layers]``, which is safe on a shorter list.
-    ``output_hidden_states`` of a truncated model returns ``keep_layers + 1`` states, the last
-    one final-normed, so read block outputs with forward hooks instead.
-    """
-    layers = decoder_layers(model)
-    total = len(layers)
+def _check_keep_layers(config: PretrainedConfig, keep_layers: int) -> None:
+    total = n_layers(config)
     if not 1 <= keep_layers <= total:
         raise ActcacheError(
             f"keep_layers={keep_layers} is out of range: the model has {total} layers, "
             f"so ask for a layer between 0 and {total - 1}"
         )
-    del layers[keep_layers:]
+
+
+def truncated_config(config: PretrainedConfig, keep_layers: int) -> PretrainedConfig:
+    """A copy of ``config`` describing only the first ``keep_layers`` blocks.
+
+    ``from_pretrained`` with it builds (and reads from the safetensors) only those blocks, so
+    extracting at Gemma-2-2B's layer 5 never holds the other 20 blocks, not even briefly.
+    """
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = keep_layers  # attribute_map covers n_layer / num_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:keep_layers]
+    return cfg
+
+
+def _restore_depth(model: PreTrainedModel, full: PretrainedConfig) -> None:
+    """Give the loaded model its full config back (one object, shared by every submodule).
+
+    Callers read the model's real depth from it and the config hash must not depend on the
+    truncation; HF forwards slice ``layers[:num_hidden_layers]``, which is safe on a shorter list.
+    ``output_hidden_states`` of a truncated model returns ``keep_layers + 1`` states, the last
+    one final-normed, so read block outputs with forward hooks instead.
+    """
+    model.config.num_hidden_layers = full.num_hidden_layers
+    if getattr(full, "layer_types", None):
+        model.config.layer_types = list(full.layer_types)
+
+
+def _truncate(model: PreTrainedModel, keep_layers: int) -> None:
+    """Drop every block after the first ``keep_layers`` (for architectures whose block count
+    does not follow ``num_hidden_layers``)."""
+    _check_keep_layers(model.config, keep_layers)
+    del decoder_layers(model)[keep_layers:]
+
+
+@contextlib.contextmanager
+def _quiet_unused_weights():
+    """The blocks left out are reported as UNEXPECTED keys by transformers: expected here."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def load_model(
@@ -254,7 +293,7 @@ def load_model(
 ) -> LoadedModel:
     """Load ``model`` for inference: eval mode, no grads, on ``device`` in ``dtype``.
 
-    ``keep_layers`` drops every block after the first ``keep_layers`` (see :func:`_truncate`).
+    ``keep_layers`` loads only the first ``keep_layers`` blocks (see :func:`truncated_config`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -263,15 +302,22 @@ def load_model(
         source = _Source("dir", str(embedded.convert_gguf(Path(source.location))))
     config = _auto_config(model, source)
     _check_causal_lm(model, config)
+    load_config, quiet = config, contextlib.nullcontext()
+    if keep_layers is not None:
+        _check_keep_layers(config, keep_layers)
+        load_config, quiet = truncated_config(config, keep_layers), _quiet_unused_weights()
     try:
-        lm = AutoModelForCausalLM.from_pretrained(source.location, **_weights_kwargs(source, config, dtype))
+        with quiet:
+            lm = AutoModelForCausalLM.from_pretrained(source.location, **_weights_kwargs(source, load_config, dtype))
         tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
     except OSError as err:
         if source.kind == "hub":
             raise _hub_error(model, err) from err
         raise ActcacheError(f"could not load model {model} from {source.location} ({err}): {_MODEL_HINT}") from err
     if keep_layers is not None:
-        _truncate(lm, keep_layers)
+        _restore_depth(lm, config)
+        if len(decoder_layers(lm)) > keep_layers:
+            _truncate(lm, keep_layers)
     lm = lm.to(resolve_device(str(device)))
     lm.eval()
     lm.requires_grad_(False)

@@ -2,8 +2,8 @@
 
 Weights are counted on the meta device (no download, no allocation) for the layers
 ``load_model(keep_layers=L + 1)`` keeps: embedding, blocks 0..L, final norm (and an untied
-``lm_head``). ``load_model`` materialises every block before ``_truncate`` drops the deep ones,
-so the process briefly holds the full model: ``load_peak``.
+``lm_head``). ``load_model`` builds only those blocks (``actcache.models.truncated_config``), so
+the deep blocks are never materialised.
 
 Activations (inference mode, one batch of ``batch x context`` tokens, ``t`` tokens, compute
 dtype ``w`` bytes): residual stream, block input and normed input (3 t d w), the causal and
@@ -15,11 +15,11 @@ being filled plus ``queue_depth`` queued and one being written: ``queue_depth + 
 
 from __future__ import annotations
 
-import copy
 import gc
 from dataclasses import dataclass
 from typing import Any
 
+from actcache import models
 from actcache.errors import ActcacheError
 
 PRESETS = ("gemma-2-2b",)
@@ -62,7 +62,6 @@ class ExtractEstimate:
     cast: int  # a batch converted to the storage dtype
     writer_queue: int  # queue_depth + 2 chunks
     total: int
-    load_peak: int  # every block before truncation
 
 
 def model_config(model: str) -> Any:
@@ -75,14 +74,6 @@ def model_config(model: str) -> Any:
     from actcache.models import resolve_model_config
 
     return resolve_model_config(model)
-
-
-def truncated_config(config: Any, keep_layers: int) -> Any:
-    cfg = copy.deepcopy(config)
-    cfg.num_hidden_layers = keep_layers
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = list(cfg.layer_types)[:keep_layers]
-    return cfg
 
 
 def _count_params(config: Any) -> tuple[int, int]:
@@ -106,7 +97,7 @@ def model_shape(config: Any, hook_layer: int) -> ModelShape:
         raise ActcacheError(f"--hook-layer {hook_layer} is out of range: the model has {total} layers (0..{total - 1})")
     d = d_model(config)
     heads = int(getattr(config, "num_attention_heads", 1))
-    kept, per_layer = _count_params(truncated_config(config, hook_layer + 1))
+    kept, per_layer = _count_params(models.truncated_config(config, hook_layer + 1))
     return ModelShape(model_type=config.model_type, n_layers=total, d_model=d,
                       intermediate=int(getattr(config, "intermediate_size", 4 * d)), heads=heads,
                       kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
@@ -142,8 +133,7 @@ def estimate_extraction(spec: ExtractSpec, shape: ModelShape) -> ExtractEstimate
     cast = spec.batch * spec.context_size * shape.d_model * s if cdt != spec.dtype else 0
     queue = (spec.queue_depth + 2) * rows * shape.d_model * s
     return ExtractEstimate(compute_dtype=cdt, chunk_rows=rows, weights=weights, activations=acts, cast=cast,
-                           writer_queue=queue, total=weights + acts + cast + queue,
-                           load_peak=shape.full_params * w)
+                           writer_queue=queue, total=weights + acts + cast + queue)
 
 
 def measured_part(est: ExtractEstimate, spec: ExtractSpec, shape: ModelShape, n_windows: int) -> int:
@@ -171,7 +161,7 @@ def extract_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     es = ExtractSpec(**spec["extract"])
     device = resolve_device(es.device)
-    cfg = truncated_config(model_config(es.model), es.hook_layer + 1)
+    cfg = models.truncated_config(model_config(es.model), es.hook_layer + 1)
     kwargs = {"attn_implementation": "eager"} if cfg.model_type == "gemma2" else {}
     kwargs.update(_dtype_kwarg(torch_dtype(spec["compute_dtype"])))
     hook = HookSpec(es.hook_layer, "hook_resid_post")
@@ -183,7 +173,7 @@ def extract_child(spec: dict[str, Any]) -> dict[str, Any]:
                           logical_dtype=es.dtype, device=device)
 
     # Warm-up on a tiny model of the same class: lazy imports, thread pools, kernels.
-    tiny = truncated_config(cfg, 1)
+    tiny = models.truncated_config(cfg, 1)
     tiny.hidden_size, tiny.intermediate_size, tiny.vocab_size, tiny.head_dim = 64, 128, 256, 16
     run(AutoModelForCausalLM.from_config(tiny, **kwargs).to(device).eval(),
         np.zeros((es.batch, es.context_size), np.int32), 0)

@@ -195,5 +195,5 @@ def extract_row(spec: ExtractSpec, budget: int, n_batches: int) -> ExtractRow:
     shape = model_shape(model_config(spec.model), spec.hook_layer)
     est = estimate_extraction(spec, shape)
     n_windows = min(max(1, est.chunk_rows // spec.context_size), n_batches * spec.batch)
-    return ExtractRow(spec, shape, est, max(est.total, est.load_peak) <= budget, n_windows,
+    return ExtractRow(spec, shape, est, est.total <= budget, n_windows,
                       measured_part(est, spec, shape, n_windows))

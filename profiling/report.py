@@ -93,7 +93,7 @@ def extract_cells(r: ExtractRow, footnotes: list[str]) -> dict[str, str]:
     return {"model": s.model if len(s.model) <= 24 else "..." + s.model[-21:], "layer": str(s.hook_layer),
             "tokens": f"{s.batch}x{s.context_size}", "dtype": f"{_SHORT.get(e.compute_dtype, e.compute_dtype)}>"
             f"{_SHORT.get(s.dtype, s.dtype)}", "weights": fmt_bytes(e.weights), "acts": fmt_bytes(e.activations),
-            "queue": fmt_bytes(e.writer_queue), "total": fmt_bytes(e.total), "load peak": fmt_bytes(e.load_peak),
+            "queue": fmt_bytes(e.writer_queue), "total": fmt_bytes(e.total),
             "measured": _measured(r.measured, footnotes, f"extract {s.model}"), "ratio": _ratio(r.ratio),
             "fits": "yes" if r.fits else "NO"}
 
@@ -183,7 +183,7 @@ def extract_record(r: ExtractRow) -> dict[str, Any]:
             "n_layers": m.n_layers, "d_model": m.d_model, "kept_params": m.kept_params, "full_params": m.full_params,
             "compute_dtype": e.compute_dtype, "chunk_rows": e.chunk_rows, "bytes_weights": e.weights,
             "bytes_activations": e.activations, "bytes_cast": e.cast, "bytes_writer_queue": e.writer_queue,
-            "total_bytes": e.total, "load_peak_bytes": e.load_peak, "fits": r.fits, "measured_windows": r.n_windows,
+            "total_bytes": e.total, "fits": r.fits, "measured_windows": r.n_windows,
             "measured_comparable_bytes": r.comparable, "measured_bytes": r.measured.peak_bytes,
             "measured_batch_s": r.measured.step_s, "measure_method": r.measured.method,
             "measure_note": r.measured.note, "pred_over_measured": None if r.ratio is None else round(r.ratio, 4)}

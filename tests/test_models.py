@@ -255,3 +255,31 @@ def test_missing_demo_package_message() -> None:
     else:
         assert demo_gguf_path().suffix == ".gguf"
         assert embedded.resolve_embedded("not-embedded") is None
+
+
+_PEAK_SCRIPT = """
+import resource, sys, torch
+from actcache.models import load_model
+keep = int(sys.argv[1]) or None
+lm = load_model("embedded:smollm2-135m", dtype=torch.bfloat16, keep_layers=keep)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@needs_demo
+def test_keep_layers_never_materialises_the_deep_blocks() -> None:
+    # Peak RSS of a fresh process: with the deep blocks built and then dropped, the peak would
+    # include them (and their bf16 conversion buffers); built from a truncated config, it cannot.
+    def peak(keep: int) -> int:
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(keep)], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    config = resolve_model_config(DEMO_MODEL)
+    with torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(config)
+    per_block = sum(p.numel() for p in decoder_layers(full)[0].parameters()) * 2  # bf16 bytes
+    dropped = per_block * (n_layers(config) - 1)
+    full_peak, kept_peak = peak(0), peak(1)
+    assert kept_peak < full_peak - dropped // 2, (kept_peak, full_peak, dropped)
