@@ -4,6 +4,10 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo-out
 DEMO_TOKENS ?= 65536
 DEMO_HOOK ?= blocks.5.hook_resid_post
+DEMO_SEEDS ?= 1
+# baseline, topk, dyncorr (eps 1e-6), dyncorr (eps 0): the same tokens, batch, lr and seeds (docs/results.md).
+DEMO_EXPERIMENT ?= --d-sae 1152 --k-start 64 --k-end 16 --batch-size 512 --n-tokens 30720 --lr 1e-3 \
+  --dead-after-tokens 10000 --log-every 1 --eval-windows 8
 
 .PHONY: install demo test bench docs clean
 
@@ -19,12 +23,11 @@ demo: install
 	  --context-size 128 --n-tokens $(DEMO_TOKENS) --batch-size 16 --dtype bfloat16 --overwrite
 	$(BIN)/actcache info $(DEMO_DIR)/smollm2.zarr
 	$(BIN)/actcache verify $(DEMO_DIR)/smollm2.zarr --recompute 4
-	for arch in baseline dyncorr; do \
-	  $(BIN)/sae train --store $(DEMO_DIR)/smollm2.zarr --out $(DEMO_DIR)/run-$$arch --arch $$arch \
-	    --d-sae 2304 --k-start 64 --k-end 16 --batch-size 1024 --n-tokens 180000 --epochs 3 --lr 1e-3 \
-	    --normalize expected_average_only_in --dead-after-tokens 50000 --overwrite || exit 1; \
-	done
-	for arch in baseline dyncorr; do $(BIN)/sae profile-memory --run $(DEMO_DIR)/run-$$arch --no-measure || exit 1; done
+	rm -rf $(DEMO_DIR)/experiment
+	$(BIN)/sae experiment --store $(DEMO_DIR)/smollm2.zarr --out $(DEMO_DIR)/experiment --seeds $(DEMO_SEEDS) \
+	  $(DEMO_EXPERIMENT)
+	for v in baseline dyncorr; do $(BIN)/sae profile-memory --run $(DEMO_DIR)/experiment/runs/$$v-s0 --no-measure || exit 1; done
+	@echo "report: $(DEMO_DIR)/experiment/report/report.md"
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -35,6 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_extract.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_covariance.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_train.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_multi.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_vs_saelens.py --out docs/benchmarks.md
 
 docs: install

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -15,6 +16,7 @@ from rich.text import Text
 from actcache.cli_support import console, fail, new_app
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
+from actcache.urls import redact
 
 app = new_app("Cache residual-stream activations of causal LMs in Zarr v3 stores.")
 _D = ExtractConfig  # defaults come from the config dataclass, never a second copy
@@ -53,7 +55,7 @@ class RichProgress:
 def extract(
     model: Annotated[str, typer.Option(help="Model dir, .gguf dir/file, hub id, or embedded:tiny-gemma2 / embedded:smollm2-135m.")],
     hooks: Annotated[str, typer.Option(help="Comma list, e.g. blocks.5.hook_resid_post,blocks.12.hook_resid_post.")],
-    out: Annotated[str, typer.Option(help="Path of the Zarr v3 store to write.")],
+    out: Annotated[str, typer.Option(help="Path or URL (s3://, gs://, file://, memory://) of the Zarr v3 store to write; credentials come from the environment.")],
     dataset: Annotated[str, typer.Option(help="Corpus: .txt, .jsonl, .parquet, a save_to_disk dir, or embedded:stdlib-docstrings.")] = _D.dataset,
     text_field: Annotated[str, typer.Option(help="Text field/column of jsonl, parquet and datasets corpora.")] = _D.text_field,
     gguf_file: Annotated[Optional[str], typer.Option(help="The .gguf file inside --model's dir.")] = None,
@@ -86,14 +88,14 @@ def extract(
     try:
         path = run_extract(cfg, resume=resume, overwrite=overwrite, workers=workers, scheduler=scheduler, progress=progress)
     except ActcacheError as e:
-        fail(str(e))
+        fail(escape(str(e)))  # messages may hold [brackets]: not rich markup
     except KeyboardInterrupt:
         fail("interrupted: finished chunks are kept; continue with the same command plus --resume", 130)
     finally:
         if progress:
             progress.stop()
     if not quiet:
-        console.print(f"[green]wrote[/green] {path}")
+        console.print(f"[green]wrote[/green] {redact(path)}", highlight=False)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -106,7 +108,7 @@ def _fmt_bytes(n: float) -> str:
 
 @app.command()
 def info(
-    store: Annotated[str, typer.Argument(help="Path of the store.")],
+    store: Annotated[str, typer.Argument(help="Path or URL (s3://, gs://, file://, memory://) of the store.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Hooks, shapes, dtype, codec, bytes on disk, compression ratio and statistics of a store."""
@@ -115,7 +117,7 @@ def info(
     try:
         d = store_info(store)
     except ActcacheError as e:
-        fail(str(e))
+        fail(escape(str(e)))  # messages may hold [brackets]: not rich markup
     if as_json:
         typer.echo(json.dumps(d, indent=2))
         return
@@ -136,7 +138,7 @@ def info(
 
 @app.command()
 def verify(
-    store: Annotated[str, typer.Argument(help="Path of the store.")],
+    store: Annotated[str, typer.Argument(help="Path or URL (s3://, gs://, file://, memory://) of the store.")],
     recompute: Annotated[int, typer.Option(help="Re-run the model on N random windows and compare.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed choosing the recomputed windows.")] = 0,
     device: Annotated[str, typer.Option(help="Device for --recompute.")] = "auto",
@@ -147,9 +149,9 @@ def verify(
     try:
         rep = verify_store(store, recompute=recompute, seed=seed, device=device)
     except ActcacheError as e:
-        fail(str(e))
+        fail(escape(str(e)))  # messages may hold [brackets]: not rich markup
     for p in rep.problems:
-        console.print(f"[red]problem:[/red] {p}", highlight=False)
+        console.print(f"[red]problem:[/red] {escape(p)}", highlight=False)
     extra = f", {rep.windows_recomputed} windows recomputed (max relative error {rep.max_recompute_error:.2e})" if rep.windows_recomputed else ""
     msg = f"{rep.chunks_checked} chunks checked{extra}"
     if rep.ok:

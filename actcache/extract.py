@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
 import signal
 import threading
 from pathlib import Path
@@ -24,6 +23,7 @@ from actcache.lock import StoreLock
 from actcache.models import LoadedModel, load_model, n_layers, resolve_model_config
 from actcache.store import LOCK_FILE, Layout
 from actcache.store_writer import StoreWriter, compressors_for
+from actcache.urls import StoreLocation
 from actcache.windows import pack_windows
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,11 @@ class _StopOnSignal:
             signal.signal(s, h)
 
 
-def _validate(cfg: ExtractConfig) -> list[HookSpec]:
+def _validate(cfg: ExtractConfig, distributed: bool) -> tuple[list[HookSpec], StoreLocation]:
+    loc = StoreLocation(cfg.out)  # a bad URL fails first, before any other work
+    if distributed and not loc.shared_between_processes:
+        raise ActcacheError(f"{loc} lives in this process only, so dask workers cannot write it: "
+                            "use an s3://, gs:// or file:// URL or a shared path, or drop --workers/--scheduler")
     check_logical(cfg.dtype)
     if cfg.compute_dtype != "auto":
         check_logical(cfg.compute_dtype)
@@ -82,21 +86,19 @@ def _validate(cfg: ExtractConfig) -> list[HookSpec]:
     max_pos = getattr(mcfg, "max_position_embeddings", None)
     if max_pos and cfg.context_size > max_pos:
         raise ActcacheError(f"--context-size {cfg.context_size} exceeds the model's {max_pos} positions")
-    return specs
+    return specs, loc
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "zarr.json").exists()
+def _is_store(path: StoreLocation) -> bool:
+    return path.exists("zarr.json")
 
 
-def _stored_config(path: Path) -> tuple[dict[str, Any], bool]:
-    import zarr
-
-    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+def _stored_config(path: StoreLocation) -> tuple[dict[str, Any], bool]:
+    attrs = dict(path.open_group("r").attrs)
     return attrs.get("extract_config", {}), bool(attrs.get("tokens_written"))
 
 
-def _check_resume(path: Path, cfg: ExtractConfig) -> None:
+def _check_resume(path: StoreLocation, cfg: ExtractConfig) -> None:
     stored, _ = _stored_config(path)
     if not stored:
         raise ActcacheError(f"{path} is a Zarr group but not an actcache store: choose another --out")
@@ -110,11 +112,11 @@ def _check_resume(path: Path, cfg: ExtractConfig) -> None:
         )
 
 
-def _prepare_out(path: Path, cfg: ExtractConfig, resume: bool, overwrite: bool) -> str:
+def _prepare_out(path: StoreLocation, cfg: ExtractConfig, resume: bool, overwrite: bool) -> str:
     """Decide 'new' or 'resume' before anything is written; refuse what would lose data."""
     if resume and overwrite:
         raise ActcacheError("--resume and --overwrite exclude each other: pick one")
-    if path.exists() and not path.is_dir():
+    if path.is_file():
         raise ActcacheError(f"--out {path} is a file: give a directory path for the store")
     if _is_store(path):
         if resume:
@@ -125,23 +127,19 @@ def _prepare_out(path: Path, cfg: ExtractConfig, resume: bool, overwrite: bool) 
                 raise ActcacheError(f"refusing to overwrite {path}: it is not an actcache store")
             return "overwrite"
         raise ActcacheError(f"store {path} already exists: pass --resume to finish it or --overwrite to replace it")
-    if path.exists() and any(p.name != LOCK_FILE and not p.name.endswith(".partial") for p in path.iterdir()):
+    if any(name != LOCK_FILE and not name.endswith(".partial") for name in path.entries()):
         raise ActcacheError(f"--out {path} exists and is not an actcache store: choose a new path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ActcacheError(f"cannot write the store at {path} ({e.strerror}): choose a writable --out") from None
+    path.make_writable()
     return "new"
 
 
-def _clear_store(path: Path) -> None:
-    for p in path.iterdir():
-        if p.name == LOCK_FILE:
-            continue
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+def _clear_store(path: StoreLocation) -> None:
+    """--overwrite: delete everything but our lock; zarr.json goes first, so an interrupted
+    delete leaves no half-store that looks like a store."""
+    names = sorted(path.entries(), key=lambda n: n != "zarr.json")
+    for name in names:
+        if name != LOCK_FILE:
+            path.delete(name, recursive=True)
 
 
 def _attrs(cfg: ExtractConfig, lm: LoadedModel, specs: list[HookSpec], windows) -> dict[str, Any]:
@@ -159,11 +157,11 @@ def _attrs(cfg: ExtractConfig, lm: LoadedModel, specs: list[HookSpec], windows) 
         "package_version": __version__,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "extract_config": cfg.to_dict(),
+        "extract_config": {**cfg.to_dict(), "out": str(StoreLocation(cfg.out))},  # URL userinfo/query stripped
     }
 
 
-def _create(path: Path, cfg: ExtractConfig, lm: LoadedModel, specs: list[HookSpec]) -> StoreWriter:
+def _create(path: StoreLocation, cfg: ExtractConfig, lm: LoadedModel, specs: list[HookSpec]) -> StoreWriter:
     docs = iter_documents(cfg.dataset, cfg.text_field)
     win = pack_windows(docs, lm.tokenizer, context_size=cfg.context_size, n_windows=cfg.n_windows(),
                        prepend_bos=cfg.prepend_bos, seed=cfg.seed)
@@ -182,17 +180,17 @@ def extract(
     workers: int = 0,
     scheduler: str | None = None,
     progress: Progress | None = None,
-) -> Path:
-    """Write (or finish) the store ``cfg.out``; returns its path once complete."""
-    specs = _validate(cfg)
-    path = Path(cfg.out).expanduser()
+) -> Path | str:
+    """Write (or finish) the store ``cfg.out`` (a path or an fsspec URL); returns it once complete:
+    a ``Path`` for a local store, the public URL (userinfo and query stripped) otherwise."""
+    distributed = bool(workers or scheduler)
+    specs, path = _validate(cfg, distributed)
     mode = _prepare_out(path, cfg, resume, overwrite)
     with StoreLock(path, LOCK_FILE):
         if mode == "resume" and not _stored_config(path)[1]:
             mode = "overwrite"  # interrupted while writing tokens: nothing worth keeping yet
         if mode == "overwrite":
             _clear_store(path)
-        distributed = bool(workers or scheduler)
         lm = None
         if mode != "resume" or not distributed:
             device = resolve_device(cfg.device)
@@ -209,7 +207,7 @@ def extract(
             from actcache.parallel import run_distributed
 
             del lm  # workers load their own copies
-            run_distributed(str(path), cfg, pending, workers=workers, scheduler=scheduler,
+            run_distributed(path.spec, cfg, pending, workers=workers, scheduler=scheduler,
                             on_rows=progress.advance if progress else None)
         elif pending:
             from actcache.runner import run_chunks
@@ -221,4 +219,4 @@ def extract(
         if not writer.group.attrs.get("complete"):
             writer.finalize()
     log.info("store %s complete (%d rows)", path, writer.layout.n_rows)
-    return path
+    return path.local if path.is_local else path.spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,18 +17,16 @@ from actcache.dtypes import storage_dtype, to_float32
 RECOMPUTE_TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4}
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def store_info(path: str | Path) -> dict[str, Any]:
-    """A JSON-able summary: layout, per-hook shapes, codec, bytes on disk and statistics."""
+    """A JSON-able summary: layout, per-hook shapes, codec, bytes stored and statistics.
+
+    ``path`` may be a URL; bytes come from one listing of each hook's objects."""
     st = S.open_store(path, require_complete=False)
     hooks = []
     for h in st.hooks:
         arr = st.array(h)
         raw = int(np.prod(arr.shape)) * arr.dtype.itemsize
-        disk = _dir_bytes(st.path / h)
+        disk = sum(st.location.sizes(h).values())
         s = st.attrs.get("stats", {}).get(h, {})
         hooks.append({"hook": h, "shape": list(arr.shape), "chunks": list(arr.chunks),
                       "storage_dtype": str(arr.dtype), "bytes_raw": raw, "bytes_on_disk": disk,
@@ -54,13 +53,13 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_chunk(st: S.ActivationStore, c: int) -> list[str]:
+def _check_chunk(st: S.ActivationStore, c: int, present: set[str]) -> list[str]:
     r0, r1 = st.layout.chunk_rows_range(c)
     out = []
     for h in st.hooks:
         arr = st.array(h)
         # zarr reads a missing chunk as fill values (zeros), which would pass every other check.
-        if not (st.path / h / arr.metadata.encode_chunk_key((c, 0))).exists():
+        if st.chunk_key(h, c) not in present:
             out.append(f"{h} chunk {c}: chunk file is missing (re-extract the store)")
             continue
         try:
@@ -126,7 +125,9 @@ def verify_store(path: str | Path, *, recompute: int = 0, seed: int = 0, device:
     elif not st.attrs.get("complete"):
         report.problems.append("all chunks written but the store was not finalised: run actcache extract --resume")
     chunks = [int(c) for c in np.flatnonzero(done)]
-    results = dask.compute(*[dask.delayed(_check_chunk)(st, c) for c in chunks], scheduler="threads")
+    present = set().union(*(st.chunk_keys(h) for h in st.hooks))  # the store's listing, local or remote
+    check = dask.delayed(functools.partial(_check_chunk, st, present=present), pure=True)
+    results = dask.compute(*[check(c) for c in chunks], scheduler="threads")
     for r in results:
         report.problems.extend(r)
     report.chunks_checked = len(chunks)

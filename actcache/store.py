@@ -17,6 +17,7 @@ import zarr
 
 from actcache.dtypes import from_storage, to_float32
 from actcache.errors import ActcacheError
+from actcache.urls import StoreLocation
 
 FORMAT_NAME = "actcache"
 FORMAT_VERSION = 1
@@ -103,13 +104,18 @@ class HookStats:
 
 
 class ActivationStore:
-    """Read-only view of a store written by ``actcache extract``."""
+    """Read-only view of a store written by ``actcache extract``: a local path or an fsspec URL.
 
-    def __init__(self, path: str | Path, *, require_complete: bool = True):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").exists():
+    ``path`` is a ``Path`` for a local store and the public (redacted) URL string otherwise;
+    ``location`` can list, size and open the store either way.
+    """
+
+    def __init__(self, path: str | Path | StoreLocation, *, require_complete: bool = True):
+        self.location = path if isinstance(path, StoreLocation) else StoreLocation(path)
+        self.path: Path | str = self.location.local if self.location.is_local else self.location.display
+        if not self.location.exists("zarr.json"):
             raise ActcacheError(f"{self.path} is not a store: no zarr.json there (run actcache extract first)")
-        self.group = zarr.open_group(str(self.path), mode="r")
+        self.group = self.location.open_group("r")
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         fmt = self.attrs.get("format", {})
         if fmt.get("name") != FORMAT_NAME:
@@ -122,6 +128,7 @@ class ActivationStore:
         if require_complete and not self.attrs.get("complete", False):
             raise ActcacheError(f"{self.path} is incomplete: finish it with actcache extract --resume")
         self.layout = Layout.from_dict(self.attrs["layout"])
+        self._arrays: dict[str, zarr.Array] = {}
 
     @property
     def hooks(self) -> list[str]:
@@ -147,7 +154,9 @@ class ActivationStore:
         """The raw hook array (storage dtype: uint16 bit patterns for bfloat16)."""
         if hook not in self.hooks:
             raise ActcacheError(f"hook {hook} is not in store {self.path}: it holds {', '.join(self.hooks)}")
-        return self.group[hook]
+        if hook not in self._arrays:  # opened once: on object stores each open is a GET
+            self._arrays[hook] = self.group[hook]
+        return self._arrays[hook]
 
     def read_chunk(self, hook: str, chunk: int) -> torch.Tensor:
         """One chunk as a (rows, d_model) tensor in the logical dtype, bit-exact."""
@@ -157,6 +166,18 @@ class ActivationStore:
     def read_rows(self, hook: str, start: int, stop: int) -> np.ndarray:
         """Rows as float32 numpy (exact for every logical dtype)."""
         return to_float32(self.array(hook)[start:stop], self.logical_dtype)
+
+    def chunk_key(self, hook: str, chunk: int) -> str:
+        """The object key (relative to the store root) of a hook's store chunk."""
+        return f"{hook}/{self.array(hook).metadata.encode_chunk_key((chunk, 0))}"
+
+    def chunk_exists(self, hook: str, chunk: int) -> bool:
+        """zarr reads a missing chunk as fill values (zeros): this tells the two apart."""
+        return self.location.exists(self.chunk_key(hook, chunk))
+
+    def chunk_keys(self, hook: str) -> set[str]:
+        """Keys of every chunk object of a hook that exists, from one listing of the store."""
+        return set(self.location.sizes(f"{hook}/c"))
 
     def completed_chunks(self) -> np.ndarray:
         return self.group[MANIFEST][:].astype(bool)
@@ -178,4 +199,5 @@ class ActivationStore:
 
 
 def open_store(path: str | Path, *, require_complete: bool = True) -> ActivationStore:
+    """Open a store by local path or fsspec URL (``s3://``, ``gs://``, ``file://``, ``memory://``)."""
     return ActivationStore(path, require_complete=require_complete)

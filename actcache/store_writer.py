@@ -1,9 +1,11 @@
 """Creating a store and writing it chunk by chunk, crash-safely.
 
-Crash safety rests on three facts: zarr's LocalStore writes every object atomically
-(temp file + rename); each store chunk is computed from its own windows only, so it can be
-recomputed identically; and a chunk's manifest entry is written only after its data and
-statistics. After a crash, chunks without a manifest entry are simply written again.
+Crash safety rests on three facts: every object is written atomically (zarr's LocalStore:
+temp file + rename; object stores: one PUT per object); each store chunk is computed from its
+own windows only, so it can be recomputed identically; and a chunk's manifest entry (its own
+one-byte object) is written only after its data and statistics. After a crash, chunks without a
+manifest entry are simply written again. ``complete`` and the statistics land in one last
+``zarr.json`` write. See docs/store-format.md for ``file://`` URLs, which are not atomic.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from actcache import store as S
 from actcache.dtypes import storage_dtype, to_float32
 from actcache.errors import ActcacheError
+from actcache.urls import StoreLocation
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,10 @@ def _now() -> str:
 class StoreWriter:
     """Write access to a store being extracted (one process or many dask workers)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.group = zarr.open_group(str(self.path), mode="r+")
+    def __init__(self, path: str | Path | StoreLocation):
+        self.location = path if isinstance(path, StoreLocation) else StoreLocation(path)
+        self.path = self.location  # str(): the public form, safe in messages
+        self.group = self.location.open_group("r+")
         self.attrs = dict(self.group.attrs)
         self.layout = S.Layout.from_dict(self.attrs["layout"])
         self.hooks: list[str] = list(self.attrs["hooks"])
@@ -62,7 +66,7 @@ class StoreWriter:
     @classmethod
     def create(
         cls,
-        path: str | Path,
+        path: str | Path | StoreLocation,
         *,
         attrs: dict[str, Any],
         layout: S.Layout,
@@ -80,7 +84,8 @@ class StoreWriter:
                  "dtype": logical_dtype, "storage_dtype": str(sdt), "codec": codec,
                  "format": {"name": S.FORMAT_NAME, "version": S.FORMAT_VERSION},
                  "created": _now(), "tokens_written": False, "complete": False}
-        g = zarr.create_group(str(path), attributes=attrs, overwrite=False)
+        loc = path if isinstance(path, StoreLocation) else StoreLocation(path)
+        g = zarr.create_group(store=loc.zarr_store(read_only=False), attributes=attrs, overwrite=False)
         rows, n_chunks = layout.chunk_rows, layout.n_chunks
         for h in hooks:
             layer = int(h.split(".")[1])
@@ -96,7 +101,7 @@ class StoreWriter:
         wpc = layout.windows_per_chunk
         g.create_array(S.WINDOWS, data=windows.astype(np.int32), chunks=(wpc, layout.context_size))
         g.create_array(S.WINDOW_SOURCE, data=window_source.astype(np.int64), chunks=(wpc,))
-        writer = cls(path)
+        writer = cls(loc)
         writer._write_row_arrays(windows)
         writer.group.attrs["tokens_written"] = True
         return writer

@@ -170,20 +170,6 @@ def test_uncompressed_store_is_memory_mapped(raw_store, small_store):
                                   _multiset(open_store(raw_store).read_rows(HOOK, 0, 704)))
 
 
-def test_ranks_take_disjoint_chunks(small_store):
-    st = open_store(small_store)
-    train = _counter(st.read_rows(HOOK, 0, TRAIN_ROWS))
-    shares = []
-    for rank in range(2):
-        ld = ActivationLoader(small_store, HOOK, _cfg(batch_size=64), rank=rank, world_size=2)
-        assert ld.n_rows == 256  # 2 of the 5 train chunks each; the 5th rotates between epochs
-        shares.append(_counter(_take(ld, 4)))
-    both = shares[0] + shares[1]
-    assert sum(both.values()) == 512 and all(both[k] <= train[k] for k in both)
-    with pytest.raises(ActcacheError, match="rank"):
-        ActivationLoader(small_store, HOOK, _cfg(), rank=2, world_size=2)
-
-
 def test_prefetch_thread_stops(small_store):
     ld = ActivationLoader(small_store, HOOK, _cfg())
     gen = ld.batches()
@@ -223,3 +209,125 @@ def test_cuda_batches_match_cpu(small_store):
     gpu = list(ActivationLoader(small_store, HOOK, _cfg(), device="cuda").batches(15))
     assert all(g.device.type == "cuda" and g.dtype == torch.float32 for g in gpu)
     assert all(torch.equal(c, g.cpu()) for c, g in zip(cpu, gpu))
+
+
+def _ranks(store, world: int, batch: int, shards: int | None = None, **kw) -> list[ActivationLoader]:
+    return [ActivationLoader(store, HOOK, _cfg(batch_size=batch, shards=shards, **kw), rank=r, world_size=world)
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_take_disjoint_chunks_covering_each_epoch(small_store, world):
+    # Shard j of an epoch takes chunks perm[j::world]: disjoint, and together every train chunk.
+    for epoch in range(3):
+        plans = [[c for g in ld._plan(epoch, ld._mine[0]) for c in g] for ld in _ranks(small_store, world, 48)]
+        assert sorted(c for p in plans for c in p) == list(range(5))
+    ld0 = ActivationLoader(small_store, HOOK, _cfg(), rank=0, world_size=world)
+    assert ld0._plan(0, 0) != ActivationLoader(small_store, HOOK, _cfg(seed=1), rank=0, world_size=world)._plan(0, 0)
+    with pytest.raises(ActcacheError, match="rank"):
+        ActivationLoader(small_store, HOOK, _cfg(), rank=world, world_size=world)
+    with pytest.raises(ActcacheError, match="shards"):
+        ActivationLoader(small_store, HOOK, _cfg(), rank=0, world_size=6)  # 6 shards > 5 train chunks
+
+
+def test_two_ranks_concatenate_to_the_one_rank_stream(small_store):
+    """The data-parallel guarantee: rank 0's batch then rank 1's is the 1-rank (shards=2) batch, bitwise."""
+    n = 30  # batches of 48: 2.25 epochs of a shard's ~256-384 rows, spanning groups and epochs
+    one = list(ActivationLoader(small_store, HOOK, _cfg(batch_size=B, shards=2)).batches(n))
+    r0, r1 = (list(ld.batches(n)) for ld in _ranks(small_store, 2, B // 2))
+    for b, x, y in zip(one, r0, r1):
+        assert torch.equal(b, torch.cat([x, y]))
+    # Each rank's rows of epoch 0 come only from its own chunks.
+    st = open_store(small_store)
+    for ld, got in zip(_ranks(small_store, 2, B // 2), (r0, r1)):
+        mine = [c for g in ld._plan(0, ld._mine[0]) for c in g]
+        own = _counter(np.concatenate([st.read_rows(HOOK, 128 * c, 128 * c + 128) for c in mine]))
+        rows = _counter(torch.cat(got).numpy()[:ld.n_rows])
+        assert sum(rows.values()) == ld.n_rows and all(rows[k] <= own[k] for k in rows)
+    # Every train row, exactly once, in the union of the ranks' first epochs.
+    epoch0 = [torch.cat(got).numpy()[:ld.n_rows] for ld, got in zip(_ranks(small_store, 2, B // 2), (r0, r1))]
+    np.testing.assert_array_equal(_multiset(np.concatenate(epoch0)), _multiset(st.read_rows(HOOK, 0, TRAIN_ROWS)))
+
+
+def test_each_rank_resumes_its_position(small_store):
+    n, cut = 24, 9
+    ranks = _ranks(small_store, 2, B // 2)
+    ref = [[b.clone() for b in ld.batches(n)] for ld in ranks]
+    for r in range(2):
+        ld = _ranks(small_store, 2, B // 2)[r]
+        states = []
+        for i, _ in enumerate(ld.batches(cut + 1)):
+            states.append(json.loads(json.dumps(ld.state_dict())))
+        resumed = _ranks(small_store, 2, B // 2, prefetch=False)[r]
+        resumed.load_state_dict(states[cut])
+        assert all(torch.equal(a, b) for a, b in zip(ref[r][cut + 1:], resumed.batches(n - cut - 1)))
+        with pytest.raises(ActcacheError, match="rank"):
+            _ranks(small_store, 2, B // 2)[1 - r].load_state_dict(states[cut])
+    # A 1-rank loader holding both shards resumes both positions.
+    one = ActivationLoader(small_store, HOOK, _cfg(shards=2))
+    full = [b.clone() for b in one.batches(n)]
+    one = ActivationLoader(small_store, HOOK, _cfg(shards=2))
+    for _ in one.batches(cut + 1):
+        pass
+    state = one.state_dict()
+    assert len(state["positions"]) == 2
+    again = ActivationLoader(small_store, HOOK, _cfg(shards=2))
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(full[cut + 1:], again.batches(n - cut - 1)))
+
+
+def test_kept_batches_are_never_overwritten(small_store):
+    """Batches are views of reused group buffers: a buffer is refilled only once no batch of it is alive."""
+    ld = ActivationLoader(small_store, HOOK, _cfg(batch_size=64))
+    kept = list(ld.batches(30))  # 3 epochs, every batch kept
+    clones = [b.clone() for b in ActivationLoader(small_store, HOOK, _cfg(batch_size=64)).batches(30)]
+    assert all(torch.equal(a, b) for a, b in zip(kept, clones))
+    # A consumer that drops its batches gets the two buffers refilled, never reallocated.
+    ld = ActivationLoader(small_store, HOOK, _cfg(batch_size=64))
+    it = ld.batches(30)
+    for _ in it:
+        pass
+    assert ld.max_rows_in_memory <= ld.rows_bound
+
+
+def test_bf16_decoding_is_exact(small_store):
+    st = open_store(small_store)
+    assert st.logical_dtype == "bfloat16"
+    got = torch.cat(list(ActivationLoader(small_store, HOOK, _cfg(), split="heldout").batches()))
+    bits = st.array(HOOK)[TRAIN_ROWS:768]
+    want = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
+    assert torch.equal(got, want)
+
+
+def test_nothing_is_pinned_on_cpu(small_store, monkeypatch):
+    def no_pin(*a, **k):
+        raise AssertionError("pinned memory on a CPU loader")
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pin)
+    real_empty = torch.empty
+
+    def empty(*a, **k):
+        assert not k.get("pin_memory"), "pinned buffer on a CPU loader"
+        return real_empty(*a, **k)
+    monkeypatch.setattr(torch, "empty", empty)
+    batches = list(ActivationLoader(small_store, HOOK, _cfg(shards=2)).batches(12))
+    assert all(b.device.type == "cpu" and not b.is_pinned() for b in batches)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_group_buffers_are_pinned(small_store):
+    ld = ActivationLoader(small_store, HOOK, _cfg(), device="cuda")
+    src = []
+    real = torch.Tensor.to
+
+    def to(self, *a, **k):
+        src.append((self.is_pinned(), k.get("non_blocking")))
+        return real(self, *a, **k)
+    torch.Tensor.to = to
+    try:
+        out = list(ld.batches(6))
+    finally:
+        torch.Tensor.to = real
+    assert src and all(p and nb for p, nb in src) and all(b.is_cuda for b in out)
+    two = [torch.cat([a, b]).cpu() for a, b in zip(*(ld.batches(6) for ld in _ranks(small_store, 2, B // 2)))]
+    ones = [b.cpu() for b in ActivationLoader(small_store, HOOK, _cfg(shards=2), device="cuda").batches(6)]
+    assert all(torch.equal(a, b) for a, b in zip(ones, two))

@@ -64,3 +64,26 @@ def test_recovers_a_known_sparse_dictionary(sparse_store, tmp_path, arch):
     assert np.mean(best > 0.9) >= 0.8, np.sort(best)
     assert summary["heldout"]["explained_variance"] > 0.9
     assert summary["heldout"]["l0"] <= 3.0
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_training_steps_under_bf16_autocast(arch):
+    """CUDA training runs the forward under bf16 autocast; CPU autocast takes the same code path."""
+    sae = build_sae(SAEConfig(arch=arch, d_in=16, d_sae=64, k=4, k_start=6, k_end=4, k_aux=8, dead_after_tokens=1))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):  # dead_after_tokens=1: from step 1 on every silent latent is dead (AuxK runs)
+        x = torch.randn(32, 16, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x, StepContext(step=step, k=5 if arch == "dyncorr" else 4, sparsity_coef=0.1, lam=0.5))
+        assert torch.isfinite(out.loss)
+        opt.zero_grad()
+        out.loss.backward()
+        sae.project_decoder_grad()
+        for name, p in sae.named_parameters():
+            assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), name
+        opt.step()
+        sae.normalize_decoder()
+        sae.after_step(out)
+    if arch != "baseline":
+        assert out.terms["auxk_loss"] > 0

@@ -3,7 +3,7 @@
 import torch
 from torch.nn import functional as F
 
-from trainer.saes.sparse_ops import densify, sparse_decode, topk_encode
+from trainer.saes.sparse_ops import aux_topk, densify, sparse_decode, topk_encode
 
 
 def _dense_reference(x_c, w, b, k, dead, k_aux, W_dec, b_dec):
@@ -34,9 +34,10 @@ def test_values_and_gradients_match_dense_autograd_float64():
         leaves = [t.clone().requires_grad_(True) for t in (x_c, w, b, W_dec, b_dec)]
         xc_, w_, b_, Wd_, bd_ = leaves
         if sparse:
-            val, idx, aval, aidx = topk_encode(xc_, w_, b_, k, dead, k_aux)
+            dead_idx = dead.nonzero().squeeze(1)
+            val, idx, pre_dead = topk_encode(xc_, w_, b_, k, dead_idx)
             x_hat = sparse_decode(idx, val, Wd_, bd_)
-            e_hat = sparse_decode(aidx, aval, Wd_, torch.zeros_like(bd_))
+            e_hat = aux_topk(pre_dead, k_aux) @ Wd_.index_select(0, dead_idx)
             z = densify(idx, val, d_sae)
         else:
             ref = _dense_reference(xc_, w_, b_, k, dead, k_aux, Wd_, bd_)
@@ -55,6 +56,37 @@ def test_values_and_gradients_match_dense_autograd_float64():
 
 def test_no_dead_latents_gives_empty_aux():
     x = torch.randn(4, 6)
-    val, idx, aval, aidx = topk_encode(x, torch.randn(10, 6), torch.zeros(10), 3, torch.zeros(10, dtype=torch.bool), 4)
-    assert val.shape == idx.shape == (4, 3) and aval.shape == aidx.shape == (4, 0)
+    val, idx, pre_dead = topk_encode(x, torch.randn(10, 6), torch.zeros(10), 3, torch.zeros(0, dtype=torch.int64))
+    assert val.shape == idx.shape == (4, 3) and pre_dead.shape == (4, 0)
     assert (val >= 0).all()
+
+
+def test_unused_outputs_still_give_exact_gradients():
+    """Only val used (no AuxK term): the unmaterialised pre_dead gradient is skipped, the rest exact."""
+    g = torch.Generator().manual_seed(1)
+    x_c = torch.randn(9, 5, dtype=torch.float64, generator=g)
+    w = torch.randn(20, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.zeros(20, dtype=torch.float64, requires_grad=True)
+    val, idx, pre_dead = topk_encode(x_c, w, b, 4, torch.arange(0, 20, 2))
+    (val ** 2).sum().backward()
+    w2, b2 = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    pre = x_c @ w2.t() + b2
+    (F.relu(pre.gather(1, idx)) ** 2).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_bf16_autocast_hands_over_weight_dtype():
+    """Under autocast the matmul may run in bf16; values and gradients come back in the weights' dtype."""
+    x_c = torch.randn(8, 6)
+    w = torch.randn(16, 6, requires_grad=True)
+    b = torch.zeros(16, requires_grad=True)
+    W_dec = torch.randn(16, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        val, idx, pre_dead = topk_encode(x_c, w, b, 3, torch.tensor([1, 5, 7]))
+        x_hat = sparse_decode(idx, val, W_dec, torch.zeros(6))
+        e_hat = aux_topk(pre_dead, 2) @ W_dec.index_select(0, torch.tensor([1, 5, 7]))
+    assert val.dtype == pre_dead.dtype == torch.float32
+    (x_hat.float().pow(2).sum() + e_hat.float().pow(2).sum()).backward()
+    for p in (w, b, W_dec):
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()

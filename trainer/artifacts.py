@@ -10,6 +10,7 @@ METRICS = "metrics.jsonl"
 WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "sae_config.json"
 SUMMARY = "summary.json"
+EVAL = "eval.json"  # sae eval
 CHECKPOINT = "checkpoint"
 SAELENS = "saelens"
 # Inside a checkpoint directory.
@@ -45,6 +46,10 @@ class RunPaths:
     @property
     def summary(self) -> Path:
         return self.root / SUMMARY
+
+    @property
+    def eval(self) -> Path:
+        return self.root / EVAL
 
     @property
     def checkpoint(self) -> Path:

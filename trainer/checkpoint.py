@@ -3,6 +3,8 @@
 
 A checkpoint is written into a temporary directory and swapped in by renames, so a crash
 at any moment leaves the previous checkpoint (or, mid-swap, ``checkpoint.old``) intact.
+:func:`prepare_run_dir` decides whether ``--out`` is a new run, one to resume, or an error.
+In data-parallel runs only rank 0 writes; every rank reads (``Trainer._checkpoint``, ``_restore``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from actcache.errors import ActcacheError
 from trainer import artifacts as A
 
 
@@ -102,3 +105,47 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     return state
+
+
+RUNTIME_FIELDS = ("device", "log_every", "checkpoint_every", "out")  # may change on --resume
+
+
+def check_run_dir(flat_cfg: dict[str, Any], out: str, resume: bool, overwrite: bool) -> str:
+    """What ``out`` is for this run: "new", "resume" or "overwrite"; ActcacheError when it cannot
+    be used. Writes nothing (several runs are all checked before any is started)."""
+    if not out:
+        raise ActcacheError("no run directory: pass --out RUN_DIR")
+    if resume and overwrite:
+        raise ActcacheError("--resume and --overwrite exclude each other: pick one")
+    paths = A.run_paths(out)
+    if paths.config.exists():
+        if resume:
+            old = json.loads(paths.config.read_text())
+            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in flat_cfg.items()
+                    if k not in RUNTIME_FIELDS and old.get(k) != v]
+            if diff:
+                raise ActcacheError(f"cannot resume {paths.root} with other parameters ({'; '.join(diff)}): "
+                                    "use the original ones, or --overwrite")
+            return "resume"
+        if not overwrite:
+            raise ActcacheError(f"{paths.root} holds another run: pass --resume to continue it or --overwrite to replace it")
+        return "overwrite"
+    if paths.root.exists() and any(paths.root.iterdir()):
+        raise ActcacheError(f"--out {paths.root} exists and is not a run directory: choose a new path")
+    return "new"
+
+
+def prepare_run_dir(flat_cfg: dict[str, Any], out: str, resume: bool, overwrite: bool) -> tuple[A.RunPaths, bool]:
+    """Create (or check, for ``resume``) the run directory ``out`` and write ``config.json``;
+    returns its paths and whether a checkpoint exists to resume from."""
+    mode, paths = check_run_dir(flat_cfg, out, resume, overwrite), A.run_paths(out)
+    if mode == "resume":
+        return paths, find_checkpoint(paths.checkpoint) is not None
+    if mode == "overwrite":
+        shutil.rmtree(paths.root)
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ActcacheError(f"cannot create run directory {paths.root} ({e.strerror}): choose a writable --out") from None
+    atomic_write_text(paths.config, json.dumps(flat_cfg, indent=2))
+    return paths, False

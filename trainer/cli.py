@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,15 +24,20 @@ _S, _T, _L = SAEConfig(), TrainConfig(), LoaderConfig()
 
 
 class RichTrainProgress:
-    def __init__(self) -> None:
-        self._bar = Progress(TextColumn("[bold]train"), BarColumn(bar_width=16),
-                             TextColumn("{task.completed:,.0f}/{task.total:,.0f}"), TextColumn("{task.fields[info]}"),
-                             TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-        self._task = None
+    """One bar per run; the runs trained together (``for_run``) share one display."""
+
+    def __init__(self, label: str = "train", bar: Progress | None = None) -> None:
+        self._bar = bar or Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=16),
+                                    TextColumn("{task.completed:,.0f}/{task.total:,.0f}"), TextColumn("{task.fields[info]}"),
+                                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self._label, self._task = label, None
+
+    def for_run(self, cfg: RunConfig) -> "RichTrainProgress":
+        return RichTrainProgress(Path(cfg.train.out).name or "train", self._bar)
 
     def start(self, total_steps: int, done_steps: int, batch_size: int) -> None:
-        self._bar.start()
-        self._task = self._bar.add_task("train", total=total_steps, completed=done_steps, info="")
+        self._bar.start()  # idempotent: the first run's start shows the shared display
+        self._task = self._bar.add_task(self._label, total=total_steps, completed=done_steps, info="")
 
     def update(self, step: int, r: dict[str, Any]) -> None:
         info = (f"{r['tokens_per_s']:,.0f} tok/s loss {r['loss']:.3g} L0 {r['l0']:.0f} "
@@ -52,6 +61,49 @@ def _flat_from_cli(ctx: typer.Context, options: dict[str, Any], config: Optional
         if config is None or (source is not None and source.name != "DEFAULT"):
             flat[name] = value
     return flat
+
+
+def _bases(ctx: typer.Context, options: dict[str, Any], configs: list[Path]) -> list[dict[str, Any]]:
+    """A flat config per --config file (one from the options alone without any); with several
+    files and --out given, each run goes to OUT/<file stem>."""
+    if not configs:
+        return [_flat_from_cli(ctx, options, None)]
+    bases = []
+    for path in configs:
+        flat = _flat_from_cli(ctx, options, path)
+        if len(configs) > 1 and options["out"]:
+            flat["out"] = str(Path(options["out"]) / path.stem)
+        bases.append(flat)
+    return bases
+
+
+def _launch_torchrun(ctx: typer.Context, nproc: int, options: dict[str, Any], configs: list[Path], sweeps: list[str],
+                     flags: dict[str, bool]) -> int:
+    """``sae train --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m trainer train ...``."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "trainer", "train"]
+    for name, value in options.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name != "DEFAULT":
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    args += [a for p in configs for a in ("--config", str(p))] + [a for w in sweeps for a in ("--sweep", w)]
+    from trainer.train import handle_signals
+
+    proc = subprocess.Popen(args + [f"--{name}" for name, on in flags.items() if on])
+
+    def forward(signum: int, frame: Any) -> None:  # Ctrl-C reaches torchrun and the ranks directly
+        if signum == signal.SIGTERM:
+            proc.send_signal(signum)
+
+    with handle_signals(forward):  # the ranks checkpoint and stop; wait for them
+        return proc.wait()
+
+
+def _fail_once(message: str, code: int, main_rank: bool) -> None:
+    """Under torchrun every rank raises the same error: rank 0 prints it."""
+    if main_rank:
+        fail(message, code)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -81,30 +133,52 @@ def train(
     shuffle_buffer_mb: Annotated[float, typer.Option(help="RAM for the shuffle buffer.")] = _L.shuffle_buffer_mb,
     log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = _T.log_every,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = _T.checkpoint_every,
-    config: Annotated[Optional[Path], typer.Option(help="run.json with any of these fields (options given here win).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
+    config: Annotated[Optional[list[Path]], typer.Option(
+        help="run.json with any of these fields (options given here win). Repeat it to train several runs "
+             "together from one read of the store, in OUT/<file stem> when --out is given.")] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option(
+        help="FIELD=V1,V2,...: one run per value, all trained together from one read of the store, each with its "
+             "own SAE, optimiser and run dir OUT/FIELD=V (repeat for a grid: --sweep d_sae=2304,16384 "
+             "--sweep arch=baseline,dyncorr; hook=... reads each hook once).")] = None,
+    nproc: Annotated[int, typer.Option(
+        help="Data-parallel processes: launches torchrun (gloo on CPU, nccl with one GPU each); --batch-size "
+             "stays the global batch, each process reads batch-size / nproc rows of it.")] = 1,
+    resume: Annotated[bool, typer.Option(help="Continue the run(s) in --out from the last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run(s) in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Train an SAE on one hook of a store; writes config, metrics, checkpoints, weights and a SAELens export."""
-    options = {k: v for k, v in locals().items() if k not in ("ctx", "config", "resume", "overwrite", "quiet")}
-    from trainer.train import Interrupted, train as run_train
+    """Train an SAE on one hook of a store; writes config, metrics, checkpoints, weights and a SAELens export.
 
-    progress = None if quiet else RichTrainProgress()
+    Several --config files and --sweep values train several SAEs from one pass over the store
+    (the runs must agree on store, batch size, seed, tokens and loader settings)."""
+    options = {k: v for k, v in locals().items()
+               if k not in ("ctx", "config", "sweep", "nproc", "resume", "overwrite", "quiet")}
+    from trainer.distributed import env_world_size
+    from trainer.multi import expand_runs, preflight, train_many
+    from trainer.train import Interrupted
+
+    main_rank = os.environ.get("RANK", "0") == "0"
+    progress = RichTrainProgress() if not quiet and main_rank else None
     try:
-        cfg = RunConfig.from_flat(_flat_from_cli(ctx, options, config))
-        summary = run_train(cfg, resume=resume, overwrite=overwrite, progress=progress)
+        cfgs = expand_runs(_bases(ctx, options, config or []), sweep or [])
+        if nproc > 1 and env_world_size() == 1:
+            preflight(cfgs, resume=resume, overwrite=overwrite, nproc=nproc)  # one-line errors before any process starts
+            raise typer.Exit(_launch_torchrun(ctx, nproc, options, config or [], sweep or [],
+                                              {"resume": resume, "overwrite": overwrite, "quiet": quiet}))
+        summaries = train_many(cfgs, resume=resume, overwrite=overwrite, progress=progress.for_run if progress else None)
     except ActcacheError as e:
-        fail(str(e))
+        _fail_once(str(e), 2, main_rank)
     except Interrupted:
-        fail("interrupted: a checkpoint was written; continue with the same command plus --resume", 130)
+        _fail_once("interrupted: a checkpoint was written; continue with the same command plus --resume", 130, main_rank)
     finally:
         if progress:
             progress.stop()
-    h = summary["heldout"]
-    typer.echo(f"{summary['arch']}: {summary['steps']} steps, {summary['tokens']:,} tokens | held-out explained variance "
-               f"{h['explained_variance']:.4f}, L0 {h['l0']:.2f}, dead fraction {h['dead_fraction']:.4f} | "
-               f"non-finite events {summary['nonfinite_events']}")
+    for cfg, summary in zip(cfgs, summaries if main_rank else []):
+        h = summary["heldout"]
+        name = f"{cfg.train.out}: " if len(cfgs) > 1 else ""
+        typer.echo(f"{name}{summary['arch']}: {summary['steps']} steps, {summary['tokens']:,} tokens | held-out "
+                   f"explained variance {h['explained_variance']:.4f}, L0 {h['l0']:.2f}, dead fraction "
+                   f"{h['dead_fraction']:.4f} | non-finite events {summary['nonfinite_events']}")
 
 
 @app.command()
@@ -128,6 +202,15 @@ def export(
 from profiling.cli import profile_memory  # noqa: E402  (profiling builds on trainer; registered here)
 
 app.command("profile-memory")(profile_memory)
+
+from trainer.evaluation.cli import register as register_eval  # noqa: E402
+
+register_eval(app)
+
+from trainer.report.cli import compare, experiment  # noqa: E402
+
+app.command("compare")(compare)
+app.command("experiment")(experiment)
 
 
 def main() -> None:

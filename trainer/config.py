@@ -136,3 +136,21 @@ class RunConfig:
 
     def to_flat(self) -> dict[str, Any]:
         return {**asdict(self.loader), **asdict(self.sae), **asdict(self.train)}
+
+    @staticmethod
+    def parse_value(name: str, text: str) -> Any:
+        """A flat field's value from command-line text (``--sweep d_sae=2304,16384``), typed like its default."""
+        defaults = {**asdict(LoaderConfig()), **asdict(SAEConfig()), **asdict(TrainConfig())}
+        if name not in defaults:
+            raise ActcacheError(f"unknown field {name!r}: see `sae train --help` for the fields")
+        kind = type(defaults[name]) if defaults[name] is not None else int  # None: an optional int (shards)
+        if defaults[name] is None and text.lower() == "none":
+            return None
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                return text.lower() in ("true", "1")
+            return kind(text)
+        except ValueError:
+            raise ActcacheError(f"{name}={text!r}: expected {kind.__name__}") from None

@@ -1,37 +1,40 @@
 """``sae train``: the training loop (``Trainer.fit``) and its setup.
 
-``fit`` stays short: ``_step`` (one optimiser step, or a skipped non-finite one),
-``_log``, ``_maybe_checkpoint`` and ``_rollback``. Everything it needs to resume exactly
-(weights, buffers, optimiser, loader position, counters, RNG) is in the checkpoint.
+``fit`` stays short: ``train_on`` runs one batch (``_step``: one optimiser step, or a skipped
+non-finite one; then ``_log`` and ``_maybe_checkpoint``, or ``_rollback``). Everything it needs
+to resume exactly (weights, buffers, optimiser, every rank's loader position, counters, RNG) is in
+the checkpoint. Data parallel (torchrun, ``sae train --nproc N``): ``dp`` is the process group
+(trainer/distributed.py) and rank 0 alone writes the run directory. Several runs from one read:
+trainer/multi.py calls ``train_on`` of several Trainers that share their loaders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from dataclasses import asdict, replace
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from actcache.device import resolve_device
 from actcache.errors import ActcacheError
-from actcache.store import open_store
+from actcache.store import ActivationStore, open_store
 from trainer import artifacts as A
 from trainer import schedules as sch
-from trainer.checkpoint import atomic_write_text, find_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (RUNTIME_FIELDS, atomic_write_text, find_checkpoint, load_checkpoint,  # noqa: F401
+                                prepare_run_dir, save_checkpoint)
 from trainer.config import RunConfig
-from trainer.evaluate import evaluate
+from trainer.distributed import LOCAL, Collective, session
+from trainer.evaluation.reconstruction import evaluate
 from trainer.export import export_saelens, folded_weights, saelens_cfg, write_weights
 from trainer.loader import ActivationLoader
 from trainer.saes import ARCHS, SAE, SAEOutput, StepContext, build_sae
 
 log = logging.getLogger(__name__)
-RUNTIME_FIELDS = ("device", "log_every", "checkpoint_every", "out")  # may change on --resume
 _MAX_ROLLBACKS = 20
 _EIG_BLOCK = 256  # latents in the sampled block for Sigma's eigenvalue metrics
 
@@ -52,69 +55,77 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was written first."""
 
 
-def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[A.RunPaths, bool]:
-    if not cfg.train.out:
-        raise ActcacheError("no run directory: pass --out RUN_DIR")
-    paths = A.run_paths(cfg.train.out)
-    if resume and overwrite:
-        raise ActcacheError("--resume and --overwrite exclude each other: pick one")
-    if paths.config.exists():
-        if resume:
-            old = json.loads(paths.config.read_text())
-            new = cfg.to_flat()
-            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RUNTIME_FIELDS and old.get(k) != v]
-            if diff:
-                raise ActcacheError(f"cannot resume {paths.root} with other parameters ({'; '.join(diff)}): "
-                                    "use the original ones, or --overwrite")
-            return paths, find_checkpoint(paths.checkpoint) is not None
-        if not overwrite:
-            raise ActcacheError(f"{paths.root} holds another run: pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(paths.root)
-    elif paths.root.exists() and any(paths.root.iterdir()):
-        raise ActcacheError(f"--out {paths.root} exists and is not a run directory: choose a new path")
+@contextlib.contextmanager
+def handle_signals(on_signal: Callable[[int, Any], None]) -> Iterator[None]:
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        paths.root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ActcacheError(f"cannot create run directory {paths.root} ({e.strerror}): choose a writable --out") from None
-    atomic_write_text(paths.config, json.dumps(cfg.to_flat(), indent=2))
-    return paths, False
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def resolve_config(cfg: RunConfig, store: ActivationStore) -> RunConfig:
+    """``cfg`` checked against the store, with the hook and the width-dependent defaults filled in."""
+    hook = cfg.train.hook or (store.hooks[0] if len(store.hooks) == 1 else "")
+    if not hook:
+        raise ActcacheError(f"the store holds several hooks ({', '.join(store.hooks)}): choose one with --hook")
+    store.array(hook)  # unknown hook -> one-line error
+    if cfg.sae.arch not in ARCHS:
+        raise ActcacheError(f"unknown arch {cfg.sae.arch!r}: use one of {', '.join(ARCHS)}")
+    return replace(cfg, train=replace(cfg.train, hook=hook), sae=cfg.sae.resolved(store.d_model))
+
+
+def make_loader(store: ActivationStore, cfg: RunConfig, dp: Collective, device: torch.device) -> ActivationLoader:
+    """This rank's loader of a (resolved) run: ``batch_size / world_size`` rows of every batch."""
+    B, W = cfg.train.batch_size, dp.world_size
+    if B % W:
+        raise ActcacheError(f"--batch-size {B} is not divisible by the {W} processes: "
+                            f"each reads batch_size / {W} rows of every step")
+    return ActivationLoader(store, cfg.train.hook, replace(cfg.loader, batch_size=B // W), device=device,
+                            rank=dp.rank, world_size=W)
 
 
 class Trainer:
+    dp: Collective = LOCAL  # one process; the memory profiler's StepHarness inherits this
+
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, dp: Collective | None = None,
+                 loader: ActivationLoader | None = None):
+        """``dp``: the process group of a data-parallel run (default: one process). ``loader``:
+        one shared with other runs (trainer/multi.py); default: this run's own (this rank's share)."""
         store = open_store(cfg.train.store)  # refuses missing or incomplete stores
-        hook = cfg.train.hook or (store.hooks[0] if len(store.hooks) == 1 else "")
-        if not hook:
-            raise ActcacheError(f"the store holds several hooks ({', '.join(store.hooks)}): choose one with --hook")
-        store.array(hook)  # unknown hook -> one-line error
-        if cfg.sae.arch not in ARCHS:
-            raise ActcacheError(f"unknown arch {cfg.sae.arch!r}: use one of {', '.join(ARCHS)}")
-        cfg = replace(cfg, train=replace(cfg.train, hook=hook), sae=cfg.sae.resolved(store.d_model))
-        self.device = resolve_device(cfg.train.device)
-        self.cfg, self.store, self.hook, self.progress = cfg, store, hook, progress
-        self.loader = ActivationLoader(store, hook, cfg.loader, device=self.device)
+        self.cfg = cfg = resolve_config(cfg, store)
+        self.dp = dp = dp or LOCAL
+        self.device = dp.device_for(cfg.train.device)
+        self.store, self.hook = store, cfg.train.hook
+        self.progress = progress if dp.is_main else None
+        self.loader = loader or make_loader(store, cfg, dp, self.device)
         self.n_steps = self._count_steps()
         # Only now, with every input checked, is anything written.
-        self.paths, has_ckpt = _prepare_run_dir(cfg, resume, overwrite)
+        self.paths, has_ckpt = self._prepare_run_dir(resume, overwrite)
         warm = int(cfg.train.lr_warmup_frac * self.n_steps)
         self.sched = sch.Schedule(total_steps=self.n_steps, warmup_steps=warm,
                                   penalty_warmup_steps=int(cfg.train.penalty_warmup_frac * self.n_steps),
                                   lr_min_ratio=cfg.train.lr_min_ratio)
         torch.manual_seed(cfg.train.seed)
         self.sae: SAE = build_sae(cfg.sae, seed=cfg.train.seed).to(self.device)
+        self.sae.dp = dp  # batch statistics of the global batch (trainer/distributed.py)
         self.opt = make_optimizer(self.sae, cfg.train.lr)
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
         self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(_EIG_BLOCK, cfg.sae.d_sae)].to(self.device)
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
                                       "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0}
+        self.loader_state: dict[str, Any] | None = None  # this rank's position in the last checkpoint
         if has_ckpt:
             self._restore()
         self._stop = False
+        self._t0 = time.perf_counter()
 
     # -- setup helpers -------------------------------------------------------------------
     def _count_steps(self) -> int:
-        t, rows = self.cfg.train, self.loader.n_rows
+        t = self.cfg.train
+        rows = int(self.dp.sum(torch.tensor(self.loader.n_rows, device=self.device)))  # every rank's share
         tokens = t.n_tokens or rows
         if tokens > t.epochs * rows:
             raise ActcacheError(f"--n-tokens {tokens:,} exceeds {t.epochs} epoch(s) of the store's {rows:,} train rows: "
@@ -124,48 +135,78 @@ class Trainer:
             raise ActcacheError(f"--batch-size {t.batch_size} is larger than the {tokens:,} training tokens")
         return steps
 
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> tuple[A.RunPaths, bool]:
+        """Rank 0 prepares the run directory; every other rank gets its answer, or its error."""
+        result: Any = None
+        if self.dp.is_main:
+            try:
+                result = prepare_run_dir(self.cfg.to_flat(), self.cfg.train.out, resume, overwrite)
+            except ActcacheError as e:
+                if self.dp.world_size == 1:
+                    raise
+                result = e
+        result = self.dp.broadcast_object(result)
+        if isinstance(result, ActcacheError):
+            raise result
+        return result
+
     def _restore(self, *, data_position: bool = True) -> None:
         ckpt = find_checkpoint(self.paths.checkpoint)
         self.state = load_checkpoint(ckpt, model=self.sae, optimizer=self.opt, device=self.device)
         loader_state = self.state.pop("loader")
+        ranks = self.state.pop("loader_ranks", [loader_state])
+        if len(ranks) != self.dp.world_size:
+            raise ActcacheError(f"{ckpt} was written by a run on {len(ranks)} process(es), this one has "
+                                f"{self.dp.world_size}: resume with --nproc {len(ranks)}")
         if not data_position:
             return
-        self.loader.load_state_dict(loader_state)
+        self.loader_state = ranks[self.dp.rank]
+        self.loader.load_state_dict(self.loader_state)
         # Metrics written after the checkpoint belong to steps that will be redone.
-        if self.paths.metrics.exists():
+        if self.dp.is_main and self.paths.metrics.exists():
             keep = [ln for ln in self.paths.metrics.read_text().splitlines() if json.loads(ln)["step"] <= self.state["step"]]
             atomic_write_text(self.paths.metrics, "".join(ln + "\n" for ln in keep))
         log.info("resumed %s at step %d", self.paths.root, self.state["step"])
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            if self.progress:
-                self.progress.start(self.n_steps, self.state["step"], self.cfg.train.batch_size)
+        with handle_signals(self._on_signal):
+            self.begin()
             batches = self.loader.batches()
-            t0 = time.perf_counter() - self.state["wall_s"]
-            while self.state["step"] < self.n_steps:
-                x = next(batches)
-                if self.state["step"] == 0 and self.state["tokens"] == 0:
-                    self.sae.init_b_dec(x)
-                    self._checkpoint()  # a rollback target exists from the start
-                out = self._step(x)
-                self.state["wall_s"] = time.perf_counter() - t0
-                if out is None:
-                    if self.state["nonfinite_in_row"] >= self.cfg.train.max_nonfinite_in_row:
-                        self._rollback()
-                    continue
-                self._log(out, x)
-                self._maybe_checkpoint()
-                if self._stop:
+            while not self.done:
+                self.train_on(next(batches))
+                if self.dp.any_true(self._stop):  # every rank stops at the same step
                     self._checkpoint()
                     raise Interrupted()
-            self._checkpoint()
-            return self._finish()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            return self.end()
+
+    @property
+    def done(self) -> bool:
+        return self.state["step"] >= self.n_steps
+
+    def begin(self) -> None:
+        if self.progress:
+            self.progress.start(self.n_steps, self.state["step"], self.cfg.train.batch_size)
+        self._t0 = time.perf_counter() - self.state["wall_s"]
+
+    def train_on(self, x: torch.Tensor) -> None:
+        """Everything one batch does: b_dec from the first one, the step (or a rollback), log, checkpoint."""
+        st = self.state
+        if st["step"] == 0 and st["tokens"] == 0:
+            self.sae.init_b_dec(self.dp.gather_rows(x))  # from the global batch
+            self._checkpoint()  # a rollback target exists from the start
+        out = self._step(x)
+        st["wall_s"] = time.perf_counter() - self._t0
+        if out is None:
+            if st["nonfinite_in_row"] >= self.cfg.train.max_nonfinite_in_row:
+                self._rollback()
+            return
+        self._log(out, x)
+        self._maybe_checkpoint()
+
+    def end(self) -> dict[str, Any]:
+        self._checkpoint()
+        return self._finish()
 
     def _on_signal(self, signum, frame) -> None:
         self._stop = True
@@ -186,18 +227,20 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.sae(x, self._ctx())
         self.opt.zero_grad(set_to_none=True)
-        ok = bool(torch.isfinite(out.loss))
+        ok = self.dp.all_true(torch.isfinite(out.loss))  # a non-finite loss on any rank skips the step on all
         if ok:
             out.loss.backward()
+            self.dp.average_grads(self.sae.parameters())
             self.sae.project_decoder_grad()
             clip = self.cfg.train.grad_clip or math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), clip)
             ok = bool(torch.isfinite(grad_norm))
+        rows = x.shape[0] * self.dp.world_size
         if not ok:
             st["nonfinite_events"] += 1
             st["skipped_steps"] += 1
             st["nonfinite_in_row"] += 1
-            st["tokens"] += x.shape[0]
+            st["tokens"] += rows
             self.opt.zero_grad(set_to_none=True)
             log.warning("non-finite loss or gradient at step %d: step skipped", st["step"])
             return None
@@ -208,7 +251,7 @@ class Trainer:
         out.extras["lr"] = torch.tensor(lr)
         st["nonfinite_in_row"] = 0
         st["step"] += 1
-        st["tokens"] += x.shape[0]
+        st["tokens"] += rows
         return out
 
     def _rollback(self) -> None:
@@ -228,28 +271,31 @@ class Trainer:
         log.warning("rolled back to step %d with lr scale %.3g", self.state["step"], lr_scale)
 
     def _log(self, out: SAEOutput, x: torch.Tensor) -> None:
-        st = self.state
+        st, dp = self.state, self.dp
         if st["step"] % self.cfg.train.log_every and st["step"] != self.n_steps:
             return
-        with torch.no_grad():
+        with torch.no_grad():  # metrics of the global batch: per-rank means and shares average to them
             err = (out.x_hat.float() - x).pow(2)
-            total = (x - x.mean(0)).pow(2).sum()
-            ctx = self._ctx()
-            rec: dict[str, Any] = {"step": st["step"], "tokens": st["tokens"], "loss": float(out.loss),
-                                   **{k: float(v) for k, v in out.terms.items()},
-                                   "mse": float(err.mean()), "explained_variance": float(1 - err.sum() / total),
-                                   "l0": float(out.l0), "dead_fraction": float(self.sae.dead_mask().float().mean()),
-                                   "grad_norm": float(out.extras["grad_norm"]), "lr": float(out.extras["lr"]),
-                                   "k": ctx.k, "lambda": ctx.lam, "sparsity_coef": ctx.sparsity_coef,
-                                   "tokens_per_s": st["tokens"] / max(st["wall_s"], 1e-9),
-                                   "nonfinite_events": st["nonfinite_events"], "skipped_steps": st["skipped_steps"],
-                                   "rollbacks": st["rollbacks"]}
-            for name in ("mean_abs_R", "max_abs_R", "n_pairs", "min_var", "nonfinite"):
-                if name in out.extras:  # dyncorr penalty diagnostics
-                    rec[name if name != "nonfinite" else "corr_nonfinite"] = float(out.extras[name])
-            if hasattr(self.sae, "stats"):
-                rec["sigma_min_eig"] = self.sae.stats.min_eigenvalue(self.eig_block)
-                rec["sigma_condition"] = self.sae.stats.condition_number(self.eig_block)
+            names = ["loss", *out.terms, "mse", "l0"]
+            local = [out.loss, *out.terms.values(), err.mean(), out.l0]
+            means = dp.sum(torch.stack([t.detach().double().reshape(()) for t in local])) / dp.world_size
+            ev = float(1 - dp.sum(err.sum()) / (dp.batch_total_var(x) * dp.world_size))
+        if not dp.is_main:
+            return
+        ctx = self._ctx()
+        rec: dict[str, Any] = {"step": st["step"], "tokens": st["tokens"], **dict(zip(names, means.tolist())),
+                               "explained_variance": ev, "dead_fraction": float(self.sae.dead_mask().float().mean()),
+                               "grad_norm": float(out.extras["grad_norm"]), "lr": float(out.extras["lr"]),
+                               "k": ctx.k, "lambda": ctx.lam, "sparsity_coef": ctx.sparsity_coef,
+                               "tokens_per_s": st["tokens"] / max(st["wall_s"], 1e-9),
+                               "nonfinite_events": st["nonfinite_events"], "skipped_steps": st["skipped_steps"],
+                               "rollbacks": st["rollbacks"]}
+        for name in ("mean_abs_R", "max_abs_R", "n_pairs", "min_var", "nonfinite"):
+            if name in out.extras:  # dyncorr penalty diagnostics (of the global batch)
+                rec[name if name != "nonfinite" else "corr_nonfinite"] = float(out.extras[name])
+        if hasattr(self.sae, "stats"):
+            rec["sigma_min_eig"] = self.sae.stats.min_eigenvalue(self.eig_block)
+            rec["sigma_condition"] = self.sae.stats.condition_number(self.eig_block)
         with open(self.paths.metrics, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.progress:
@@ -260,8 +306,13 @@ class Trainer:
             self._checkpoint()
 
     def _checkpoint(self) -> None:
-        save_checkpoint(self.paths.checkpoint, model=self.sae, optimizer=self.opt,
-                        state={**self.state, "loader": self.loader.state_dict()})
+        """Rank 0 writes (atomically) every rank's loader position with the shared state."""
+        positions = self.dp.gather_objects(self.loader.state_dict())
+        if self.dp.is_main:
+            ranks = {"loader_ranks": positions} if self.dp.world_size > 1 else {}
+            save_checkpoint(self.paths.checkpoint, model=self.sae, optimizer=self.opt,
+                            state={**self.state, "loader": positions[0], **ranks})
+        self.dp.barrier()  # nobody reads a checkpoint (rollback) before it is complete
 
     # -- the end -------------------------------------------------------------------------
     def _final_k(self) -> int:
@@ -269,6 +320,10 @@ class Trainer:
         return c.k_end if c.arch == "dyncorr" else c.k
 
     def _finish(self) -> dict[str, Any]:
+        """Rank 0 evaluates on the held-out chunks and writes weights, export and summary."""
+        return self.dp.broadcast_object(self._export() if self.dp.is_main else None)
+
+    def _export(self) -> dict[str, Any]:
         heldout = ActivationLoader(self.store, self.hook, self.cfg.loader, device=self.device, split="heldout")
         metrics = evaluate(self.sae, heldout.batches(), k=self._final_k() if self.cfg.sae.arch != "baseline" else None)
         attrs = self.store.attrs
@@ -288,5 +343,6 @@ class Trainer:
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
           progress: Progress | None = None) -> dict[str, Any]:
-    """Train one SAE; returns the summary (also written to ``summary.json``)."""
-    return Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress).fit()
+    """Train one SAE (data parallel when launched by torchrun); returns the summary (also in ``summary.json``)."""
+    with session(cfg.train.device) as dp:
+        return Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, dp=dp).fit()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from trainer.config import SAEConfig
+from trainer.distributed import LOCAL, Collective
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> tor
 
 class SAE(nn.Module, ABC):
     arch: ClassVar[str]
+    # Data parallel: batch statistics are reduced over the ranks through this (the identity in one
+    # process; the Trainer sets it; trainer/distributed.py, docs/sae-math.md "Data-parallel statistics").
+    dp: Collective = LOCAL
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__()
@@ -80,8 +84,8 @@ class SAE(nn.Module, ABC):
 
     def after_step(self, out: SAEOutput) -> None:
         """State updates once the optimiser has stepped (dead-latent counts, running stats)."""
-        self.tokens_since_fired += out.x_hat.shape[0]
-        self.tokens_since_fired[out.fired] = 0
+        self.tokens_since_fired += out.x_hat.shape[0] * self.dp.world_size  # global rows and firing
+        self.tokens_since_fired[self.dp.any_rows(out.fired)] = 0
 
     # -- shared mechanics ----------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +107,16 @@ class SAE(nn.Module, ABC):
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Drop the gradient component along each unit decoder row (it would only change its norm)."""
-        if self.W_dec.grad is None:
+        grad = self.W_dec.grad
+        if grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        # vecdot + in-place addcmul: no (d_sae, d_in) temporaries. On CPU, blocks of rows that stay
+        # in cache make it one pass over memory instead of two (3-4x faster at d_sae 16k);
+        # on a GPU one launch over everything is best.
+        W = self.W_dec.detach()
+        rows = 128 if grad.device.type == "cpu" else grad.shape[0]
+        for g, w in zip(grad.split(rows), W.split(rows)):
+            g.addcmul_(torch.linalg.vecdot(g, w, dim=1).unsqueeze(1), w, value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -59,23 +59,35 @@ def topk_to_dense(idx: Tensor, val: Tensor, d_sae: int) -> Tensor:
     return z.scatter(1, idx.long(), val)
 
 
-def _row_pairs(idx: Tensor, v: Tensor, d: int, diagonal: bool) -> tuple[Tensor, Tensor]:
-    """Keys ``lo * d + hi`` and products ``v_lo * v_hi`` of the latent pairs within each row
-    (``lo < hi``, or ``lo <= hi`` with ``diagonal``), flattened; keys are int32 when
-    ``d^2 < 2^31`` (else int64), products differentiable w.r.t. ``v``. Sorting each row first
-    makes ``lo, hi`` fall out of the row order: one (B, k, k) broadcast and one gather beat two
-    gathers and a min / max."""
-    B, k = idx.shape
+def _sorted_rows(idx: Tensor, v: Tensor, d: int, diagonal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each row's indices sorted (int32 when ``d^2 < 2^31``: half the memory traffic, faster
+    sort), the sorting permutation, the values in that order, and ``tri``: the flat positions
+    ``p * k + q`` of the pairs ``p < q`` (``p <= q`` with ``diagonal``) of a k x k matrix.
+    Sorting first makes ``lo, hi`` of every pair fall out of the row order."""
+    k = idx.shape[1]
     s, perm = idx.sort(dim=1)
     vs = v.gather(1, perm)
-    if d * d - 1 <= _INT32_MAX:  # int32 keys: half the memory traffic, faster sort
+    if d * d - 1 <= _INT32_MAX:
         s = s.to(torch.int32)
     p, q = torch.triu_indices(k, k, 0 if diagonal else 1, device=idx.device)
-    tri = p * k + q
-    keys = ((s * d).unsqueeze(2) + s.unsqueeze(1)).view(B, k * k).index_select(1, tri).reshape(-1)
+    return s, perm, vs, p * k + q
+
+
+def _pair_keys(s: Tensor, d: int, tri: Tensor) -> Tensor:
+    """Keys ``lo * d + hi`` of the pairs ``tri`` of every sorted row, flattened: one (B, k, k)
+    broadcast and one gather beat two gathers and a min / max."""
+    B, k = s.shape
+    return ((s * d).unsqueeze(2) + s.unsqueeze(1)).view(B, k * k).index_select(1, tri).reshape(-1)
+
+
+def _row_pairs(idx: Tensor, v: Tensor, d: int, diagonal: bool) -> tuple[Tensor, Tensor]:
+    """Keys ``lo * d + hi`` and products ``v_lo * v_hi`` of the latent pairs within each row
+    (``lo < hi``, or ``lo <= hi`` with ``diagonal``), flattened."""
+    B, k = idx.shape
+    s, _, vs, tri = _sorted_rows(idx, v, d, diagonal)
     # index_select: its backward is an index_add, much cheaper than advanced indexing's index_put.
     prods = (vs.unsqueeze(2) * vs.unsqueeze(1)).view(B, k * k).index_select(1, tri).reshape(-1)
-    return keys, prods
+    return _pair_keys(s, d, tri), prods
 
 
 class LatentStatistics(torch.nn.Module):
@@ -269,7 +281,8 @@ def correlation_penalty(stats: LatentStatistics, idx: Tensor, val: Tensor) -> tu
     Call it BEFORE ``stats.update(idx, val)`` for the same batch. Cost O(B k^2 log(B k^2) +
     d_sae) time and O(B k^2 + d_sae) memory: the B k (k-1) / 2 per-row pairs are keyed
     ``lo * d_sae + hi``, merged with ``torch.unique``, and only those entries of ``M_{t-1}``
-    are gathered. Nothing d_sae x d_sae or B x d_sae is built.
+    are gathered. Nothing d_sae x d_sae or B x d_sae is built. The gradient is written out
+    by hand (:class:`_CorrPenalty`): autograd through the pair arrays cost twice the forward.
 
     Returns the scalar loss (buffer dtype) and diagnostics as detached 0-d tensors on the
     buffers' device (``.item()`` them only when logging): ``n_pairs`` (co-active unordered pairs), ``mean_abs_R``, ``max_abs_R``,
@@ -278,52 +291,87 @@ def correlation_penalty(stats: LatentStatistics, idx: Tensor, val: Tensor) -> tu
     no exception): check ``torch.isfinite(loss)``.
     """
     _check_topk(idx, val, stats.d_sae)
-    B, k = idx.shape
-    d, beta, eps, dt, dev = stats.d_sae, stats.beta, stats.eps, stats.dtype, stats.device
+    dt, dev = stats.dtype, stats.device
     idx = idx.to(device=dev, dtype=torch.int64)
-    v = val.to(device=dev, dtype=dt)
-    flat_idx, flat_v = idx.reshape(-1), v.reshape(-1)
-
-    # O(d) vectors with grad: m_t, diag(Q_t), mu~ and diag(S).
-    zeros_d = v.new_zeros(d)
-    m = zeros_d.index_add(0, flat_idx, flat_v) / B
-    q_diag = zeros_d.index_add(0, flat_idx, flat_v * flat_v) / B
-    mu_t = (1.0 - beta) * stats.mu + beta * m
-    m_prev_diag = stats.M_buf.diagonal() * stats.scale + stats.diag_extra
-    s_diag = (1.0 - beta) * m_prev_diag + beta * (q_diag + eps) - mu_t * mu_t
-
-    if k < 2:
+    v = val.to(device=dev, dtype=dt)  # autograd casts the gradient back to val's dtype
+    if idx.shape[1] < 2:
         return (v * 0).sum(), _no_pairs(dt, dev)
+    loss, *diag = _CorrPenalty.apply(v, idx, stats)
+    return loss, dict(zip(("n_pairs", "mean_abs_R", "max_abs_R", "min_var", "nonfinite"), diag))
 
-    keys, prod = _row_pairs(idx, v, d, diagonal=False)  # p < q: k (k - 1) / 2 pairs per row
-    uniq, inv = torch.unique(keys, sorted=True, return_inverse=True)
-    q_pair = v.new_zeros(uniq.numel()).index_add(0, inv, prod)  # B * Q_t[lo, hi]
 
-    uniq = uniq.to(torch.int64)
-    i, j = uniq // d, uniq % d
-    keep = (q_pair.detach() != 0) & (i != j)  # co-active (non-zero Q_t entry), off-diagonal
-    sel = keep.nonzero().squeeze(1)
-    i, j, q_pair = i[sel], j[sel], q_pair.index_select(0, sel)
-    n_pairs = sel.numel()
-    if n_pairs == 0:
-        return (v * 0).sum(), _no_pairs(dt, dev)
+class _CorrPenalty(torch.autograd.Function):
+    """Forward and hand-written backward of ``L_corr`` (docs/sae-math.md), gradient w.r.t. ``v`` only.
 
-    # index_select rather than [i]: the backward is then an index_add, not a (slower) index_put.
-    mu_i, mu_j = mu_t.index_select(0, i), mu_t.index_select(0, j)
-    s_ij = (1.0 - beta) * stats.scale * stats.M_buf[i, j] + (beta / B) * q_pair - mu_i * mu_j
-    s_i, s_j = s_diag.index_select(0, i), s_diag.index_select(0, j)
-    R = s_ij * s_i.rsqrt() * s_j.rsqrt()  # S_ii <= 0 -> inf / NaN, on purpose
-    loss = (R * R).sum() / n_pairs
-    with torch.no_grad():
-        absR = R.abs()
-        diag = {
-            "n_pairs": torch.tensor(n_pairs, dtype=torch.int64, device=dev),
-            "mean_abs_R": absR.mean(),
-            "max_abs_R": absR.max(),
-            "min_var": torch.minimum(s_i.min(), s_j.min()),
-            "nonfinite": (~torch.isfinite(R)).sum(),
-        }
-    return loss, diag
+    With ``P = |P_t|``, per pair ``a_ij = dL/dS_ij = 2 R_ij / (P sqrt(S_ii S_jj))`` and per latent
+    ``c_i = dL/dS_ii = -sum_j R_ij^2 / (P S_ii)``; ``g_mu = dL/dmu~`` collects ``-a_ij mu~_j``
+    and ``-2 c_i mu~_i``. Then for entry ``(b, p)`` of latent ``l`` with value ``v``::
+
+        dL/dv = (beta / B) (g_mu_l + 2 c_l v + sum_q a_{l, idx[b, q]} v_q)
+
+    the last sum being a (k x k) @ (k) product per row. Pairs with ``Q_t[i, j] = 0`` (a zero
+    value) are masked, not dropped: they keep their slot in the unique array but weigh 0.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, idx: Tensor, stats: LatentStatistics):
+        B, k = idx.shape
+        d, beta, eps = stats.d_sae, stats.beta, stats.eps
+        flat_idx, flat_v = idx.reshape(-1), v.reshape(-1)
+        # O(d) vectors: m_t, diag(Q_t), mu~ and diag(S).
+        m = v.new_zeros(d).index_add_(0, flat_idx, flat_v).div_(B)
+        q_diag = v.new_zeros(d).index_add_(0, flat_idx, flat_v * flat_v).div_(B)
+        mu_t = (1.0 - beta) * stats.mu + beta * m
+        s_diag = ((1.0 - beta) * (stats.M_buf.diagonal() * stats.scale + stats.diag_extra)
+                  + beta * (q_diag + eps) - mu_t * mu_t)
+
+        s, perm, vs, tri = _sorted_rows(idx, v, d, diagonal=False)  # p < q: k (k - 1) / 2 pairs per row
+        keys = _pair_keys(s, d, tri)
+        prods = (vs.unsqueeze(2) * vs.unsqueeze(1)).view(B, k * k).index_select(1, tri).reshape(-1)
+        uniq, inv = torch.unique(keys, sorted=True, return_inverse=True)
+        q_pair = v.new_zeros(uniq.numel()).index_add_(0, inv, prods)  # B * Q_t[lo, hi]
+        uniq = uniq.to(torch.int64)
+        i, j = uniq // d, uniq % d
+        keep = (q_pair != 0) & (i != j)  # co-active (non-zero Q_t entry), off-diagonal
+        n_pairs = keep.sum()
+        mu_i, mu_j = mu_t.index_select(0, i), mu_t.index_select(0, j)
+        s_ij = ((1.0 - beta) * stats.scale) * stats.M_buf.view(-1).index_select(0, uniq) + (beta / B) * q_pair
+        s_ij -= mu_i * mu_j
+        s_i, s_j = s_diag.index_select(0, i), s_diag.index_select(0, j)
+        # 1 / sqrt(S_ii S_jj), 0 on masked pairs; S_ii <= 0 -> inf / NaN on a kept pair, on purpose.
+        rr = torch.where(keep, s_i.rsqrt() * s_j.rsqrt(), v.new_zeros(()))
+        R = s_ij * rr
+        P = n_pairs.clamp(min=1).to(v.dtype)  # no pair: every R is 0, loss 0, gradient 0
+        R2 = R * R
+        loss = R2.sum() / P
+        absR = R.abs()  # diagnostics: 0-d tensors, no host sync
+        inf = torch.full((), math.inf, dtype=v.dtype, device=v.device)
+        diag = (n_pairs, absR.sum() / P, absR.max(), torch.where(keep, torch.minimum(s_i, s_j), inf).min(),
+                (~torch.isfinite(R)).sum())
+        ctx.beta, ctx.B, ctx.d, ctx.k = beta, B, d, k
+        ctx.save_for_backward(v, idx, perm, vs, tri, inv, i, j, mu_t, s_diag, R, R2, rr, P)
+        ctx.mark_non_differentiable(*diag)
+        return (loss, *diag)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        v, idx, perm, vs, tri, inv, i, j, mu_t, s_diag, R, R2, rr, P = ctx.saved_tensors
+        beta, B, d, k = ctx.beta, ctx.B, ctx.d, ctx.k
+        go = grad_loss / P
+        a = (2.0 * go) * R * rr  # dL/dS_ij, 0 on masked pairs
+        num = v.new_zeros(d).index_add_(0, i, R2).index_add_(0, j, R2)
+        c = torch.where(num != 0, -go * num / s_diag, v.new_zeros(()))  # dL/dS_ii; 0 outside the pairs
+        g_mu = v.new_zeros(d).index_add_(0, i, a * mu_t.index_select(0, j)).index_add_(0, j, a * mu_t.index_select(0, i))
+        g_mu = -g_mu - 2.0 * c * mu_t
+        # sum_q a_{pq} v_q per row: scatter each row's pair weights into a symmetric k x k matrix.
+        a_rows = a.index_select(0, inv).view(B, -1)
+        A = v.new_zeros(B, k * k)
+        A.index_copy_(1, tri, a_rows)
+        A.index_copy_(1, (tri % k) * k + tri // k, a_rows)
+        g_sorted = torch.bmm(A.view(B, k, k), vs.unsqueeze(2)).squeeze(2)
+        g = v.new_zeros(B, k).scatter_(1, perm, g_sorted)
+        g += g_mu.index_select(0, idx.reshape(-1)).view(B, k) + 2.0 * c.index_select(0, idx.reshape(-1)).view(B, k) * v
+        return g * (beta / B), None, None
 
 
 def _no_pairs(dt: torch.dtype, dev: torch.device) -> dict[str, Tensor]:

@@ -30,8 +30,11 @@ class DynCorrSAE(TopKSAE):
 
     def _extend(self, out: SAEOutput, idx: torch.Tensor, val: torch.Tensor, ctx: StepContext) -> SAEOutput:
         # Uses M_{t-1}, mu_{t-1}: must run before stats.update for this batch (after_step).
+        # Data parallel: the penalty and stats.update see every rank's rows (docs/sae-math.md).
+        idx, val = self.dp.gather_rows(idx), self.dp.gather_rows(val)
+        out.extras["idx"], out.extras["val"] = idx, val  # for stats.update in after_step
         corr, diag = correlation_penalty(self.stats, idx, val)
-        out.loss = out.loss + ctx.lam * corr
+        out.loss = out.loss + ctx.lam * self.dp.own_rows_grad(corr)
         out.terms["corr_loss"] = corr.detach()
         for name, v in diag.items():
             out.extras[name] = torch.as_tensor(v)

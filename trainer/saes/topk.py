@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from trainer.saes.base import SAE, SAEOutput, StepContext
-from trainer.saes.sparse_ops import densify, sparse_decode, topk_encode
+from trainer.saes.sparse_ops import aux_topk, densify, sparse_decode, topk_encode
 
 
 class TopKSAE(SAE):
@@ -15,23 +15,27 @@ class TopKSAE(SAE):
         return self.cfg.k
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        val, idx, _, _ = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, k or self.cfg.k)
+        val, idx, _ = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, k or self.cfg.k)
         return densify(idx, val, self.cfg.d_sae)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> SAEOutput:
         k = self.current_k(ctx)
-        dead = self.dead_mask() if self.training else None
-        val, idx, aux_val, aux_idx = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, k, dead, self.cfg.k_aux)
+        dead_idx = None
+        if self.training and self.cfg.k_aux > 0:
+            dead_idx = self.dead_mask().nonzero().squeeze(1)
+        val, idx, pre_dead = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, k, dead_idx)
         x_hat = sparse_decode(idx, val, self.W_dec, self.b_dec)
         err = x - x_hat
         # Scale-free loss: fraction of variance unexplained (sparsify / OpenAI).
-        total_var = (x - x.mean(0)).pow(2).sum().clamp(min=1e-12)
+        total_var = self.dp.batch_total_var(x).clamp(min=1e-12)  # global batch's (data parallel)
         fvu = err.pow(2).sum() / total_var
         terms = {"fvu": fvu.detach()}
         loss = fvu
-        if aux_idx.shape[1]:
-            # AuxK: dead latents learn to explain what the live ones leave over.
-            e_hat = sparse_decode(aux_idx, aux_val, self.W_dec, torch.zeros_like(self.b_dec))
+        if pre_dead.shape[1]:
+            # AuxK: dead latents learn to explain what the live ones leave over. k_aux is a large
+            # share of the dead latents, so a dense decode with their W_dec rows (gathered once)
+            # beats gathering k_aux rows per token.
+            e_hat = aux_topk(pre_dead, self.cfg.k_aux) @ self.W_dec.index_select(0, dead_idx)
             aux = (e_hat - err.detach()).pow(2).sum() / total_var
             loss = loss + self.cfg.aux_coef * aux
             terms["auxk_loss"] = aux.detach()

@@ -1,0 +1,142 @@
+"""``evaluate_run``: every metric of ``sae eval`` for one run, written as ``eval.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actcache.device import resolve_device
+from actcache.errors import ActcacheError
+from actcache.store import ActivationStore
+from trainer.checkpoint import atomic_write_text
+from trainer.evaluation.data import EvalData, select_split
+from trainer.evaluation.loading import TrainedRun, load_run
+from trainer.evaluation.probe_data import load_labelled, make_tasks
+from trainer.evaluation.probing import KS, pooled_features, sparse_probing
+from trainer.evaluation.reconstruction import ReconstructionMetrics, evaluate
+from trainer.evaluation.splice import SpliceMetrics, splice_metrics
+
+log = logging.getLogger(__name__)
+EVAL_TYPE = "actcache-core"
+
+
+def _load_store_model(store: ActivationStore, device: torch.device, warnings: list[str]):
+    """The model named in the store's metadata, full depth, float32."""
+    from actcache.models import load_model
+
+    meta = store.attrs.get("model", {})
+    if not meta.get("id"):
+        raise ActcacheError(f"store {store.path} names no model: splicing and probing need one (pass splice=False)")
+    loaded = load_model(meta["id"], gguf_file=meta.get("gguf_file"), dtype=torch.float32, device=device)
+    if meta.get("config_hash") and meta["config_hash"] != loaded.config_hash:
+        warnings.append(f"model {meta['id']} now has config hash {loaded.config_hash[:12]}, not the store's "
+                        f"{meta['config_hash'][:12]}: it is not the model the activations came from")
+    return loaded
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> null: eval.json stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _metrics(rec: ReconstructionMetrics, spl: SpliceMetrics | None) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "reconstruction_quality": {"explained_variance": rec.explained_variance, "mse": rec.mse,
+                                   "cossim": rec.cosine_similarity},
+        "sparsity": {"l0": rec.l0, "l1": rec.l1},
+        "misc_metrics": {"dead_fraction": rec.dead_fraction, "freq_over_1_percent": rec.frac_alive_gt_1pct,
+                         "freq_over_10_percent": rec.frac_alive_gt_10pct},
+        "token_stats": {"total_tokens_eval_reconstruction": rec.n_tokens,
+                        "total_tokens_eval_ce": spl.n_predictions if spl else 0},
+    }
+    if spl is not None:
+        m["model_performance_preservation"] = {
+            "ce_loss_score": spl.ce_loss_score, "ce_loss_with_ablation": spl.ce_loss_with_ablation,
+            "ce_loss_with_sae": spl.ce_loss_with_sae, "ce_loss_without_sae": spl.ce_loss_without_sae,
+            "kl_div_with_sae": spl.kl_div_with_sae}
+        m["model_behavior_preservation"] = {"kl_div_score": spl.kl_div_score,
+                                            "kl_div_with_ablation": spl.kl_div_with_ablation,
+                                            "kl_div_with_sae": spl.kl_div_with_sae}
+    return m
+
+
+def _probe(run: TrainedRun, data: EvalData, loaded, spec, probe_file: str, cfg: dict[str, Any]):
+    labelled = load_labelled(probe_file, text_field=cfg["probe_text_field"], label_field=cfg["probe_label_field"],
+                             max_per_class=cfg["probe_max_per_class"], seed=cfg["seed"])
+    tasks = make_tasks(labelled, seed=cfg["seed"])
+    acts, latents = pooled_features(loaded.model, loaded.tokenizer, spec, run.sae, run.k, labelled.texts,
+                                    max_tokens=int(data.store.attrs["context_size"]),
+                                    prepend_bos=bool(data.store.attrs.get("prepend_bos", True)))
+    return sparse_probing({"llm": acts, "sae": latents}, tasks, KS)
+
+
+def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split: str = "heldout",
+                 probe_file: str | Path | None = None, splice: bool = True, n_windows: int = 64,
+                 device: str = "auto", batch_windows: int = 4, max_rows: int = 0,
+                 probe_text_field: str = "text", probe_label_field: str = "label", probe_max_per_class: int = 200,
+                 seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a finished run on a split of a store; returns the result and writes it to ``eval.json``.
+
+    ``store``: default the training store. ``split``: heldout, train or all (chunk ranges with the
+    run's ``heldout_chunks``). ``splice``: CE/KL with the SAE spliced into the store's model over
+    the split's first ``n_windows`` windows. ``probe_file``: a labelled ``.jsonl``/``.csv`` or
+    ``embedded:stdlib-packages`` for sparse probing (None: no probing). ``max_rows``: cap on the
+    rows of the reconstruction metrics (0 = the whole split). ``out``: default ``RUN_DIR/eval.json``.
+    """
+    cfg = {k: v for k, v in locals().items()}
+    dev = resolve_device(device)
+    run = load_run(run_dir, device=dev)
+    data = select_split(run, store, split)
+    if data.n_rows == 0:
+        raise ActcacheError(f"split {split} of {data.store.path} is empty: pick another split or store")
+    if n_windows < 1 and splice:
+        raise ActcacheError(f"n_windows={n_windows}: splicing needs at least 1 window (or splice=False)")
+    warnings = list(data.warnings)
+    t0 = time.perf_counter()
+    rec = evaluate(run.sae, (x.to(dev) for x in data.batches(max_rows=max_rows)), k=run.k)
+    spl, probe_mean, probe_details = None, None, []
+    if splice or probe_file:
+        from actcache.hooks import parse_hook
+
+        spec = parse_hook(data.hook)
+        loaded = _load_store_model(data.store, dev, warnings)
+        if splice:
+            spl = splice_metrics(loaded.model, spec, run.sae, run.k, data.windows(n_windows),
+                                 first_position=data.store.layout.first_position, batch_windows=batch_windows)
+        if probe_file:
+            probe_mean, probe_details = _probe(run, data, loaded, spec, str(probe_file), cfg)
+    metrics = _metrics(rec, spl)
+    if probe_mean is not None:
+        metrics["sparse_probing"] = probe_mean
+    result = {
+        "eval_type_id": EVAL_TYPE,
+        "eval_config": {**{k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()},
+                        "run_dir": str(run.paths.root), "store": str(data.store.path), "hook": data.hook,
+                        "chunks": [data.chunks.start, data.chunks.stop], "k": run.k, "device": str(dev),
+                        "model": data.store.attrs.get("model", {}).get("id"), "probe_ks": list(KS)},
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": metrics,
+        "eval_result_details": probe_details,
+        "warnings": warnings,
+        "wall_s": time.perf_counter() - t0,
+        "sae_cfg_dict": run.saelens_cfg,
+    }
+    result = _finite(result)
+    path = Path(out) if out is not None else run.paths.eval
+    atomic_write_text(path, json.dumps(result, indent=2))
+    log.info("wrote %s", path)
+    return result

@@ -1,0 +1,1 @@
+"""Comparing runs (``sae compare``) and the reproducible experiment (``sae experiment``)."""
