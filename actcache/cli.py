@@ -88,7 +88,7 @@ def extract(
     try:
         path = run_extract(cfg, resume=resume, overwrite=overwrite, workers=workers, scheduler=scheduler, progress=progress)
     except ActcacheError as e:
-        fail(escape(str(e)))  # messages may hold [brackets]: not rich markup
+        fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted: finished chunks are kept; continue with the same command plus --resume", 130)
     finally:
@@ -117,7 +117,7 @@ def info(
     try:
         d = store_info(store)
     except ActcacheError as e:
-        fail(escape(str(e)))  # messages may hold [brackets]: not rich markup
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps(d, indent=2))
         return
@@ -149,7 +149,7 @@ def verify(
     try:
         rep = verify_store(store, recompute=recompute, seed=seed, device=device)
     except ActcacheError as e:
-        fail(escape(str(e)))  # messages may hold [brackets]: not rich markup
+        fail(str(e))
     for p in rep.problems:
         console.print(f"[red]problem:[/red] {escape(p)}", highlight=False)
     extra = f", {rep.windows_recomputed} windows recomputed (max relative error {rep.max_recompute_error:.2e})" if rep.windows_recomputed else ""

@@ -7,13 +7,15 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:
-    """A user error: one line on stderr, exit ``code``, no traceback."""
-    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    """A user error: one line on stderr, exit ``code``, no traceback. ``msg`` is plain text:
+    brackets in it (``pip install 'actcache-sae[remote]'``) are not rich markup."""
+    console.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -196,7 +196,7 @@ def test_memory_url_with_dask_workers_is_refused():
         extract(small_config(_memory_url()), workers=2)
 
 
-def test_secrets_in_url_never_reach_attrs_or_logs(caplog, capsys):
+def test_secrets_in_url_never_reach_attrs_or_logs(caplog, capsys, tmp_path):
     bucket = f"actcache-test-{uuid.uuid4().hex}"
     url = f"memory://alice:s3cr3t-pw@{bucket}/s.zarr?token=t0k3n-xyz&sig=abc"
     secrets = ("alice", "s3cr3t-pw", "t0k3n-xyz", "sig=")
@@ -216,6 +216,15 @@ def test_secrets_in_url_never_reach_attrs_or_logs(caplog, capsys):
     fs, root = st.location._fs
     metadata = [fs.cat_file(k).decode() for k in fs.find(root) if k.endswith("zarr.json")]
     assert metadata and f"memory://{bucket}/s.zarr" in " ".join(outputs)
+    # sae train on the same URL: the run's config.json and logs hold the redacted URL only.
+    from trainer.cli import app as sae_app
+
+    run = tmp_path / "run"
+    res = runner.invoke(sae_app, ["train", "--store", url, "--out", str(run), "--d-sae", "32", "--batch-size", "64",
+                                  "--n-tokens", "128", "--heldout-chunks", "1", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["store"] == f"memory://{bucket}/s.zarr"
+    outputs += [res.output, caplog.text, *(p.read_text() for p in run.rglob("*.json*"))]
     for text in [*outputs, *metadata, repr(st.location), str(st.path)]:
         for s in secrets:
             assert s not in text, (s, text[:300])

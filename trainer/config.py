@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from actcache.errors import ActcacheError
+from actcache.urls import redact
 from trainer.loader import LoaderConfig
 
 
@@ -135,7 +136,10 @@ class RunConfig:
         return cls(train=train, sae=SAEConfig(**parts["sae"]), loader=loader)
 
     def to_flat(self) -> dict[str, Any]:
-        return {**asdict(self.loader), **asdict(self.sae), **asdict(self.train)}
+        """Every field, flat, as written to ``config.json``: a store URL without its secrets."""
+        flat = {**asdict(self.loader), **asdict(self.sae), **asdict(self.train)}
+        flat["store"] = redact(flat["store"])
+        return flat
 
     @staticmethod
     def parse_value(name: str, text: str) -> Any:
