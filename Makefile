@@ -6,8 +6,8 @@ DEMO_TOKENS ?= 65536
 DEMO_HOOK ?= blocks.5.hook_resid_post
 DEMO_SEEDS ?= 1
 # baseline, topk, dyncorr (eps 1e-6), dyncorr (eps 0): the same tokens, batch, lr and seeds (docs/results.md).
-DEMO_EXPERIMENT ?= --d-sae 1152 --k-start 64 --k-end 16 --batch-size 512 --n-tokens 30720 --lr 1e-3 \
-  --dead-after-tokens 10000 --log-every 1 --eval-windows 8
+DEMO_EXPERIMENT ?= --d-sae 1152 --k-start 64 --k-end 16 --batch-size 512 --n-tokens 184320 --epochs 3 \
+  --lr 1e-3 --dead-after-tokens 10000 --log-every 5 --eval-windows 16
 
 .PHONY: install demo test bench docs clean
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-console = Console(stderr=True)
+# Piped or under make, rich would assume 80 columns and cut wide tables into "…" cells.
+console = Console(stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 160)
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:

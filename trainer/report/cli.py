@@ -20,7 +20,7 @@ def _print_tables(tables) -> None:
             rt.add_column(c, justify="left" if i < 2 else "right", no_wrap=i == 0)
         for row in t.rows:
             rt.add_row(*row)
-        console.print(rt, width=max(console.width, 200))  # wide tables: wrap lines rather than cut cells to "…"
+        console.print(rt)
 
 
 def compare(
