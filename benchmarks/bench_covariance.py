@@ -2,8 +2,12 @@
 
 Run: ``python benchmarks/bench_covariance.py [--quick] [--out docs/benchmarks.md]``.
 
-* Lazy: ``LatentStatistics.update`` (fp32 buffer), which scatters the <= B k (k+1)/2 non-zeros of
-  ``Q_t``'s upper triangle into ``M_buf`` and folds the decay into a scalar: O(B k^2 + d_sae).
+* Lazy: ``LatentStatistics.update`` (fp32 buffer), which scatters the non-zeros of ``Q_t``'s upper
+  triangle into ``M_buf`` and folds the decay into a scalar: O(B k^2 + d_sae). Two forms: on its
+  own (it builds every row's B k (k-1)/2 pairs and scatters them with their duplicates, plus the
+  diagonal), and as the training step runs it, ``update(..., moments=...)`` with the distinct
+  pairs the penalty has already merged (``penalty_and_moments``; the moments depend on the batch
+  only, so they are computed once per batch outside the timing).
   The fold-back (``M_buf *= scale``, O(d_sae^2), once every ``ceil(log(1e-3) / log(1 - beta))``
   steps) is timed separately and reported amortised.
 * Dense: the straightforward ``M = (1 - b) M + b (z^T z / B + eps I)`` on dense fp32 ``z``
@@ -12,6 +16,8 @@ Run: ``python benchmarks/bench_covariance.py [--quick] [--out docs/benchmarks.md
   full size, so only ``--dense-iters`` (default 2) steps are timed, with no warm-up.
 * Penalty: ``correlation_penalty`` forward, and forward + backward w.r.t. ``val``; against
   ``dense_correlation_penalty`` (same maths on dense fp32 ``z``) only where d_sae <= 4096.
+  "dyncorr's extra per step" = penalty forward + backward + the update from its moments: what
+  the dyncorr step adds to a TopK step.
 
 Batches: k distinct latents per row drawn without replacement with Zipf(0.8) weights over a random
 permutation of the latents (frequent latents co-fire often, so pairs repeat as in a real SAE),
@@ -36,7 +42,12 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.saes.covariance import LatentStatistics, correlation_penalty, dense_correlation_penalty  # noqa: E402
+from trainer.saes.covariance import (  # noqa: E402
+    LatentStatistics,
+    correlation_penalty,
+    dense_correlation_penalty,
+    penalty_and_moments,
+)
 
 TARGET = 20.0
 
@@ -110,8 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     fold_period = math.ceil(math.log(st.fold_threshold) / math.log(1.0 - beta)) if beta < 1 else 1
     fold_ms = statistics.median([tm(lambda: st.M_buf.mul_(0.5)) for _ in range(3)])  # what a fold does
     lazy_amortised = lazy_ms + fold_ms / fold_period
+    with torch.no_grad():
+        moments = [penalty_and_moments(st, i, v)[2] for i, v in batches]  # functions of the batch only
+    via = [tm(lambda i=i: st.update(*batches[i % nb], moments=moments[i % nb])) for i in range(a.lazy_iters)]
+    via_ms = statistics.median(via)
+    n_distinct = moments[-1].keys.numel()
     nbytes = st.nbytes
-    del st
+    del st, moments
 
     # -- dense update --------------------------------------------------------------------
     M = torch.eye(d, dtype=torch.float32, device=device) * eps
@@ -145,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         fwd(), fwd_bwd()
     pen_f = statistics.median([tm(fwd) for _ in range(a.penalty_iters)])
     pen_fb = statistics.median([tm(fwd_bwd) for _ in range(a.penalty_iters)])
+    extra_ms = pen_fb + via_ms
     loss, diag = fwd()
     n_pairs = int(diag["n_pairs"])
     dense_pen_f = dense_pen_fb = None
@@ -180,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"d_sae {d}, k {k}, B {B}, beta {beta}, eps {eps}, fp32 buffers; device {device.type} ({dev_name}), "
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads. Second-moment buffer held: "
-        f"{nbytes / 2**20:,.1f} MiB (`nbytes`). Pairs per step: {B * k * (k + 1) // 2:,} scattered (update), "
-        f"{n_pairs:,} distinct co-active pairs (penalty).",
+        f"{nbytes / 2**20:,.1f} MiB (`nbytes`). Pairs per step: {B * k * (k - 1) // 2:,} row pairs + {d:,} diagonal "
+        f"entries scattered by the update on its own, {n_distinct:,} distinct pairs + the diagonal from the "
+        f"penalty's moments; {n_pairs:,} co-active pairs in the penalty.",
         "",
         "| operation | lazy / sparse (ms) | dense (ms) | speed-up |",
         "| --- | ---: | ---: | ---: |",
@@ -189,8 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{fmt(lazy_ms)} | {fmt(dense_ms)} | {ratio:,.1f}x |",
         f"| fold-back `M_buf *= scale` (O(d_sae^2), every {fold_period} steps) | {fmt(fold_ms)} | | |",
         f"| Sigma update incl. amortised fold-back | {fmt(lazy_amortised)} | {fmt(dense_ms)} | **{ratio_am:,.1f}x** |",
+        f"| Sigma update from the penalty's moments (the training step's), median of {a.lazy_iters} | "
+        f"{fmt(via_ms)} | {fmt(dense_ms)} | {dense_ms / via_ms:,.1f}x |",
         f"| correlation penalty, forward | {fmt(pen_f)} | {fmt(dense_pen_f)} | {rat(dense_pen_f, pen_f)} |",
         f"| correlation penalty, forward + backward | {fmt(pen_fb)} | {fmt(dense_pen_fb)} | {rat(dense_pen_fb, pen_fb)} |",
+        f"| dyncorr's extra per step: penalty forward + backward + update from its moments | {fmt(extra_ms)} | | |",
         "",
         (f"Target >= {TARGET:g}x on the update (amortised) at d_sae 16384, k 64, B 4096: "
          f"**{'met' if met else 'NOT met'}** ({ratio_am:,.1f}x). " if full else

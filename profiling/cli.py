@@ -73,7 +73,7 @@ def _measure_training(rows: list[TrainRow], steps: int, env: dict[str, str], dev
         else:
             console.print(f"measuring {i}/{len(rows)}: {s.arch} d_sae={s.d_sae} B={s.batch_size} ({steps} steps)",
                           highlight=False)
-            m = done[key] = measure_training(r.flat, s.d_in, steps=steps, env=env)
+            m = done[key] = measure_training(r.flat, s.d_in, steps=steps, env=env, dead_fraction=s.dead_fraction)
         out.append(replace(r, measured=m))
     return out
 
@@ -95,7 +95,10 @@ def _measure_extraction(row: ExtractRow, env: dict[str, str]) -> ExtractRow:
 
 
 def _notes(rows: list[TrainRow], erows: list[ExtractRow]) -> list[str]:
-    notes = ["AuxK assumed active at min(k_aux, d_sae) latents per token; dyncorr at k = k_start (its peak)"]
+    fractions = sorted({r.spec.dead_fraction for r in rows if r.spec.arch != "baseline"})
+    dead = " or ".join(f"{f:g}" for f in fractions) or "1"
+    notes = [f"AuxK with dead fraction {dead} (--dead-fraction): dense (B, n_dead) blocks, n_dead = fraction x d_sae, "
+             "min(k_aux, n_dead) latents per token; dyncorr at k = k_start (its peak)"]
     methods = sorted({r.measured.method for r in [*rows, *erows] if r.measured.method})
     if methods:
         notes.append("measured = peak of a fresh subprocess above its baseline (" + "; ".join(methods) + ")" +
@@ -115,7 +118,9 @@ def profile_memory(
     k_end: Annotated[int, typer.Option(help="k at the end of the dyncorr schedule.")] = _S.k_end,
     k_aux: Annotated[int, typer.Option(help="AuxK latents per token; 0 = d_in // 2.")] = _S.k_aux,
     cov_dtype: Annotated[str, typer.Option(help="dtype of the dyncorr covariance buffer: float32 or float64.")] = _S.cov_dtype,
-    shuffle_buffer_mb: Annotated[float, typer.Option(help="Loader shuffle buffer, MiB.")] = _L.shuffle_buffer_mb,
+    dead_fraction: Annotated[float, typer.Option(help="Share of the latents assumed dead, which sizes the dense B x n_dead AuxK blocks; 1 = every latent, the upper bound.")] = 1.0,
+    shuffle_buffer_mb: Annotated[float, typer.Option(help="Loader shuffle buffer per shard held, MiB.")] = _L.shuffle_buffer_mb,
+    shards: Annotated[Optional[int], typer.Option(help="Loader row streams this process holds (each with its own buffers); default 1.")] = _L.shards,
     chunk_rows: Annotated[int, typer.Option(help="Rows per store chunk (the loader reads whole chunks).")] = 4096,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda: where training (and extraction) would run.")] = "auto",
     budget: Annotated[Optional[str], typer.Option(help="Memory to fit in, e.g. 80GB, 80GiB; default: this machine's RAM / GPU memory.")] = None,

@@ -3,38 +3,51 @@
 Every term below names the tensor it stands for; the peak is the persistent state plus the
 largest of the step's *phases* (the live set at a point of the step). Persistent: parameters,
 Adam moments, ``tokens_since_fired``, the covariance buffers (dyncorr), the previous step's
-``SAEOutput`` (``Trainer.fit`` holds it while the next step runs) and, from the previous step,
-the gradients: ``zero_grad(set_to_none=True)`` runs only after the forward pass.
+``SAEOutput`` (``Trainer.fit`` holds it while the next step runs: x_hat, idx, val, and for
+dyncorr the ``PairMoments`` in its extras) and, from the previous step, the gradients:
+``zero_grad(set_to_none=True)`` runs only after the forward pass.
 
-Phases (CPU, float32 unless noted; checked op by op against the torch profiler's allocation
-events, within a few percent):
+Phases (CPU, float32 unless noted; checked tensor by tensor against the live set of the real
+step, within 1-3 %; numpy's arrays, which only RSS sees, checked against RSS):
 
 * ``forward.*``: baseline keeps ``z`` (B x d_sae, saved by ReLU) while ``(z > 0).sum(-1)`` casts
-  the bool mask to a B x d_sae int64 copy (13 B d_sae bytes live). TopK keeps ``pre``
-  (B x d_sae) until ``_TopKEncode.forward`` returns, with TopK + AuxK values/indices and the
-  concatenated copies saved for backward.
-* ``penalty.*`` (dyncorr): ``correlation_penalty`` builds P = B k (k-1) / 2 pair keys and products
-  (a B x k x k broadcast first), ``torch.unique`` (sorted copy, permutation, inverse, and
-  a sort scratch buffer that only shows in RSS), then
-  ~11 U-long vectors for the U unique pairs (diagnostics included).
+  the bool mask to a B x d_sae int64 copy (13 B d_sae bytes live). TopK: ``pre`` (B x d_sae)
+  and ``pre_dead`` (its dense (B, n_dead) index_select, float32) in ``_TopKEncode.forward``,
+  which saves x_c, val, idx and the CSR pattern (argsort ``order``, ``crow``); AuxK:
+  ``aux_topk``'s ``zeros_like`` and scattered (B, n_dead) code, ``W_dec.index_select(0,
+  dead_idx)`` (n_dead x d_in); ``gather`` saves pre_dead, ``mm`` the code and the rows.
+* ``penalty.*`` (dyncorr, ``trainer/saes/corr_penalty.py`` + ``pairs.py``): ``unique_pairs`` packs
+  the P = B k (k-1) / 2 row pairs as ``key << shift | pos`` (int64; CPU), numpy sorts them in
+  place and adds pos (int64), first-flags and the int32 inverse (RSS only); the products are
+  the (B, k, k) outer product gathered at pos; then U-long vectors for the U distinct pairs,
+  computed in place where the code can.
 * ``backward.*``: the previous gradients are gone (``zero_grad``), the new ones appear one by
-  one. ``pow``'s backward (3 B x d_in), embedding_bag's dense backward of W_dec, and
-  ``_TopKEncode.backward``: the COO matrix, ``coalesce``'s copies and sort, then ``sparse.mm``'s
-  output and a second d_sae x d_in buffer. dyncorr: the penalty's saved tensors, then its
-  B x k x k gradients.
-* ``optimizer.*``: ``project_decoder_grad`` builds one d_sae x d_in product; Adam as
-  ``trainer.train.make_optimizer`` builds it: fused (no temporaries), per tensor (``denom`` of the
-  previous parameter alive while the next one's ``sqrt`` and quotient are built: 3 d_sae x d_in)
-  or foreach (one copy of all parameters).
-* ``update`` (dyncorr ``after_step``): ``LatentStatistics.update`` scatters B k (k+1) / 2 pairs.
+  one. dyncorr: the penalty's saved tensors, then ``a`` gathered to the P row pairs and
+  scattered into a (B, k, k) matrix. AuxK
+  first (its nodes are the newest): the code's and the rows' gradients, index_select's
+  backward (``zeros(d_sae, d_in).index_add``), gather's (two (B, n_dead)); then ``pow``'s
+  backward (3 B x d_in), embedding_bag's dense W_dec gradient summed with AuxK's (3 d_sae x
+  d_in at the sum), ``_TopKEncode.backward``: ``sparse.mm``'s zeros and result (W_enc.grad).
+* ``optimizer``: Adam as ``trainer.train.make_optimizer`` builds it: fused (no temporaries), per
+  tensor (``denom`` of the previous parameter alive while the next one's ``sqrt`` and quotient
+  are built: 3 d_sae x d_in) or foreach (one copy of all parameters). ``project_decoder_grad``
+  works in place in blocks of 128 rows: nothing d_sae x d_in.
+* ``update`` (dyncorr ``after_step``): ``LatentStatistics.update(..., moments=...)`` scatters the
+  penalty's U distinct pairs (``q * c``: U) and the diagonal (d_sae keys and values).
 
-CUDA with bf16 autocast is modelled (bf16 pre-activations and autocast's cached weight copies)
-but could not be checked here: no GPU.
+CUDA with bf16 autocast is modelled (bf16 pre-activations, autocast's cached weight copies,
+``torch.unique`` instead of numpy) but could not be checked here: no GPU.
 
-AuxK is assumed active with ``min(k_aux, d_sae)`` latents per token (late training: at least
-k_aux dead latents); dyncorr uses ``k_start``, its largest k. ``U`` (unique co-active pairs) is
-data dependent: the default assumes uniformly random co-activation, ``N (1 - exp(-P / N))``
-with ``N = d_sae (d_sae - 1) / 2``; trained SAEs co-fire in structure, so fewer.
+Assumptions. AuxK: ``dead_fraction`` of the latents are dead (``n_dead = round(dead_fraction x
+d_sae)``; ``min(k_aux, n_dead)`` per token). The trainer marks a latent dead after
+``dead_after_tokens`` without firing, so a run has none for its first ``dead_after_tokens``
+tokens, and how many later depends on the run (a healthy TopK run: a few percent; a run
+with many dead latents: most). The (B, n_dead) blocks grow with n_dead, so the default, 1.0
+(every latent dead), is the upper bound; ``--dead-fraction`` profiles a run's own share, and
+the measurement harness marks the same number dead. dyncorr uses ``k_start``, its largest
+k. ``U`` (distinct co-active pairs) is data dependent: the default assumes uniformly random
+co-activation, ``N (1 - exp(-P / N))`` with ``N = d_sae (d_sae - 1) / 2``; trained SAEs co-fire
+in structure, so fewer.
 """
 
 from __future__ import annotations
@@ -52,15 +65,16 @@ DTYPES = ("float32", "bfloat16")
 COV_DTYPES = {"float32": 4, "float64": 8}
 CATEGORIES = ("parameters", "gradients", "optimizer", "buffers", "covariance", "activations", "saved",
               "penalty", "input", "loader")
-_INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    shuffle_buffer_mb: float = 256.0
-    prefetch: bool = True
+    shuffle_buffer_mb: float = 256.0  # per shard held
+    prefetch: bool = True  # 2 group buffers per shard held, else 1
     chunk_rows: int = 4096
     train_chunks: int | None = None  # a store's training chunks cap a group; None = unknown (no cap)
+    shards: int = 1  # row streams this (single) process holds: ``LoaderConfig.shards`` / world_size
+    decode_bytes: int = 2  # bytes per value of the chunk zarr decodes (bf16 stores: 2); 0 = memory-mapped store
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,7 @@ class TrainSpec:
     dtype: str = "float32"  # requested; see effective_dtype
     device: str = "cpu"  # "cpu" or "cuda"
     beta: float = 0.01
-    aux: bool = True  # assume >= k_aux dead latents, so AuxK runs at full size
+    dead_fraction: float = 1.0  # share of the latents dead (AuxK's n_dead); 1.0 = every latent: the upper bound
     unique_pairs: int | None = None  # U; None = the uniform-co-activation estimate
     loader: LoaderSpec = field(default_factory=LoaderSpec)
 
@@ -87,8 +101,16 @@ class TrainSpec:
         return "bfloat16" if self.device == "cuda" and self.dtype == "bfloat16" else "float32"
 
     @property
+    def n_dead(self) -> int:
+        """Dead latents AuxK sees: ``round(dead_fraction * d_sae)`` (0 for the baseline or without AuxK)."""
+        if self.arch == "baseline" or self.k_aux <= 0:
+            return 0
+        return min(self.d_sae, max(0, round(self.dead_fraction * self.d_sae)))
+
+    @property
     def ka(self) -> int:
-        return min(self.k_aux, self.d_sae) if self.aux and self.arch != "baseline" else 0
+        """AuxK latents per token: ``min(k_aux, n_dead)``."""
+        return min(self.k_aux, self.n_dead)
 
 
 @dataclass(frozen=True)
@@ -102,20 +124,17 @@ class TrainEstimate:
     cov_share: float  # covariance buffers / total
 
 
-def n_pairs(batch: int, k: int, diagonal: bool = False) -> int:
-    return batch * k * (k + 1 if diagonal else k - 1) // 2
+def n_pairs(batch: int, k: int) -> int:
+    """P: the pairs p < q of every row of a (batch, k) TopK code."""
+    return batch * k * (k - 1) // 2
 
 
 def unique_pairs(spec: TrainSpec) -> int:
+    """U: the distinct pairs among them (uniformly random co-activation unless given)."""
     if spec.unique_pairs is not None:
         return spec.unique_pairs
     N, P = spec.d_sae * (spec.d_sae - 1) // 2, n_pairs(spec.batch_size, spec.k)
     return 0 if N == 0 else round(N * -math.expm1(-P / N))
-
-
-def key_bytes(d_sae: int) -> int:
-    """``_row_pairs`` keys are int32 while ``d_sae^2 - 1`` fits, else int64."""
-    return 4 if d_sae * d_sae - 1 <= _INT32_MAX else 8
 
 
 def param_bytes(d_in: int, d_sae: int) -> int:
@@ -129,23 +148,30 @@ def covariance_bytes(d_sae: int, cov_dtype: str) -> int:
 
 
 def loader_bytes(spec: TrainSpec) -> dict[str, int]:
-    """The loader's own rows (``ActivationLoader.rows_bound``): group + prefetched group + one batch."""
+    """The loader's own host memory (``ActivationLoader.rows_bound``, ``trainer.decode.GroupBuffers``):
+    per shard held, the group buffer being consumed and (prefetch) the one being filled, allocated
+    once per ``batches()`` call (pinned on CUDA) and no bigger than a shard's share of the store's
+    training chunks; one batch ``torch.cat`` assembles from pieces (CPU; on CUDA the pieces are copied
+    to the device); and per shard held, the chunk zarr is decoding (storage dtype; none when memory-mapped)."""
     L, d = spec.loader, spec.d_in
     buffer_rows = int(L.shuffle_buffer_mb * 2**20) // (4 * d)
     chunks = max(1, buffer_rows // 2 // L.chunk_rows)
-    group = (min(chunks, L.train_chunks) if L.train_chunks else chunks) * L.chunk_rows
-    return {"group": 4 * group * d, "prefetch": 4 * group * d if L.prefetch else 0,
-            "batch": 4 * spec.batch_size * d}
+    if L.train_chunks:
+        chunks = min(chunks, -(-L.train_chunks // L.shards))
+    n_bufs = 2 if L.prefetch else 1
+    return {"groups": L.shards * n_bufs * 4 * chunks * L.chunk_rows * d,
+            "batch": 0 if spec.device == "cuda" else 4 * spec.batch_size * d,
+            "decoded_chunk": L.shards * L.decode_bytes * L.chunk_rows * d}
 
 
 def _persistent(s: TrainSpec) -> dict[str, int]:
     B, d, n = s.batch_size, s.d_in, s.d_sae
     P = param_bytes(d, n)
     a = 2 if s.effective_dtype == "bfloat16" else 4
-    prev_out = 4 * B * d + (B * s.k * (8 + a) + n if s.arch != "baseline" else 0)
+    prev_out = 4 * B * d + (B * s.k * (8 + a) + n if s.arch != "baseline" else 0)  # x_hat, idx, val, fired
     return {"parameters": P, "gradients": P, "optimizer": 2 * P, "buffers": 8 * n,
             "covariance": covariance_bytes(n, s.cov_dtype) if s.arch == "dyncorr" else 0,
-            "activations": prev_out}
+            "activations": prev_out, "penalty": _moments_bytes(s)}
 
 
 def _grads(nd_buffers: int, s: TrainSpec) -> dict[str, int]:
@@ -171,55 +197,107 @@ def _baseline_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     }
 
 
-def _topk_forward(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """TopK/dyncorr phases, and what is alive once the forward (before the penalty) is done."""
-    B, d, n, k, ka = s.batch_size, s.d_in, s.d_sae, s.k, s.ka
+def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """TopK/dyncorr phases, and what is alive once the forward (before the penalty) is done.
+
+    ``_TopKEncode.forward`` saves x_c, val, idx, the CSR pattern (argsort ``order``, ``crow``) and
+    returns ``pre_dead``, the (B, n_dead) float32 index_select of the pre-activations; AuxK
+    (``aux_topk``) scatters its top ``ka`` into a fresh dense (B, n_dead) code and decodes it with
+    ``W_dec.index_select(0, dead_idx)`` (n_dead x d_in): ``gather`` saves pre_dead, ``mm`` the code
+    and the rows, until the backward reaches them."""
+    B, d, n, k, nd, ka = s.batch_size, s.d_in, s.d_sae, s.k, s.n_dead, s.ka
     bf16 = s.effective_dtype == "bfloat16"
     a = 2 if bf16 else 4
-    Bd, kt = 4 * B * d, k + ka
+    Bd, Bnd, nD = 4 * B * d, 4 * B * nd, 4 * nd * d  # float32 (B, d_in), (B, n_dead), (n_dead, d_in)
     casts = {"activations": 2 * (n * d + B * d + n)} if bf16 else {}  # autocast's bf16 W_enc, x_c, b_enc
-    outs = B * kt * (a + 8)  # val, idx, aux_val, aux_idx
-    cats = B * kt * (a + 8)  # torch.cat([idx, aux_idx]), torch.cat([val, aux_val]): saved for backward
-    n_err = 2 if ka else 1  # x - x_hat (and AuxK's e_hat - err), saved by pow
-    after = {"saved": Bd + cats + n_err * Bd, "activations": outs + Bd}  # x_c, ...; x_hat
-    # _TopKEncode.backward: W_dec.grad exists; g, grad_x, the COO rows/indices, coalesce's copies and sort.
-    enc_bwd = {"saved": Bd + cats, "activations": 3 * Bd + 12 * B * k + 4 * B * kt}
-    return {
-        "forward.encode": _merge({"saved": Bd + cats, "activations": a * B * n + outs}, casts),
-        "forward.decode": _merge(after, {"activations": 2 * Bd}, casts),
-        "backward.mse": _merge(after, {"activations": 3 * Bd}, _grads(0, s)),
-        "backward.decode": _merge(after, {"activations": 40 * B * max(k, ka)}, _grads(2 if ka else 1, s)),
-        "backward.coalesce": _merge(enc_bwd, {"activations": 72 * B * kt}, _grads(1, s)),
-        "backward.sparse_mm": _merge(enc_bwd, {"activations": 28 * B * kt}, _grads(3, s)),
-    }, _merge(after, casts)
+    # x_c; val (float32), idx, order (int64); crow; dead_idx; pre_dead (float32, (B, n_dead)).
+    enc = {"saved": Bd + 20 * B * k + 8 * (n + 1) + 8 * nd + Bnd}
+    dec = _merge(enc, {"saved": Bd, "activations": Bd})  # err (saved by pow); x_hat
+    # pos (int64), ReLU'd values; the dense code and W_dec's dead rows, saved by mm (autocast: bf16 copies).
+    aux = {"saved": 12 * B * ka + (Bnd + nD) * a // 4}
+    phases = {
+        # pre (B x d_sae) and pre_dead (in autocast's dtype, then float32), topk's val/idx, argsort's sort.
+        "forward.encode": _merge({"saved": Bd, "activations": a * B * n + (a * B * nd if bf16 else 0) + Bnd
+                                  + B * k * (a + 4 + 8) + 16 * B * k}, casts),
+        "forward.decode": _merge(dec, {"activations": 2 * Bd}, casts),  # batch_total_var's x - mean, pow
+    }
+    if nd:
+        after = _merge(dec, aux, {"saved": Bd})  # + (e_hat - err)'s difference, saved by pow
+        phases.update({
+            "forward.aux_code": _merge(dec, {"saved": 12 * B * ka, "activations": 2 * Bnd}, casts),  # zeros_like, scatter
+            # mm: the float32 code and rows (+ autocast's bf16 copies), e_hat.
+            "forward.aux_mm": _merge(dec, aux, {"activations": (Bnd + nD if bf16 else 0) + Bd}, casts),
+            "forward.aux_loss": _merge(dec, aux, {"activations": 3 * Bd}, casts),  # e_hat, e_hat - err, pow
+            "backward.aux_mm": _merge(after, {"activations": Bnd + nD}, _grads(0, s)),  # grad of code, of the rows
+            # index_select's backward: zeros(d_sae, d_in).index_add(...) (W_dec.grad's AuxK part); the
+            # code and the rows are gone, their gradients (same sizes) are not.
+            "backward.aux_rows": _merge(dec, aux, _grads(2, s)),
+            # gather's backward: new_zeros (B, n_dead) and scatter_add's result, pre_dead still saved.
+            "backward.aux_gather": _merge(dec, {"saved": 8 * B * ka, "activations": 2 * Bnd + 8 * B * ka}, _grads(1, s)),
+        })
+    else:
+        after = dec
+    phases.update({
+        "backward.mse": _merge(dec, {"activations": 3 * Bd}, _grads(1 if nd else 0, s)),  # pow's backward
+        # embedding_bag's dense W_dec gradient, summed with AuxK's (3 d_sae x d_in at the sum).
+        "backward.decode": _merge(enc, {"saved": Bd}, _grads(3 if nd else 1, s)),
+        # W_dec.grad, sparse.mm's zeros and result (W_enc.grad); g, cols, the CSR values.
+        "backward.encode": _merge(enc, {"saved": Bd, "activations": Bd + 20 * B * k}, _grads(3, s)),
+    })
+    return phases, _merge(after, casts)
+
+
+def _moments_bytes(s: TrainSpec) -> int:
+    """dyncorr's ``PairMoments`` in ``SAEOutput.extras`` (``penalty_and_moments`` hands them to
+    ``stats.update``): the U distinct pair keys (int64) and sums, ``sum z`` and ``sum z^2`` (d_sae)."""
+    c = COV_DTYPES[s.cov_dtype]
+    return unique_pairs(s) * (8 + c) + 2 * s.d_sae * c if s.arch == "dyncorr" and s.k >= 2 else 0
 
 
 def _penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
+    """``_CorrPenalty`` (trainer/saes/corr_penalty.py) and ``unique_pairs`` (trainer/saes/pairs.py)."""
     B, n, k = s.batch_size, s.d_sae, s.k
-    c, kb = COV_DTYPES[s.cov_dtype], key_bytes(n)
+    c = COV_DTYPES[s.cov_dtype]
     if k < 2:
         return {}
     P, U, Bk2 = n_pairs(B, k), unique_pairs(s), B * k * k
-    small = B * k * (16 + c + 4) + 8 * n * c  # sorted idx, perm, gathered values, int32 keys; O(d_sae) vectors
-    u_keys = U * (8 if kb == 4 else 0) + U  # uniq as int64 (when it was int32), keep mask
-    u_vecs = U * (3 * 8 + max(11 * c + 9, 12 * c + 3))  # sel, i, j; q_pair ... R, |R|, isfinite
+    # sorted rows s, perm (int64), their values vs (+ val's float64 copy); m, q_diag, mu~, s_diag, rsqrt(s_diag).
+    small = B * k * (16 + c) + (B * k * c if c == 8 else 0) + 5 * n * c
+    if s.device == "cpu":
+        # the packed ``key << shift | pos`` (int64: two P-long gathers, added in place); numpy sorts
+        # it in place and adds pos (int64), first-flags and the int32 inverse (RSS only); pk[first].
+        inv_b, unique = 4, max(16 * P, P * (8 + 8 + 1 + 4) + 8 * U)
+    else:  # keys (two gathers), as int32, torch.unique's sorted copy, permutation and inverse; pos
+        inv_b, unique = 8, P * (8 + 8 + 4 + 4 + 8 + 8 + 8) + 8 * U
+    pairs = P * (inv_b + 8)  # inv and pos (int64): for every row pair, its distinct pair and its (b, p, q)
     return {
-        "penalty.pairs": {"penalty": small + P * kb + Bk2 * c + P * c},
-        # + the sort's scratch (~P kb, outside torch's allocator: seen in RSS, not by the profiler)
-        "penalty.unique": {"penalty": small + P * (3 * kb + c + 16) + U * kb},
-        "penalty.R": {"penalty": small + P * (kb + c + 8) + u_keys + u_vecs},
-        # backward: inv, prod and 7 U-vectors saved, ~3 U-vectors of gradients in flight; then B x k x k grads.
-        "backward.penalty": {"penalty": P * (8 + c) + U * (24 + 10 * c)},
-        "backward.pairs": {"penalty": 3 * Bk2 * c},
+        "penalty.unique": {"penalty": small + unique},
+        # products: the (B, k, k) outer product of vs, gathered at pos (P).
+        "penalty.products": {"penalty": small + pairs + 8 * U + Bk2 * c + P * c},
+        # uniq, i and j (int32), keep; q_pair, s_ij and the two U-long gathers (mu~, then rsqrt(s_diag)
+        # into the same buffers: rr).
+        "penalty.R": {"penalty": small + pairs + U * (8 + 8 + 1 + 4 * c)},
+        # saved (perm, vs, inv, pos, i, j, mu~, s_diag, R, rr) and the moments (uniq, q_pair, m, q_diag);
+        # in backward a and R * R; then a gathered to the row pairs (a_rows), a freed, a_rows
+        # scattered into A (B, k, k).
+        "backward.penalty": {"penalty": _penalty_saved(s) + 2 * U * c},
+        "backward.pairs": {"penalty": _penalty_saved(s) + P * c + max(U, Bk2) * c},
     }
 
 
-def _update_phase(s: TrainSpec) -> dict[str, int]:
+def _penalty_saved(s: TrainSpec) -> int:
     B, n, k = s.batch_size, s.d_sae, s.k
-    c, kb = COV_DTYPES[s.cov_dtype], key_bytes(n)
-    P1 = n_pairs(B, k, diagonal=True)
-    extra = P1 * (8 + 16 + c) if s.device == "cuda" else 0  # keys.long() + index_put_'s sort
-    return {"penalty": B * k * (16 + c + 4) + P1 * kb + B * k * k * c + P1 * c + extra}
+    c, P, U = COV_DTYPES[s.cov_dtype], n_pairs(s.batch_size, s.k), unique_pairs(s)
+    inv_b = 4 if s.device == "cpu" else 8
+    return (B * k * (8 + c) + (B * k * c if c == 8 else 0) + P * (inv_b + 8) + U * (8 + 2 * c) + 2 * n * c
+            + _moments_bytes(s))
+
+
+def _update_phase(s: TrainSpec) -> dict[str, int]:
+    """``LatentStatistics.update(idx, val, moments=...)``: the moments' sums times a scalar
+    (U + d_sae), the diagonal's keys (d_sae int64); the moments are the current output's."""
+    c, U, n = COV_DTYPES[s.cov_dtype], unique_pairs(s), s.d_sae
+    return {"penalty": _moments_bytes(s) + U * c + n * (8 + c)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,7 +312,8 @@ def adam_mode() -> str:
 
 
 def _optimizer_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
-    """``project_decoder_grad`` (one d_sae x d_in product), then Adam's temporaries: none fused;
+    """Adam's temporaries (``project_decoder_grad`` works in place, 128 rows at a time: nothing
+    d_sae x d_in, and clip_grad_norm_'s norms are scalars): none fused;
     per tensor (CPU default) the previous ``denom`` + ``sqrt`` + quotient, 3 d_sae x d_in;
     foreach (CUDA default) ``sqrt`` of every parameter at once."""
     n, d = s.d_sae, s.d_in
@@ -242,7 +321,7 @@ def _optimizer_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     if mode == "default" and s.device == "cuda":
         mode = "foreach"
     temps = {"fused": 0, "foreach": param_bytes(d, n), "default": 3 * 4 * n * d}[mode]
-    return {"optimizer.project": {"activations": 4 * n * d}, "optimizer": {"optimizer": temps}}
+    return {"optimizer": {"optimizer": temps}}
 
 
 def _step_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
@@ -251,11 +330,14 @@ def _step_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     if s.arch == "baseline":
         phases = _baseline_phases(s)
     else:
-        phases, after = _topk_forward(s)
+        phases, after = _topk_phases(s)
         if s.arch == "dyncorr":
+            moments = {"penalty": _moments_bytes(s)}  # from the penalty on, until the next step's output
+            phases = {name: _merge(p, moments) if name.startswith("backward") else p for name, p in phases.items()}
             for name, p in _penalty_phases(s).items():
                 phases[name] = _merge(after, p, _grads(0, s) if name.startswith("backward") else {})
             phases["update"] = _merge(out_t, _update_phase(s))
+            out_t = _merge(out_t, moments)
     for name, p in _optimizer_phases(s).items():
         phases[name] = _merge(out_t, p)
     return phases
@@ -279,7 +361,7 @@ def estimate_training(s: TrainSpec) -> TrainEstimate:
     ld = loader_bytes(s)
     on_cuda = s.device == "cuda"
     comps["input"] = 4 * s.batch_size * s.d_in if on_cuda else 0  # on CPU the batch is a view into a group
-    loader = ld["group"] + ld["prefetch"] + ld["batch"]
+    loader = sum(ld.values())
     comps["loader"] = 0 if on_cuda else loader
     total = sum(comps.values())
     return TrainEstimate(components=comps, peak_phase=peak, phases=totals, step_total=totals[peak], total=total,
@@ -287,10 +369,12 @@ def estimate_training(s: TrainSpec) -> TrainEstimate:
 
 
 def train_spec(cfg: RunConfig, *, dtype: str = "float32", device: str = "cpu", chunk_rows: int = 4096,
-               train_chunks: int | None = None) -> TrainSpec:
-    """The TrainSpec of a RunConfig whose ``sae`` is resolved (``SAEConfig.resolved(d_in)``)."""
+               train_chunks: int | None = None, decode_bytes: int = 2, dead_fraction: float = 1.0) -> TrainSpec:
+    """The TrainSpec of a RunConfig whose ``sae`` is resolved (``SAEConfig.resolved(d_in)``), run in
+    one process: it holds all ``cfg.loader.shards`` row streams (default one)."""
     s, ld = cfg.sae, cfg.loader
     return TrainSpec(arch=s.arch, d_in=s.d_in, d_sae=s.d_sae, batch_size=cfg.train.batch_size,
                      k=s.k_start if s.arch == "dyncorr" else s.k, k_aux=s.k_aux, cov_dtype=s.cov_dtype,
-                     dtype=dtype, device=device, beta=s.beta,
-                     loader=LoaderSpec(ld.shuffle_buffer_mb, ld.prefetch, chunk_rows, train_chunks))
+                     dtype=dtype, device=device, beta=s.beta, dead_fraction=dead_fraction,
+                     loader=LoaderSpec(ld.shuffle_buffer_mb, ld.prefetch, chunk_rows, train_chunks,
+                                       ld.shards or 1, decode_bytes))

@@ -74,15 +74,20 @@ def load_flat(config: Path | None, run: Path | None) -> dict[str, Any] | None:
     return flat
 
 
-def store_shape(store: str, heldout_chunks: int) -> tuple[int, int, int] | None:
-    """(d_model, chunk_rows, training chunks) of the store a run config names, if it opens."""
+def store_shape(store: str, heldout_chunks: int, hook: str = "", memmap: bool = True) -> tuple[int, int, int, int] | None:
+    """(d_model, chunk_rows, training chunks, bytes per value of a chunk zarr decodes: 0 when
+    the loader memory-maps the chunks) of the store a run config names, if it opens."""
     if not store:
         return None
     try:
+        from actcache.dtypes import storage_dtype
         from actcache.store import open_store
+        from trainer.decode import ChunkReader
 
         s = open_store(store)
-        return s.d_model, s.layout.chunk_rows, max(1, s.n_chunks - heldout_chunks)
+        mapped = ChunkReader(s, hook or s.hooks[0], memmap).uses_memmap
+        decode = 0 if mapped else storage_dtype(s.logical_dtype).itemsize
+        return s.d_model, s.layout.chunk_rows, max(1, s.n_chunks - heldout_chunks), decode
     except Exception:  # a store elsewhere (another machine): fall back to the options
         return None
 
@@ -129,6 +134,8 @@ class TrainOptions:
     device: str
     chunk_rows: int
     train_chunks: int | None = None
+    decode_bytes: int = 2  # bytes per value of the chunk zarr decodes (bf16 zstd store); 0 = memory-mapped
+    dead_fraction: float = 1.0  # AuxK's dead latents, as a share of d_sae
 
 
 def train_options(opts: dict[str, Any], explicit: set[str], flat: dict[str, Any] | None) -> TrainOptions:
@@ -138,7 +145,8 @@ def train_options(opts: dict[str, Any], explicit: set[str], flat: dict[str, Any]
 
     base = dict(flat or {})
     d_in, chunk_rows = opts["d_in"], opts["chunk_rows"]
-    shape = store_shape(base.get("store", ""), int(base.get("heldout_chunks", 1))) if flat is not None else None
+    shape = store_shape(base.get("store", ""), int(base.get("heldout_chunks", 1)), base.get("hook", ""),
+                        bool(base.get("memmap", True))) if flat is not None else None
     if not given("d_in"):  # the store's width, else the one the run dir recorded
         d_in = shape[0] if shape else int(base.get("d_in") or d_in)
     if shape and not given("chunk_rows"):
@@ -154,13 +162,17 @@ def train_options(opts: dict[str, Any], explicit: set[str], flat: dict[str, Any]
     parse_choices(",".join(arch), "--arch", ARCH_NAMES)
     device = opts["device"] if given("device") else base.get("device", "auto")
     fields = {k: v for k, v in base.items() if k not in ("d_sae", "batch_size", "arch", "d_in")}
-    for name in ("k", "k_start", "k_end", "k_aux", "cov_dtype", "shuffle_buffer_mb"):
+    for name in ("k", "k_start", "k_end", "k_aux", "cov_dtype", "shuffle_buffer_mb", "shards"):
         if given(name):
             fields[name] = opts[name]
     fields["device"] = device
     dtype = parse_choices(opts["dtype"], "--dtype", DTYPES) if given("dtype") else None
+    if fields.get("shards") is not None and fields["shards"] < 1:
+        raise ActcacheError(f"--shards {fields['shards']} must be >= 1")
+    if not 0.0 <= opts["dead_fraction"] <= 1.0:
+        raise ActcacheError(f"--dead-fraction {opts['dead_fraction']} must be in 0..1")
     return TrainOptions(d_in, d_sae, batch, arch, dtype or [], fields, device, chunk_rows,
-                        shape[2] if shape else None)
+                        shape[2] if shape else None, shape[3] if shape else 2, opts["dead_fraction"])
 
 
 def train_rows(t: TrainOptions, budget: int) -> list[TrainRow]:
@@ -178,7 +190,8 @@ def train_rows(t: TrainOptions, budget: int) -> list[TrainRow]:
                 cfg = RunConfig.from_flat({**t.fields, "arch": arch, "d_sae": d_sae, "batch_size": batch})
                 cfg = replace(cfg, sae=cfg.sae.resolved(t.d_in))  # k > d_sae etc. -> one-line error
                 for dtype in dtypes:
-                    spec = train_spec(cfg, dtype=dtype, device=dev, chunk_rows=t.chunk_rows, train_chunks=t.train_chunks)
+                    spec = train_spec(cfg, dtype=dtype, device=dev, chunk_rows=t.chunk_rows, train_chunks=t.train_chunks,
+                                      decode_bytes=t.decode_bytes, dead_fraction=t.dead_fraction)
                     est = estimate_training(spec)
                     cost = covariance_cost(spec) if arch == "dyncorr" else None
                     rows.append(TrainRow(spec, cfg.to_flat(), est, cost, est.total <= budget))

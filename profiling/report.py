@@ -127,10 +127,12 @@ def _tables(train: list[TrainRow], extract: list[ExtractRow], ctx: Context) -> t
 
 
 def _legend(train: list[TrainRow], ctx: Context) -> list[str]:
-    lines = [f"budget: {fmt_bytes(ctx.budget)} ({ctx.budget_source}); fits = total <= budget (extraction: and load "
-             "peak); ratio = predicted / measured",
+    lines = [f"budget: {fmt_bytes(ctx.budget)} ({ctx.budget_source}); fits = total <= budget; "
+             "ratio = predicted / measured",
              "model+opt = parameters, gradients, Adam moments (+ Adam's temporaries when the peak is the optimizer "
-             "step), buffers; acts = activations and tensors saved for backward"]
+             "step), buffers; acts = activations and tensors saved for backward; penalty = dyncorr's pair arrays "
+             "(and the PairMoments two outputs hold); loader = group buffers (per shard held) + a batch + a "
+             "decoded chunk, host RAM"]
     if any(r.spec.effective_dtype != r.spec.dtype for r in train):
         lines.append("bf16* = bfloat16 requested, but this trains in float32: Trainer._step autocasts to bf16 on CUDA only")
     return lines + ctx.notes

@@ -13,8 +13,10 @@ from trainer.saes.covariance import (
     correlation_penalty,
     dense_correlation_penalty,
     dense_update,
+    penalty_and_moments,
     topk_to_dense,
 )
+from trainer.saes import pairs
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -110,6 +112,93 @@ def test_float32_buffer_tracks_float64_reference():
     M, mu = dense_run(st, data)
     assert_rel(st.second_moment(), M, 2e-5, "fp32 M")
     assert_rel(st.mean(), mu, 2e-5, "fp32 mu")
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+@pytest.mark.parametrize("beta,steps", [(0.05, 200), (1.0, 5)])
+def test_update_from_penalty_moments_equals_plain_update(beta, steps, eps):
+    """The step's update reuses the penalty's distinct pairs (``moments``): the same statistics
+    as the update that rebuilds every row's pairs, and as the dense recursion."""
+    a = LatentStatistics(64, beta, eps, dtype=F64)
+    b = LatentStatistics(64, beta, eps, dtype=F64)
+    data = list(batches(steps, seed=21, zero_frac=0.1))
+    for idx, val in data:
+        _, _, mom = penalty_and_moments(b, idx, val.clone().requires_grad_(True))
+        assert mom.q.grad_fn is None and not mom.q.requires_grad
+        assert torch.equal(mom.keys, torch.unique(mom.keys)), "keys distinct and ascending"
+        a.update(idx, val)
+        b.update(idx, val, moments=mom)
+    assert (a.step, a.scale, a.diag_extra, a.n_folds) == (b.step, b.scale, b.diag_extra, b.n_folds)
+    assert_rel(b.second_moment(), a.second_moment(), 1e-12, "M via moments")
+    assert_rel(b.mean(), a.mean(), 1e-12, "mu via moments")
+    assert torch.all(torch.tril(b.M_buf, -1) == 0), "only the upper triangle is written"
+    M, mu = dense_run(b, data)
+    assert_rel(b.second_moment(), M, 1e-10, "M vs dense")
+    assert_rel(b.mean(), mu, 1e-10, "mu vs dense")
+    with pytest.raises(ValueError, match="moments"):
+        b.update(idx[:3], val[:3], moments=mom)
+
+
+def test_update_without_coactive_pairs():
+    """k = 1, or no two non-zero values in a row: no pair, only the diagonal and mu move."""
+    for idx, val in [(torch.tensor([[3], [5], [3]]), torch.tensor([[1.0], [2.0], [0.5]], dtype=F64)),
+                     (torch.tensor([[3, 4], [5, 6]]), torch.tensor([[0.0, 2.0], [1.5, 0.0]], dtype=F64))]:
+        a, b = LatentStatistics(16, 0.1, 1e-6, dtype=F64), LatentStatistics(16, 0.1, 1e-6, dtype=F64)
+        loss, diag, mom = penalty_and_moments(b, idx, val)
+        assert loss.item() == 0.0 and int(diag["n_pairs"]) == 0
+        a.update(idx, val)
+        b.update(idx, val, moments=mom)
+        M, mu = dense_run(a, [(idx, val)])
+        for st in (a, b):
+            assert_rel(st.second_moment(), M, 1e-12, "M")
+            assert_rel(st.mean(), mu, 1e-12, "mu")
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("d,B,k", [(64, 32, 4), (50, 7, 6), (1000, 300, 12), (16, 1, 2)])
+def test_unique_pairs_equals_torch_unique(d, B, k, packed, monkeypatch):
+    """The packed numpy sort (CPU) and the torch.unique path: the distinct keys of the row pairs,
+    and for every row pair its key (via inv) and its (b, p, q) entry (via pos), each once."""
+    if not packed:
+        monkeypatch.setattr(pairs, "_INT32_MAX", 0)  # forces the torch.unique path on CPU
+    for idx, val in batches(2, d=d, B=B, k=k, n_alive=min(48, d), seed=d, zero_frac=0.2):
+        idx = torch.cat([idx, idx[:3]])  # repeated rows: every one of their pairs is a duplicate
+        val = torch.cat([val, val[:3]])
+        s, perm, vs = pairs.sorted_rows(idx, val)
+        keys, prods = pairs.row_pairs(s, vs, d)
+        uniq, inv, pos = pairs.unique_pairs(s, d)
+        assert uniq.dtype == torch.int64 and torch.equal(uniq, torch.unique(keys))
+        n = idx.shape[0]
+        b, p, q = pos // (k * k), pos // k % k, pos % k
+        assert bool((p < q).all()) and pos.unique().numel() == n * k * (k - 1) // 2
+        assert torch.equal(uniq[inv.long()], s[b, p] * d + s[b, q])
+        P, Q = torch.triu_indices(k, k, 1)  # row_pairs: row-major p < q
+        assert torch.equal(keys.view(n, -1), s[:, P] * d + s[:, Q])
+        assert torch.equal(prods.view(n, -1), vs[:, P] * vs[:, Q])
+
+
+def test_penalty_same_through_either_merge(monkeypatch):
+    """The packed numpy sort and the torch.unique path (other devices) give the same penalty,
+    gradient and moments."""
+    st = LatentStatistics(64, 0.05, 1e-6, dtype=F64)
+    data = list(batches(6, seed=8, zero_frac=0.1))
+    for idx, val in data[:-1]:
+        st.update(idx, val)
+    idx, val = data[-1]
+    out = []
+    for packed in (True, False):
+        if not packed:
+            monkeypatch.setattr(pairs, "_INT32_MAX", 0)
+        v = val.clone().requires_grad_(True)
+        loss, diag, mom = penalty_and_moments(st, idx, v)
+        loss.backward()
+        out.append((loss.detach(), v.grad, mom, diag))
+    (l1, g1, m1, d1), (l2, g2, m2, d2) = out
+    assert_rel(l1, l2, 1e-13, "loss")
+    assert torch.equal(m1.keys, m2.keys)
+    assert (g1 - g2).abs().max() <= 1e-13 * g1.abs().max()
+    assert_rel(m1.q, m2.q, 1e-13, "moments q")
+    assert all(torch.equal(d1[n], d2[n]) for n in ("n_pairs", "nonfinite"))
 
 
 # -- the eigenvalue invariant -------------------------------------------------------------
@@ -299,8 +388,9 @@ def test_rejects_bad_arguments():
 
 def test_update_and_penalty_never_build_anything_dense():
     """The cost claim, checked op by op: with d_sae = 1024, B = 8, k = 4 no op of ``update`` or
-    ``correlation_penalty`` (forward and backward) produces a tensor larger than
-    max(B k^2, d_sae) elements (d_sae^2 = 1M, B d_sae = 8192), and the only ops that write into
+    ``penalty_and_moments`` (forward and backward) produces a tensor larger than
+    max(B k^2, 2 d_sae) elements (d_sae^2 = 1M, B d_sae = 8192; the penalty's (d_sae, 2) table of
+    mu~ and S^-1/2 is the largest O(d_sae) one), and the only ops that write into
     the d_sae x d_sae buffer are the scatter (plus the fold, which this run does not reach)."""
     dispatch = pytest.importorskip("torch.utils._python_dispatch")
     d, B, k = 1024, 8, 4
@@ -318,16 +408,16 @@ def test_update_and_penalty_never_build_anything_dense():
                     and name.endswith("_") and name not in ("index_add_", "index_put_", "_index_put_impl_"):
                 writes.append(name)  # an in-place op on the buffer other than the scatter
             for o in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(o, torch.Tensor) and o.numel() > max(B * k * k, d):
+                if isinstance(o, torch.Tensor) and o.numel() > max(B * k * k, 2 * d):
                     big.append((name, tuple(o.shape)))
             return out
 
     with Watch():
-        for idx, val in data[1:]:
+        for t, (idx, val) in enumerate(data[1:]):
             v = val.clone().requires_grad_(True)
-            loss, _ = correlation_penalty(st, idx, v)
+            loss, _, mom = penalty_and_moments(st, idx, v)
             loss.backward()
-            st.update(idx, val)
+            st.update(idx, val, moments=mom if t % 2 else None)  # both update paths
     assert st.n_folds == 0
     # views of the buffer (diagonal, flattened) and the in-place scatter return it: fine
     big = [b for b in big if b[0] not in ("view", "diagonal", "alias", "detach", "index_add_", "index_put_",

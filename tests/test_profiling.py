@@ -17,8 +17,8 @@ from profiling.extract_side import (ExtractSpec, ModelShape, estimate_extraction
                                     model_shape)
 from profiling.measure import _harness_class, measure_training, run_child
 from profiling.cov_cost import covariance_cost
-from profiling.model import TrainSpec, covariance_bytes, estimate_training, loader_bytes, train_spec
-from profiling.plan import parse_size
+from profiling.model import TrainSpec, covariance_bytes, estimate_training, loader_bytes, train_spec, unique_pairs
+from profiling.plan import parse_size, store_shape
 from trainer.config import RunConfig
 from trainer.saes import build_sae
 from trainer.saes.covariance import LatentStatistics
@@ -30,20 +30,23 @@ app.command("profile-memory")(profile_memory)
 runner = CliRunner()
 QUICK = ["profile-memory", "--no-extract", "--device", "cpu"]
 
-# Small configs whose peaks are different phases: baseline's B x d_sae int64 cast, TopK's
-# pre-activations, the dyncorr penalty's unique pairs (+ its covariance buffer).
+# Small configs whose peaks are different phases: baseline's B x d_sae int64 cast, AuxK's dense
+# (B, n_dead) blocks with every latent dead (the default) and with a quarter dead (W_dec's
+# dead rows and the encoder backward then matter: d_in 256), the dyncorr penalty's unique pairs
+# (+ its covariance buffer). name -> (flat config, d_in, dead fraction)
 MEASURED = {
-    "baseline": ({"arch": "baseline", "d_sae": 4096, "batch_size": 1024}, 32),
-    "topk": ({"arch": "topk", "d_sae": 8192, "batch_size": 1024}, 32),
-    "dyncorr": ({"arch": "dyncorr", "d_sae": 1024, "batch_size": 1024, "k_start": 64}, 32),
+    "baseline": ({"arch": "baseline", "d_sae": 4096, "batch_size": 1024}, 32, 1.0),
+    "topk": ({"arch": "topk", "d_sae": 8192, "batch_size": 1024}, 32, 1.0),
+    "topk-quarter-dead": ({"arch": "topk", "d_sae": 4096, "batch_size": 1024, "k_aux": 256}, 256, 0.25),
+    "dyncorr": ({"arch": "dyncorr", "d_sae": 1024, "batch_size": 1024, "k_start": 64}, 32, 1.0),
 }
 # One thread per child: the four measurements run side by side on a small machine.
 ENV = {**PIN_MALLOC, "OMP_NUM_THREADS": "1"}
 
 
-def _spec(flat: dict, d_in: int) -> TrainSpec:
+def _spec(flat: dict, d_in: int, dead_fraction: float = 1.0) -> TrainSpec:
     cfg = RunConfig.from_flat({"device": "cpu", **flat})
-    return train_spec(replace(cfg, sae=cfg.sae.resolved(d_in)))
+    return train_spec(replace(cfg, sae=cfg.sae.resolved(d_in)), dead_fraction=dead_fraction)
 
 
 def _extract_setup(tmp: Path) -> tuple[ExtractSpec, ModelShape]:
@@ -63,24 +66,37 @@ def measured(tmp_path_factory):
     spec, _ = _extract_setup(tmp_path_factory.mktemp("extract"))
 
     def run(item):
-        name, (flat, d_in) = item
+        name, (flat, d_in, dead) = item
         if name == "extract":
             return name, run_child("extract", {"extract": vars(spec), "compute_dtype": "float32", "n_windows": 8},
                                    300, ENV)
-        return name, measure_training({"device": "cpu", **flat}, d_in, steps=2, env=ENV)
+        return name, measure_training({"device": "cpu", **flat}, d_in, steps=2, env=ENV, dead_fraction=dead)
 
     with ThreadPoolExecutor(len(MEASURED) + 1) as pool:
-        return {**dict(pool.map(run, [*MEASURED.items(), ("extract", (None, 0))])), "extract_spec": spec}
+        return {**dict(pool.map(run, [*MEASURED.items(), ("extract", (None, 0, 0))])), "extract_spec": spec}
 
 
-@pytest.mark.parametrize("arch", list(MEASURED))
-def test_predicted_peak_within_tolerance_of_measured(measured, arch):
-    flat, d_in = MEASURED[arch]
-    m = measured[arch]
+@pytest.mark.parametrize("name", list(MEASURED))
+def test_predicted_peak_within_tolerance_of_measured(measured, name):
+    flat, d_in, dead = MEASURED[name]
+    m = measured[name]
     assert m.peak_bytes, m.note
-    est = estimate_training(_spec(flat, d_in))
+    est = estimate_training(_spec(flat, d_in, dead))
     ratio = est.step_total / m.peak_bytes
-    assert abs(ratio - 1) <= TOLERANCE, (arch, est.peak_phase, est.step_total, m.peak_bytes, ratio)
+    assert abs(ratio - 1) <= TOLERANCE, (name, est.peak_phase, est.step_total, m.peak_bytes, ratio)
+
+
+@pytest.mark.parametrize("dead_fraction", [0.0, 0.3, 1.0])
+def test_harness_marks_the_dead_latents_the_model_assumes(dead_fraction):
+    from profiling.measure import dead_latents
+
+    s = _spec({"arch": "topk", "d_sae": 100, "k_aux": 8}, 16, dead_fraction)
+    dead = dead_latents(100, dead_fraction)
+    assert len(dead) == s.n_dead == round(100 * dead_fraction) and len(set(dead.tolist())) == len(dead)
+    assert s.ka == min(8, s.n_dead)
+    assert _spec({"arch": "baseline", "d_sae": 100}, 16, dead_fraction).n_dead == 0
+    if dead_fraction == 0:  # no dead latent: no AuxK phase
+        assert not any("aux" in p for p in estimate_training(s).phases)
 
 
 @pytest.mark.parametrize("d_sae,cov_dtype", [(1, "float32"), (300, "float32"), (777, "float64")])
@@ -93,20 +109,32 @@ def test_covariance_bytes_are_the_buffers_real_nbytes(d_sae, cov_dtype):
     assert estimate_training(train_spec(cfg)).components["covariance"] == sae.stats.nbytes
 
 
-def test_parameter_and_loader_terms_match_the_real_objects():
-    from trainer.loader import LoaderConfig
+@pytest.mark.parametrize("shards,prefetch", [(None, True), (2, True), (2, False)])
+def test_parameter_and_loader_terms_match_the_real_objects(tmp_path, shards, prefetch):
+    from synthetic import sparse_data, write_store
+    from trainer.loader import ActivationLoader
 
-    cfg = RunConfig.from_flat({"arch": "topk", "d_sae": 96, "k": 4, "batch_size": 64, "shuffle_buffer_mb": 1})
+    flat = {"arch": "topk", "d_sae": 96, "k": 4, "batch_size": 64, "shuffle_buffer_mb": 0.25, "shards": shards,
+            "prefetch": prefetch}
+    cfg = RunConfig.from_flat(flat)
     cfg = replace(cfg, sae=cfg.sae.resolved(40))
     sae = build_sae(cfg.sae)
     comps = estimate_training(train_spec(cfg, chunk_rows=256)).components
     assert comps["parameters"] == sum(p.nbytes for p in sae.parameters())
     assert comps["buffers"] == sum(b.nbytes for b in sae.buffers())
-    # The loader's own bound (ActivationLoader.rows_bound), for the same buffer and chunk size.
-    lc = LoaderConfig(batch_size=64, shuffle_buffer_mb=1)
-    group_chunks = max(1, int(lc.shuffle_buffer_mb * 2**20) // (4 * 40) // 2 // 256)
-    rows_bound = 2 * group_chunks * 256 + 64
-    assert sum(loader_bytes(train_spec(cfg, chunk_rows=256)).values()) == 4 * 40 * rows_bound
+    # A real loader (8 chunks of 256 rows, 7 to train on): its bound, and its group buffers once
+    # capped by a shard's share of the training chunks.
+    x, _ = sparse_data(n=16 * 16 * 8, d=40, n_features=24, k=3)
+    store = write_store(tmp_path / "s.zarr", x)
+    loader = ActivationLoader(store, "blocks.0.hook_resid_post", cfg.loader)
+    assert store_shape(str(store), 1) == (40, 256, 7, 0)  # uncompressed: memory-mapped, nothing decoded
+    assert store_shape(str(store), 1, memmap=False)[3] == 4  # zarr decodes a float32 chunk
+    ld = loader_bytes(train_spec(cfg, chunk_rows=256, decode_bytes=0))
+    assert ld["groups"] + ld["batch"] == 4 * 40 * loader.rows_bound and ld["decoded_chunk"] == 0
+    capped = loader_bytes(train_spec(cfg, chunk_rows=256, train_chunks=7, decode_bytes=2))
+    n_bufs = loader.shards * (2 if prefetch else 1)
+    assert capped["groups"] == n_bufs * 4 * 40 * loader._buffer_rows
+    assert capped["decoded_chunk"] == loader.shards * 2 * 256 * 40
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +162,10 @@ def test_harness_builds_what_trainer_builds(trainer):
         assert n1 == n2 and (not torch.is_tensor(a) or torch.equal(a, b)), n1
     assert type(harness.opt) is type(real.opt) and harness.opt.defaults == real.opt.defaults
     assert [p.shape for p in harness.opt.param_groups[0]["params"]] == [p.shape for p in real.opt.param_groups[0]["params"]]
+    assert harness.dp is real.dp and harness.sae.dp is real.sae.dp and torch.equal(harness.eig_block, real.eig_block)
+    assert harness.loader_state == real.loader_state and harness.n_steps == real.n_steps
+    # Every attribute the Trainer has, the harness has (store, loader, run dir as None).
+    assert set(vars(real)) - {"_t0"} <= set(vars(harness)), set(vars(real)) - set(vars(harness))
 
 
 def test_run_dir_profiles_its_store(trainer):
@@ -176,12 +208,13 @@ def test_covariance_cost_dense_vs_lazy():
     s = _spec({"arch": "dyncorr", "d_sae": 16384, "batch_size": 4096}, 2304)
     c = covariance_cost(s)
     assert c.dense_flops == 2 * 4096 * 16384**2 + 3 * 16384**2
-    assert c.pairs == 4096 * 128 * 129 // 2 and c.fold_every == 688  # (1 - 0.01)^688 < 1e-3 <= 0.99^687
+    assert c.pairs == unique_pairs(s) <= 4096 * 128 * 127 // 2  # the penalty's distinct pairs
+    assert c.fold_every == 688  # (1 - 0.01)^688 < 1e-3 <= 0.99^687
     assert c.lazy_flops < c.dense_flops / 1000
 
 
 def test_bf16_is_cuda_only_and_halves_the_pre_activations():
-    s = _spec({"arch": "topk", "d_sae": 65536, "batch_size": 4096}, 2304)
+    s = _spec({"arch": "topk", "d_sae": 65536, "batch_size": 4096}, 2304, dead_fraction=0.0)
     assert replace(s, dtype="bfloat16").effective_dtype == "float32"
     cuda32, cuda16 = replace(s, device="cuda"), replace(s, device="cuda", dtype="bfloat16")
     assert cuda16.effective_dtype == "bfloat16"
@@ -265,6 +298,8 @@ def test_config_file_profiles_that_run(tmp_path):
     (["--budget", "lots"], "--budget 'lots' is not a size"),
     (["--format", "yaml"], "unknown --format 'yaml'"),
     (["--d-in", "0"], "--d-in 0 must be > 0"),
+    (["--dead-fraction", "1.5"], "--dead-fraction 1.5 must be in 0..1"),
+    (["--shards", "0"], "--shards 0 must be >= 1"),
 ])
 def test_bad_input_is_one_line(args, needle):
     _assert_user_error(runner.invoke(app, QUICK + args), needle)
