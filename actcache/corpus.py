@@ -23,6 +23,7 @@ import os
 import sysconfig
 import warnings
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 from actcache.errors import ActcacheError
@@ -160,31 +161,36 @@ def _iter_txt(path: Path) -> Iterator[str]:
         yield "".join(lines).strip()
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, record)`` of every non-blank line; invalid JSON is a user error naming the line."""
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ActcacheError(
                     f"{path} line {lineno} is not valid JSON ({err.msg}): fix the file so each line "
                     "is one JSON object"
                 ) from None
-            if not isinstance(record, dict):
-                raise ActcacheError(
-                    f"{path} line {lineno} is a JSON {type(record).__name__}, not an object: "
-                    f"write one object per line with the text under a key such as {text_field!r}"
-                )
-            if text_field not in record:
-                raise ActcacheError(
-                    f"{path} line {lineno} has no field {text_field!r} (keys: {sorted(record)}): "
-                    "pass --text-field naming the key that holds the text"
-                )
-            text = _check_text(record[text_field], f"{path} line {lineno}", text_field)
-            if text:
-                yield text
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict):
+            raise ActcacheError(
+                f"{path} line {lineno} is a JSON {type(record).__name__}, not an object: "
+                f"write one object per line with the text under a key such as {text_field!r}"
+            )
+        if text_field not in record:
+            raise ActcacheError(
+                f"{path} line {lineno} has no field {text_field!r} (keys: {sorted(record)}): "
+                "pass --text-field naming the key that holds the text"
+            )
+        text = _check_text(record[text_field], f"{path} line {lineno}", text_field)
+        if text:
+            yield text
 
 
 def _check_text(value: object, where: str, text_field: str) -> str | None:

@@ -161,6 +161,13 @@ def profile_memory(
         dev = device_obj.type
         limit, source = _budget(budget, device_obj)
         rows = plan.train_rows(topts, limit)
+        if flat is not None:  # --run / --config: the extraction that wrote its store, unless told otherwise
+            found = plan.store_extraction(str(flat.get("store", ""))) or {}
+            for name, value in found.items():
+                if name not in explicit:
+                    opts[name] = value
+            extract_model, hook_layer, context_size = opts["extract_model"], opts["hook_layer"], opts["context_size"]
+            extract_dtype = opts["extract_dtype"]
         erows = [plan.extract_row(ExtractSpec(
             model=extract_model, hook_layer=hook_layer, context_size=context_size, batch=extract_batch,
             chunk_rows=chunk_rows, queue_depth=queue_depth, dtype=check_logical(extract_dtype), device=dev,

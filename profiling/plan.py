@@ -92,6 +92,24 @@ def store_shape(store: str, heldout_chunks: int, hook: str = "", memmap: bool = 
         return None
 
 
+def store_extraction(store: str) -> dict[str, Any] | None:
+    """The extraction that wrote the store a run config names (its model, deepest hooked block,
+    context size and storage dtype), as ``profile-memory`` options, if the store opens."""
+    if not store:
+        return None
+    try:
+        from actcache.hooks import deepest_block, parse_hooks
+        from actcache.models import resolve_model_config
+        from actcache.store import open_store
+
+        s = open_store(store)
+        resolve_model_config(s.attrs["model"]["id"])  # a model this machine can read the config of
+        return {"extract_model": s.attrs["model"]["id"], "hook_layer": max(0, deepest_block(parse_hooks(s.hooks))),
+                "context_size": s.layout.context_size, "extract_dtype": s.logical_dtype}
+    except Exception:  # a store elsewhere (another machine): keep the options
+        return None
+
+
 @dataclass(frozen=True)
 class TrainRow:
     spec: TrainSpec

@@ -177,6 +177,18 @@ def test_run_dir_profiles_its_store(trainer):
     assert row["bytes_loader"] == row["loader_host_bytes"] == 4 * 16 * (2 * 3 * 256 + 64)
 
 
+def test_config_on_a_real_store_profiles_the_extraction_that_wrote_it(small_store, tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"store": str(small_store), "hook": "blocks.1.hook_resid_post", "d_sae": 64,
+                               "batch_size": 32, "device": "cpu"}))
+    r = runner.invoke(app, ["profile-memory", "--config", str(cfg), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    (e,) = [x for x in json.loads(r.output)["rows"] if x["section"] == "extraction"]
+    # The store's model (the tiny Gemma-2), its deepest hooked block (3 of 4) and window size.
+    assert (e["spec_model"], e["spec_hook_layer"], e["spec_context_size"]) == ("embedded:tiny-gemma2", 3, 32)
+    assert e["n_layers"] == 4
+
+
 def test_extraction_counts_the_weights_load_model_keeps():
     from transformers import AutoModelForCausalLM, Gemma2Config
 

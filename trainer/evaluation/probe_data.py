@@ -13,14 +13,13 @@ into train and test per label (stratified, seeded).
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from actcache.corpus import _docstrings, _iter_stdlib_files, _MIN_DOCSTRING_CHARS, _parse_file, _stdlib_root
+from actcache.corpus import iter_jsonl, _docstrings, _iter_stdlib_files, _MIN_DOCSTRING_CHARS, _parse_file, _stdlib_root
 from actcache.errors import ActcacheError
 
 PROBE_STDLIB = "embedded:stdlib-packages"
@@ -78,19 +77,12 @@ def _read_rows(path: Path, text_field: str, label_field: str) -> tuple[list[str]
             rows = [(r[text_field], r[label_field]) for r in reader]
     elif suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ActcacheError(f"{path} line {lineno} is not valid JSON ({e.msg}): one object per line") from None
-                missing = [f for f in (text_field, label_field) if not isinstance(rec, dict) or f not in rec]
-                if missing:
-                    raise ActcacheError(f"{path} line {lineno} has no field {', '.join(map(repr, missing))}: "
-                                        "pass --probe-text-field / --probe-label-field")
-                rows.append((rec[text_field], rec[label_field]))
+        for lineno, rec in iter_jsonl(path):
+            missing = [f for f in (text_field, label_field) if not isinstance(rec, dict) or f not in rec]
+            if missing:
+                raise ActcacheError(f"{path} line {lineno} has no field {', '.join(map(repr, missing))}: "
+                                    "pass --probe-text-field / --probe-label-field")
+            rows.append((rec[text_field], rec[label_field]))
     else:
         raise ActcacheError(f"labelled file {path} is not .jsonl or .csv: pass one of those or {PROBE_STDLIB}")
     rows = [(t, lab) for t, lab in rows if isinstance(t, str) and t.strip() and lab is not None and str(lab) != ""]
