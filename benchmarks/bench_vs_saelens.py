@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Target ours >= {TARGET:g}x SAELens" + ("" if (d_sae, B) == (16384, 4096) else
                                                   " (defined at d_sae 16,384, batch 4,096)")
-        + (": **met** for every row above." if all_ok else ": **NOT met** for every row above (see the last column)."),
+        + (": **met** for every row above." if all_ok else ": **NOT met** for some rows (see the last column)."),
         "",
         f"Wall time of the whole benchmark: {C.elapsed(t0)}.",
     ]
