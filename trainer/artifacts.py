@@ -62,3 +62,15 @@ class RunPaths:
 
 def run_paths(out: str | Path) -> RunPaths:
     return RunPaths(Path(out).expanduser())
+
+
+def existing_run(path: str | Path) -> RunPaths:
+    """The paths of a run directory that ``sae train`` wrote; a user error when it is not one."""
+    from actcache.errors import ActcacheError
+
+    p = run_paths(path)
+    if not p.root.is_dir():
+        raise ActcacheError(f"run dir {p.root} does not exist or is not a directory: pass the --out of a sae train run")
+    if not p.config.exists():
+        raise ActcacheError(f"{p.root} has no {CONFIG}: it is not a run directory of sae train (its --out)")
+    return p

@@ -60,11 +60,7 @@ def sae_from_weights(sae_cfg: SAEConfig, weights: dict[str, torch.Tensor], k: in
 
 def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> TrainedRun:
     """The config and final weights of a run; one-line errors for anything missing."""
-    paths = A.run_paths(run_dir)
-    if not paths.root.is_dir():
-        raise ActcacheError(f"run dir {paths.root} does not exist: pass the --out of a sae train run")
-    if not paths.config.exists():
-        raise ActcacheError(f"{paths.root} has no {A.CONFIG}: it is not a run directory (sae train --out)")
+    paths = A.existing_run(run_dir)
     if not paths.weights.exists():
         raise ActcacheError(f"{paths.root} has no {A.WEIGHTS}: train it to the end first (sae train ... --resume)")
     try:

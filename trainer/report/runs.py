@@ -48,11 +48,7 @@ def _read_json(path: Path, what: str) -> Any:
 
 def load_run(path: str | Path) -> Run:
     """One run directory: config.json and metrics.jsonl required; summary.json and eval.json optional."""
-    p = A.run_paths(path)
-    if not p.root.is_dir():
-        raise ActcacheError(f"{p.root} is not a directory: pass run directories written by sae train")
-    if not p.config.exists():
-        raise ActcacheError(f"{p.root} has no {A.CONFIG}: is it a run directory of sae train?")
+    p = A.existing_run(path)
     if not p.metrics.exists():
         raise ActcacheError(f"{p.root} has no {A.METRICS}: the run has not logged a step yet (train it, then compare)")
     records = []
