@@ -16,14 +16,14 @@ step, within 1-3 %; numpy's arrays, which only RSS sees, checked against RSS):
   which saves x_c, val, idx and the CSR pattern (argsort ``order``, ``crow``); AuxK:
   ``aux_topk``'s ``zeros_like`` and scattered (B, n_dead) code, ``W_dec.index_select(0,
   dead_idx)`` (n_dead x d_in); ``gather`` saves pre_dead, ``mm`` the code and the rows.
-* ``penalty.*`` (dyncorr, ``trainer/saes/corr_penalty.py`` + ``pairs.py``): ``unique_pairs`` packs
-  the P = B k (k-1) / 2 row pairs as ``key << shift | pos`` (int64; CPU), numpy sorts them in
-  place and adds pos (int64), first-flags and the int32 inverse (RSS only); the products are
-  the (B, k, k) outer product gathered at pos; then U-long vectors for the U distinct pairs,
-  computed in place where the code can.
+* ``penalty.*`` (dyncorr, ``trainer/saes/corr_penalty.py``): on CPU the fused kernels
+  (``fused_pairs.py``) pack the P = B k (k-1) / 2 row pairs as one int64 each (``key << shift |
+  b, p, q``), sorted in place slice by slice (numpy arrays: RSS only), then U-long vectors for
+  the U distinct pairs (keys, sums, M gathered, R, rr). Elsewhere ``unique_pairs``
+  (``torch.unique``), the (B, k, k) outer product gathered at pos, and U-long vectors.
 * ``backward.*``: the previous gradients are gone (``zero_grad``), the new ones appear one by
-  one. dyncorr: the penalty's saved tensors, then ``a`` gathered to the P row pairs and
-  scattered into a (B, k, k) matrix. AuxK
+  one. dyncorr: the penalty's saved tensors, then on CPU each slice's gradient buffers; elsewhere
+  ``a`` gathered to the P row pairs and scattered into a (B, k, k) matrix. AuxK
   first (its nodes are the newest): the code's and the rows' gradients, index_select's
   backward (``zeros(d_sae, d_in).index_add``), gather's (two (B, n_dead)); then ``pow``'s
   backward (3 B x d_in), embedding_bag's dense W_dec gradient summed with AuxK's (3 d_sae x
@@ -36,7 +36,7 @@ step, within 1-3 %; numpy's arrays, which only RSS sees, checked against RSS):
   penalty's U distinct pairs (``q * c``: U) and the diagonal (d_sae keys and values).
 
 CUDA with bf16 autocast is modelled (bf16 pre-activations, autocast's cached weight copies,
-``torch.unique`` instead of numpy) but could not be checked here: no GPU.
+``torch.unique`` instead of the fused CPU kernels) but could not be checked here: no GPU.
 
 Assumptions. AuxK: ``dead_fraction`` of the latents are dead (``n_dead = round(dead_fraction x
 d_sae)``; ``min(k_aux, n_dead)`` per token). The trainer marks a latent dead after
@@ -255,21 +255,55 @@ def _moments_bytes(s: TrainSpec) -> int:
 
 
 def _penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
-    """``_CorrPenalty`` (trainer/saes/corr_penalty.py) and ``unique_pairs`` (trainer/saes/pairs.py)."""
-    B, n, k = s.batch_size, s.d_sae, s.k
-    c = COV_DTYPES[s.cov_dtype]
-    if k < 2:
+    """``penalty_and_moments`` (trainer/saes/corr_penalty.py): on CPU the fused kernels
+    (``_FusedCorrPenalty``, trainer/saes/fused_pairs.py), elsewhere ``_CorrPenalty`` and
+    ``unique_pairs`` (trainer/saes/pairs.py)."""
+    if s.k < 2:
         return {}
+    return _fused_penalty_phases(s) if s.device == "cpu" else _torch_penalty_phases(s)
+
+
+def _penalty_small(s: TrainSpec) -> int:
+    """Sorted rows s, perm (int64), their values vs (+ val's float64 copy); m, q_diag, mu~, s_diag, rsqrt(s_diag)."""
+    B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
+    return B * k * (16 + c) + (B * k * c if c == 8 else 0) + 5 * n * c
+
+
+def fused_slices() -> int:
+    """The fused kernels' slice count (``FusedPairs.build``): 4 per kernel thread."""
+    from trainer.saes.fused_pairs import n_slices
+
+    return n_slices()
+
+
+def _fused_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
+    B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
+    P, U, nb = n_pairs(B, k), unique_pairs(s), fused_slices()
+    small = _penalty_small(s) + 8 * B * k  # + plan_buckets' float64 weights
+    return {
+        # the packed row pairs (int64, sorted in place, slice by slice); per row and slice counts and starts.
+        "penalty.pack": {"penalty": small + 8 * P + 3 * 8 * B * nb},
+        # keys and q (the moments), M_{t-1} gathered at the keys, R and rr.
+        "penalty.R": {"penalty": small + 8 * P + U * (8 + 4 * c)},
+        # saved: packed, keys, R, rr, perm, vs, mu~, s_diag, and the moments; each slice's
+        # gradient buffers (B k + 2 d_sae) and their sums.
+        "backward.penalty": {"penalty": _fused_saved(s) + (nb + 1) * (B * k + 2 * n) * c},
+    }
+
+
+def _fused_saved(s: TrainSpec) -> int:
+    B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
+    P, U = n_pairs(B, k), unique_pairs(s)
+    return 8 * P + 2 * U * c + B * k * (8 + c) + 2 * n * c + _moments_bytes(s)
+
+
+def _torch_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
+    B, k, c = s.batch_size, s.k, COV_DTYPES[s.cov_dtype]
     P, U, Bk2 = n_pairs(B, k), unique_pairs(s), B * k * k
-    # sorted rows s, perm (int64), their values vs (+ val's float64 copy); m, q_diag, mu~, s_diag, rsqrt(s_diag).
-    small = B * k * (16 + c) + (B * k * c if c == 8 else 0) + 5 * n * c
-    if s.device == "cpu":
-        # the packed ``key << shift | pos`` (int64: two P-long gathers, added in place); numpy sorts
-        # it in place and adds pos (int64), first-flags and the int32 inverse (RSS only); pk[first].
-        inv_b, unique = 4, max(16 * P, P * (8 + 8 + 1 + 4) + 8 * U)
-    else:  # keys (two gathers), as int32, torch.unique's sorted copy, permutation and inverse; pos
-        inv_b, unique = 8, P * (8 + 8 + 4 + 4 + 8 + 8 + 8) + 8 * U
-    pairs = P * (inv_b + 8)  # inv and pos (int64): for every row pair, its distinct pair and its (b, p, q)
+    small = _penalty_small(s)
+    # keys (two gathers), as int32, torch.unique's sorted copy, permutation and inverse; pos
+    unique = P * (8 + 8 + 4 + 4 + 8 + 8 + 8) + 8 * U
+    pairs = P * (8 + 8)  # inv and pos (int64): for every row pair, its distinct pair and its (b, p, q)
     return {
         "penalty.unique": {"penalty": small + unique},
         # products: the (B, k, k) outer product of vs, gathered at pos (P).
@@ -280,17 +314,15 @@ def _penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
         # saved (perm, vs, inv, pos, i, j, mu~, s_diag, R, rr) and the moments (uniq, q_pair, m, q_diag);
         # in backward a and R * R; then a gathered to the row pairs (a_rows), a freed, a_rows
         # scattered into A (B, k, k).
-        "backward.penalty": {"penalty": _penalty_saved(s) + 2 * U * c},
-        "backward.pairs": {"penalty": _penalty_saved(s) + P * c + max(U, Bk2) * c},
+        "backward.penalty": {"penalty": _torch_saved(s) + 2 * U * c},
+        "backward.pairs": {"penalty": _torch_saved(s) + P * c + max(U, Bk2) * c},
     }
 
 
-def _penalty_saved(s: TrainSpec) -> int:
+def _torch_saved(s: TrainSpec) -> int:
     B, n, k = s.batch_size, s.d_sae, s.k
     c, P, U = COV_DTYPES[s.cov_dtype], n_pairs(s.batch_size, s.k), unique_pairs(s)
-    inv_b = 4 if s.device == "cpu" else 8
-    return (B * k * (8 + c) + (B * k * c if c == 8 else 0) + P * (inv_b + 8) + U * (8 + 2 * c) + 2 * n * c
-            + _moments_bytes(s))
+    return B * k * (8 + c) + (B * k * c if c == 8 else 0) + P * 16 + U * (8 + 2 * c) + 2 * n * c + _moments_bytes(s)
 
 
 def _update_phase(s: TrainSpec) -> dict[str, int]:

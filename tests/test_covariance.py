@@ -16,7 +16,8 @@ from trainer.saes.covariance import (
     penalty_and_moments,
     topk_to_dense,
 )
-from trainer.saes import pairs
+from trainer.saes import corr_penalty, fused_pairs, pairs
+from trainer.saes.fused_pairs import FusedPairs
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -154,13 +155,10 @@ def test_update_without_coactive_pairs():
             assert_rel(st.mean(), mu, 1e-12, "mu")
 
 
-@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("d,B,k", [(64, 32, 4), (50, 7, 6), (1000, 300, 12), (16, 1, 2)])
-def test_unique_pairs_equals_torch_unique(d, B, k, packed, monkeypatch):
-    """The packed numpy sort (CPU) and the torch.unique path: the distinct keys of the row pairs,
-    and for every row pair its key (via inv) and its (b, p, q) entry (via pos), each once."""
-    if not packed:
-        monkeypatch.setattr(pairs, "_INT32_MAX", 0)  # forces the torch.unique path on CPU
+def test_unique_pairs_equals_torch_unique(d, B, k):
+    """The torch path: the distinct keys of the row pairs, and for every row pair its key (via
+    inv) and its (b, p, q) entry (via pos), each once."""
     for idx, val in batches(2, d=d, B=B, k=k, n_alive=min(48, d), seed=d, zero_frac=0.2):
         idx = torch.cat([idx, idx[:3]])  # repeated rows: every one of their pairs is a duplicate
         val = torch.cat([val, val[:3]])
@@ -177,18 +175,45 @@ def test_unique_pairs_equals_torch_unique(d, B, k, packed, monkeypatch):
         assert torch.equal(prods.view(n, -1), vs[:, P] * vs[:, Q])
 
 
+@pytest.mark.parametrize("hot", [False, True])
+@pytest.mark.parametrize("d,B,k", [(64, 32, 4), (50, 7, 6), (1000, 300, 12), (16, 1, 2)])
+def test_fused_pairs_equal_torch_unique(d, B, k, hot):
+    """The fused CPU kernels: the same distinct keys as torch.unique, each key's product sum as
+    the float64 sum over its row pairs, and every row pair in exactly one slice. ``hot``: one
+    latent in every row (one slice can then hold most pairs)."""
+    for idx, val in batches(2, d=d, B=B, k=k, n_alive=min(48, d), seed=d + hot, zero_frac=0.2):
+        if hot:
+            idx[:, 0] = torch.where((idx == 0).any(1), idx[:, 0], 0)
+        idx = torch.cat([idx, idx[:3]])
+        val = torch.cat([val, val[:3]])
+        s, _, vs = pairs.sorted_rows(idx, val)
+        row_keys, prods = pairs.row_pairs(s, vs, d)
+        fp = FusedPairs.build(s, vs, d)
+        keys, q = fp.sums()
+        uniq, inv = torch.unique(row_keys, return_inverse=True)
+        assert torch.equal(keys, uniq) and fp.packed.size == row_keys.numel()
+        ref = torch.zeros(uniq.numel(), dtype=F64).index_add_(0, inv, prods.double())
+        assert_rel(q, ref, 1e-14, "q")
+        shift = fused_pairs._layout(*s.shape)[1]
+        lo = torch.from_numpy(fp.packed >> shift) // d
+        for t in range(fp.bounds.size - 1):  # a slice holds whole runs: its lo latents are its own
+            a, b = int(fp.bounds[t]), int(fp.bounds[t + 1])
+            if t and a < fp.packed.size and b > a:
+                assert int(lo[a]) > int(lo[a - 1])
+
+
 def test_penalty_same_through_either_merge(monkeypatch):
-    """The packed numpy sort and the torch.unique path (other devices) give the same penalty,
-    gradient and moments."""
+    """The fused CPU kernels and the torch.unique path (other devices) give the same penalty,
+    gradient, moments and diagnostics."""
     st = LatentStatistics(64, 0.05, 1e-6, dtype=F64)
     data = list(batches(6, seed=8, zero_frac=0.1))
     for idx, val in data[:-1]:
         st.update(idx, val)
     idx, val = data[-1]
     out = []
-    for packed in (True, False):
-        if not packed:
-            monkeypatch.setattr(pairs, "_INT32_MAX", 0)
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(corr_penalty, "fused_pairs_supported", lambda *a: False)
         v = val.clone().requires_grad_(True)
         loss, diag, mom = penalty_and_moments(st, idx, v)
         loss.backward()
@@ -198,7 +223,9 @@ def test_penalty_same_through_either_merge(monkeypatch):
     assert torch.equal(m1.keys, m2.keys)
     assert (g1 - g2).abs().max() <= 1e-13 * g1.abs().max()
     assert_rel(m1.q, m2.q, 1e-13, "moments q")
-    assert all(torch.equal(d1[n], d2[n]) for n in ("n_pairs", "nonfinite"))
+    assert all(torch.equal(d1[n], d2[n]) for n in ("n_pairs", "nonfinite", "min_var"))
+    for n in ("mean_abs_R", "max_abs_R"):
+        assert_rel(d1[n], d2[n], 1e-13, n)
 
 
 # -- the eigenvalue invariant -------------------------------------------------------------
@@ -424,3 +451,25 @@ def test_update_and_penalty_never_build_anything_dense():
                                           "_index_put_impl_")]
     assert not big, big
     assert not writes, writes
+
+
+def test_fused_scratch_is_never_shared_by_live_batches():
+    """The fused path reuses its per-step arrays only once a batch's backward is done: two
+    forwards before either backward, then both backwards, give each batch its own gradient."""
+    st = LatentStatistics(64, 0.05, 1e-6, dtype=F64)
+    (i1, v1), (i2, v2) = list(batches(2, seed=3))
+    ref = []
+    for idx, val in ((i1, v1), (i2, v2)):
+        v = val.clone().requires_grad_(True)
+        correlation_penalty(st, idx, v)[0].backward()
+        ref.append(v.grad)
+    a, b = v1.clone().requires_grad_(True), v2.clone().requires_grad_(True)
+    la, lb = correlation_penalty(st, i1, a)[0], correlation_penalty(st, i2, b)[0]
+    lb.backward()
+    la.backward()
+    assert torch.equal(a.grad, ref[0]) and torch.equal(b.grad, ref[1])
+    for _ in range(3):  # forwards without backward give their arrays back when collected
+        correlation_penalty(st, i1, v1)
+    c = v1.clone().requires_grad_(True)
+    correlation_penalty(st, i1, c)[0].backward()
+    assert torch.equal(c.grad, ref[0])

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from trainer.saes.fused_pairs import FusedPairs, fused_pairs_supported
 from trainer.saes.pairs import PairMoments, check_topk, empty, latent_sums, sorted_rows, unique_pairs
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ def penalty_and_moments(stats: LatentStatistics, idx: Tensor, val: Tensor
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         return (v * 0).sum(), _no_pairs(dt, dev), PairMoments(empty, v.new_zeros(0), m, q_diag, idx.shape[0])
     box: list[PairMoments] = []
-    loss, *diag = _CorrPenalty.apply(v, idx, stats, box)
+    fn = _FusedCorrPenalty if fused_pairs_supported(idx.shape[0], idx.shape[1], d, dev) else _CorrPenalty
+    loss, *diag = fn.apply(v, idx, stats, box)
     return loss, dict(zip(DIAGNOSTICS, diag)), box[0]
 
 
@@ -78,12 +80,8 @@ class _CorrPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, idx: Tensor, stats: LatentStatistics, box: list):
         B, k = idx.shape
-        d, beta, eps = stats.d_sae, stats.beta, stats.eps
-        # O(d) vectors: B m_t, B diag(Q_t), mu~, diag(S) and S^-1/2.
-        m, q_diag = latent_sums(idx, v, d)
-        mu_t = (1.0 - beta) * stats.mu + (beta / B) * m
-        s_diag = ((1.0 - beta) * (stats.M_buf.diagonal() * stats.scale + stats.diag_extra)
-                  + beta * (q_diag / B + eps) - mu_t * mu_t)
+        d, beta = stats.d_sae, stats.beta
+        m, q_diag, mu_t, s_diag = _latent_terms(stats, idx, v)
         rs = s_diag.rsqrt()
 
         s, perm, vs = sorted_rows(idx, v)
@@ -149,17 +147,76 @@ class _CorrPenalty(torch.autograd.Function):
         return g * (beta / B), None, None, None
 
 
-def _diagnostics(loss: Tensor, R: Tensor, P: Tensor, n_pairs: Tensor, s: Tensor, vs: Tensor,
-                 s_diag: Tensor) -> tuple[Tensor, ...]:
-    """``n_pairs, mean_abs_R, max_abs_R, min_var, nonfinite`` as 0-d tensors (no host sync on GPU)."""
-    inf = torch.full((), math.inf, dtype=R.dtype, device=R.device)
-    # The latents of the co-active pairs, found on (B, k): entry p of a row is in one iff its
-    # product with the row's largest other |value| is non-zero (rounding is monotone, val >= 0).
-    av = vs.abs()
+class _FusedCorrPenalty(torch.autograd.Function):
+    """:class:`_CorrPenalty` on CPU with the O(B k^2) passes fused (:mod:`trainer.saes.pair_kernels`):
+    the same maths and outputs, about 3x less time at d_sae 16384, k 64, B 4096."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, idx: Tensor, stats: LatentStatistics, box: list):
+        B, k = idx.shape
+        d, beta = stats.d_sae, stats.beta
+        m, q_diag, mu_t, s_diag = _latent_terms(stats, idx, v)
+        s, perm, vs = sorted_rows(idx, v)
+        pairs = FusedPairs.build(s, vs.detach(), d)
+        keys, q = pairs.sums()
+        box.append(PairMoments(keys, q, m, q_diag, B))
+        R, rr, sums, kept, bad = pairs.correlations(keys, q, stats.M_buf.view(-1), (1.0 - beta) * stats.scale,
+                                                    beta / B, mu_t, s_diag.rsqrt())
+        n_pairs = torch.tensor(kept)
+        P = n_pairs.clamp(min=1).to(v.dtype)
+        loss = torch.tensor(sums[0], dtype=v.dtype) / P
+        ctx.beta, ctx.d, ctx.pairs = beta, d, pairs
+        ctx.save_for_backward(v, idx, perm, keys, R, rr, mu_t, s_diag, P)
+        min_var = _min_var(s, vs, s_diag)
+        diag = (n_pairs, torch.tensor(sums[1], dtype=v.dtype) / P, torch.tensor(sums[2], dtype=v.dtype), min_var,
+                torch.tensor(bad))
+        ctx.mark_non_differentiable(*diag)
+        return (loss, *diag)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        v, idx, perm, keys, R, rr, mu_t, s_diag, P = ctx.saved_tensors
+        beta, d, pairs = ctx.beta, ctx.d, ctx.pairs
+        if pairs is None:
+            raise RuntimeError("the correlation penalty's backward ran twice (retain_graph): not supported on CPU")
+        go = grad_loss / P
+        g_sorted, num, g_mu = pairs.backward(keys, R, rr, 2.0 * float(go), mu_t)
+        ctx.pairs = None
+        pairs.release()  # R, rr and the packed pairs go back to the scratch pool for the next batch
+        c = torch.where(num != 0, -go * num / s_diag, v.new_zeros(()))  # dL/dS_ii; 0 outside the pairs
+        g_mu = -g_mu - 2.0 * c * mu_t
+        g = v.new_zeros(idx.shape).scatter_(1, perm, g_sorted.view(idx.shape))
+        flat_idx = idx.reshape(-1)
+        g += g_mu.index_select(0, flat_idx).view_as(g) + 2.0 * c.index_select(0, flat_idx).view_as(g) * v
+        return g * (beta / idx.shape[0]), None, None, None
+
+
+def _latent_terms(stats: LatentStatistics, idx: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The O(d) vectors: ``B m_t``, ``B diag(Q_t)``, ``mu~`` and ``diag(S)``."""
+    B, beta = idx.shape[0], stats.beta
+    m, q_diag = latent_sums(idx, v, stats.d_sae)
+    mu_t = (1.0 - beta) * stats.mu + (beta / B) * m
+    s_diag = ((1.0 - beta) * (stats.M_buf.diagonal() * stats.scale + stats.diag_extra)
+              + beta * (q_diag / B + stats.eps) - mu_t * mu_t)
+    return m, q_diag, mu_t, s_diag
+
+
+def _min_var(s: Tensor, vs: Tensor, s_diag: Tensor) -> Tensor:
+    """Smallest ``S_ii`` among the latents of the co-active pairs, found on (B, k): entry p of a
+    row is in one iff its product with the row's largest other |value| is non-zero (rounding is
+    monotone, val >= 0)."""
+    inf = torch.full((), math.inf, dtype=s_diag.dtype, device=s_diag.device)
+    av = vs.detach().abs()
     top = av.topk(2, dim=1).values
     other = torch.where(av == top[:, :1], top[:, 1:], top[:, :1])
     in_pair = (av * other) != 0
-    min_var = torch.where(in_pair, s_diag.index_select(0, s.reshape(-1)).view_as(vs), inf).min()
+    return torch.where(in_pair, s_diag.index_select(0, s.reshape(-1)).view_as(vs), inf).min()
+
+
+def _diagnostics(loss: Tensor, R: Tensor, P: Tensor, n_pairs: Tensor, s: Tensor, vs: Tensor,
+                 s_diag: Tensor) -> tuple[Tensor, ...]:
+    """``n_pairs, mean_abs_R, max_abs_R, min_var, nonfinite`` as 0-d tensors (no host sync on GPU)."""
+    min_var = _min_var(s, vs, s_diag)
     # A finite loss (a sum of squares) means every R_ij is finite: on CPU, where reading it
     # costs nothing, the count is skipped then.
     if R.device.type == "cpu" and math.isfinite(loss.item()):

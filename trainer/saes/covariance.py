@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from trainer.saes.corr_penalty import correlation_penalty, dense_correlation_penalty, penalty_and_moments
-from trainer.saes.pairs import PairMoments, check_topk, latent_sums, row_pairs, sorted_rows
+from trainer.saes.pairs import PairMoments, check_topk, latent_sums, row_pairs, sorted_rows, zeros
 
 __all__ = [
     "LatentStatistics",
@@ -77,7 +77,7 @@ class LatentStatistics(torch.nn.Module):
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be floating point, got {dtype}")
         self.d_sae, self.beta, self.eps, self.fold_threshold = int(d_sae), float(beta), float(eps), float(fold_threshold)
-        self.register_buffer("M_buf", torch.zeros(d_sae, d_sae, dtype=dtype, device=device))
+        self.register_buffer("M_buf", zeros((d_sae, d_sae), dtype, device))
         self.register_buffer("mu", torch.zeros(d_sae, dtype=dtype, device=device))
         self.step = 0
         self.scale = 1.0
