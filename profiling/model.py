@@ -269,25 +269,26 @@ def _penalty_small(s: TrainSpec) -> int:
     return B * k * (16 + c) + (B * k * c if c == 8 else 0) + 5 * n * c
 
 
-def fused_slices() -> int:
-    """The fused kernels' slice count (``FusedPairs.build``): 4 per kernel thread."""
-    from trainer.saes.fused_pairs import n_slices
+def fused_slices() -> tuple[int, int]:
+    """The fused kernels' slices (``FusedPairs.build``: 4 per kernel thread) and threads."""
+    from trainer.saes.fused_pairs import kernel_threads, n_slices
 
-    return n_slices()
+    return n_slices(), kernel_threads()
 
 
 def _fused_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
-    P, U, nb = n_pairs(B, k), unique_pairs(s), fused_slices()
+    P, U = n_pairs(B, k), unique_pairs(s)
+    nb, threads = fused_slices()
     small = _penalty_small(s) + 8 * B * k  # + plan_buckets' float64 weights
     return {
         # the packed row pairs (int64, sorted in place, slice by slice); per row and slice counts and starts.
         "penalty.pack": {"penalty": small + 8 * P + 3 * 8 * B * nb},
         # keys and q (the moments), M_{t-1} gathered at the keys, R and rr.
         "penalty.R": {"penalty": small + 8 * P + U * (8 + 4 * c)},
-        # saved: packed, keys, R, rr, perm, vs, mu~, s_diag, and the moments; each slice's
+        # saved: packed, keys, R, rr, perm, vs, mu~, s_diag, and the moments; each thread's
         # gradient buffers (B k + 2 d_sae) and their sums.
-        "backward.penalty": {"penalty": _fused_saved(s) + (nb + 1) * (B * k + 2 * n) * c},
+        "backward.penalty": {"penalty": _fused_saved(s) + (threads + 1) * (B * k + 2 * n) * c},
     }
 
 

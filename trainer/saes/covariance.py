@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from trainer.saes.corr_penalty import correlation_penalty, dense_correlation_penalty, penalty_and_moments
+from trainer.saes.fused_pairs import add_distinct
 from trainer.saes.pairs import PairMoments, check_topk, latent_sums, row_pairs, sorted_rows, zeros
 
 __all__ = [
@@ -151,8 +152,8 @@ class LatentStatistics(torch.nn.Module):
         flat = self.M_buf.view(-1)
         if flat.is_cuda and not distinct:  # atomics would make repeated keys non-deterministic
             flat.index_put_((moments.keys.long(),), moments.q * c, accumulate=True)  # sort-based, deterministic
-        else:  # distinct keys (or CPU, where index_add_ is deterministic and ~2x faster than index_put_)
-            flat.index_add_(0, moments.keys, moments.q * c)
+        elif not (distinct and add_distinct(flat, moments.keys, moments.q, c)):  # CPU, distinct: in parallel
+            flat.index_add_(0, moments.keys, moments.q * c)  # CPU: deterministic, ~2x faster than index_put_
         diag = torch.arange(d, device=dev).mul_(d + 1)  # the diagonal: distinct keys
         flat.index_add_(0, diag, moments.q_diag * c)
         self.step += 1

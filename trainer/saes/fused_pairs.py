@@ -21,7 +21,7 @@ from torch import Tensor
 
 from trainer.saes import pair_kernels as kern
 
-__all__ = ["FusedPairs", "fused_pairs_supported", "kernel_threads", "n_slices"]
+__all__ = ["FusedPairs", "add_distinct", "fused_pairs_supported", "kernel_threads", "n_slices"]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -72,6 +72,17 @@ _SCRATCH = _Scratch()
 @lru_cache(maxsize=1)
 def _sorter(n_threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="pair-sort")
+
+
+def add_distinct(flat: Tensor, keys: Tensor, values: Tensor, scale: float) -> bool:
+    """``flat[keys] += scale * values`` in parallel on CPU, for distinct int64 ``keys`` (the
+    penalty's moments); False (nothing done) where the kernel does not apply."""
+    if flat.device.type != "cpu" or flat.dtype not in _FLOATS or values.dtype != flat.dtype \
+            or keys.dtype != torch.int64 or not flat.is_contiguous():
+        return False
+    numba.set_num_threads(kernel_threads())
+    kern.scatter_distinct(flat.numpy(), keys.numpy(), values.numpy(), scale)
+    return True
 
 
 @dataclass
@@ -150,5 +161,6 @@ class FusedPairs:
         ``sum_j R_ij^2`` (d,) and ``sum_j a_ij mu_j`` (d,) per latent."""
         kb, shift = self._layout
         g, num, gmu = kern.backward_pass(self.packed, shift, kb, self.k, self.bounds, self.uoff, keys.numpy(),
-                                         R.numpy(), rr.numpy(), coef, mu.numpy(), self.vs, self.d)
+                                         R.numpy(), rr.numpy(), coef, mu.numpy(), self.vs, self.d,
+                                         kernel_threads())
         return torch.from_numpy(g), torch.from_numpy(num), torch.from_numpy(gmu)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["backward_pass", "correlations", "count_runs", "pack_pairs", "plan_buckets", "run_sums"]
+__all__ = ["backward_pass", "correlations", "count_runs", "pack_pairs", "plan_buckets", "run_sums", "scatter_distinct"]
 
 
 def plan_buckets(s: np.ndarray, d: int, n_buckets: int) -> np.ndarray:
@@ -161,42 +161,51 @@ def correlations(keys, q, M, m_scale, d, q_scale, mu, rs, R, rr, n_chunks):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def backward_pass(pk, shift, kb, k, bounds, uoff, keys, R, rr, coef, mu, vs, d):
+def scatter_distinct(flat, keys, values, scale):
+    """``flat[keys] += scale * values`` for distinct ``keys``: no two threads write one entry."""
+    for u in prange(keys.size):
+        flat[keys[u]] += scale * values[u]
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def backward_pass(pk, shift, kb, k, bounds, uoff, keys, R, rr, coef, mu, vs, d, n_groups):
     """With ``a = coef R rr`` per distinct pair: ``g`` (B k,), ``sum_q a_pq v_q`` per sorted row
     entry; ``num`` (d,), ``sum_j R_ij^2`` per latent; ``gmu`` (d,), ``sum_j a_ij mu_j`` per latent.
-    Each slice accumulates into its own buffers (no races), summed at the end."""
+    Group ``c`` takes the slices ``c, c + n_groups, ...`` and accumulates into its own buffers (no
+    races), summed at the end."""
     nb = bounds.size - 1
     kmask = (1 << kb) - 1
     smask = (1 << shift) - 1
-    g_part = np.zeros((nb, vs.size), dtype=vs.dtype)
-    num_part = np.zeros((nb, d), dtype=vs.dtype)
-    gmu_part = np.zeros((nb, d), dtype=vs.dtype)
-    for t in prange(nb):
-        g = g_part[t]
-        num = num_part[t]
-        gmu = gmu_part[t]
-        u = uoff[t] - 1
-        prev = -1
-        a = 0.0
-        for e in range(bounds[t], bounds[t + 1]):
-            x = pk[e]
-            key = x >> shift
-            if key != prev:
-                u += 1
-                prev = key
-                a = coef * R[u] * rr[u]
-                if rr[u] != 0.0:  # masked pairs (rr = 0) add nothing
-                    i = key // d
-                    j = key - i * d
-                    num[i] += R[u] * R[u]
-                    num[j] += R[u] * R[u]
-                    gmu[i] += a * mu[j]
-                    gmu[j] += a * mu[i]
-            if rr[u] != 0.0:
-                slot = x & smask
-                row = (slot >> (2 * kb)) * k
-                f1 = row + ((slot >> kb) & kmask)
-                f2 = row + (slot & kmask)
-                g[f1] += a * vs[f2]
-                g[f2] += a * vs[f1]
+    g_part = np.zeros((n_groups, vs.size), dtype=vs.dtype)
+    num_part = np.zeros((n_groups, d), dtype=vs.dtype)
+    gmu_part = np.zeros((n_groups, d), dtype=vs.dtype)
+    for c in prange(n_groups):
+        g = g_part[c]
+        num = num_part[c]
+        gmu = gmu_part[c]
+        for t in range(c, nb, n_groups):
+            u = uoff[t] - 1
+            prev = -1
+            a = 0.0
+            for e in range(bounds[t], bounds[t + 1]):
+                x = pk[e]
+                key = x >> shift
+                if key != prev:
+                    u += 1
+                    prev = key
+                    a = coef * R[u] * rr[u]
+                    if rr[u] != 0.0:  # masked pairs (rr = 0) add nothing
+                        i = key // d
+                        j = key - i * d
+                        num[i] += R[u] * R[u]
+                        num[j] += R[u] * R[u]
+                        gmu[i] += a * mu[j]
+                        gmu[j] += a * mu[i]
+                if rr[u] != 0.0:
+                    slot = x & smask
+                    row = (slot >> (2 * kb)) * k
+                    f1 = row + ((slot >> kb) & kmask)
+                    f2 = row + (slot & kmask)
+                    g[f1] += a * vs[f2]
+                    g[f2] += a * vs[f1]
     return g_part.sum(axis=0), num_part.sum(axis=0), gmu_part.sum(axis=0)
