@@ -16,6 +16,7 @@ import torch
 
 from actcache.capture import ResidualCapture
 from actcache.dtypes import storage_dtype, to_storage, torch_dtype
+from actcache.errors import ActcacheError
 from actcache.hooks import HookSpec
 from actcache.store_writer import StoreWriter
 
@@ -87,9 +88,25 @@ def compute_chunk(
             if h not in out:
                 out[h] = np.empty((n * rows_per_window, a.shape[-1]), dtype=storage_dtype(logical_dtype))
             # The model may compute in a wider dtype than it stores (see resolve_compute_dtype).
-            a = a.reshape(-1, a.shape[-1]).to(torch_dtype(logical_dtype))
-            out[h][b0 * rows_per_window : b1 * rows_per_window] = to_storage(a)
+            a = a.reshape(-1, a.shape[-1])
+            stored = a.to(torch_dtype(logical_dtype))
+            check_finite(h, a, stored, logical_dtype)
+            out[h][b0 * rows_per_window : b1 * rows_per_window] = to_storage(stored)
     return out
+
+
+def check_finite(hook: str, computed: torch.Tensor, stored: torch.Tensor, logical_dtype: str) -> None:
+    """Refuse to store inf / NaN: an activation beyond the storage dtype's range (float16 tops
+    out at 65504; Gemma-2's residual stream can exceed it) or a non-finite one from the model.
+    Raised before the chunk is queued, so the chunks already written stay valid."""
+    if bool(torch.isfinite(stored).all()):
+        return
+    if bool(torch.isfinite(computed).all()):
+        peak = float(computed.abs().max())
+        raise ActcacheError(f"{hook}: activations reach {peak:.4g}, beyond {logical_dtype}'s range: "
+                            f"use --dtype bfloat16 or float32 (with --overwrite for this store)")
+    raise ActcacheError(f"{hook}: the model produced non-finite activations (inf or NaN): try "
+                        f"--compute-dtype float32")
 
 
 def run_chunks(

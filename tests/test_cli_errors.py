@@ -115,3 +115,29 @@ def test_bad_options(tmp_path, opt, val, needle):
 def test_info_and_verify_on_a_missing_store(tmp_path):
     _assert_user_error(_run("info", str(tmp_path / "none.zarr")), "not a store")
     _assert_user_error(_run("verify", str(tmp_path / "none.zarr")), "not a store")
+
+
+def test_float16_overflow_is_a_clear_error(tmp_path, tiny_model_dir):
+    """Activations beyond float16's range: a one-line error naming the hook and the fix, never
+    inf in the store; the same command with bfloat16 (whose range is float32's) then succeeds."""
+    import shutil
+
+    import torch
+    from transformers import Gemma2ForCausalLM
+
+    big = tmp_path / "big-embeddings"
+    shutil.copytree(tiny_model_dir, big)
+    m = Gemma2ForCausalLM.from_pretrained(big).float()
+    with torch.no_grad():
+        m.model.embed_tokens.weight.mul_(1e7)  # the residual stream then holds ~1e6-1e7
+    m.save_pretrained(big)
+    args = list(BASE)
+    args[args.index("--model") + 1] = str(big)
+    out = tmp_path / "s.zarr"
+    _assert_user_error(_run(*args, "--dtype", "float16", "--out", str(out)),
+                       "blocks.1.hook_resid_post", "float16", "--dtype bfloat16")
+    r = _run(*args, "--dtype", "bfloat16", "--out", str(out), "--overwrite")
+    assert r.exit_code == 0, r.output
+    st = S.open_store(out)
+    x = st.read_chunk("blocks.1.hook_resid_post", 0).float()
+    assert bool(torch.isfinite(x).all()) and float(x.abs().max()) > 65504
