@@ -15,7 +15,8 @@ import torch
 from actcache.errors import ActcacheError
 from actcache.store import open_store
 from conftest import small_config
-from trainer.loader import PREFETCH_THREAD, ActivationLoader, LoaderConfig
+from trainer.loader import ActivationLoader, LoaderConfig
+from trainer.prefetch import PREFETCH_THREAD
 
 HOOK = "blocks.3.hook_resid_post"
 # small_store: 6 chunks x 128 rows, d_model 64 -> 5 train chunks (640 rows) with 1 heldout.

@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +40,13 @@ import torch
 from actcache.errors import ActcacheError
 from actcache.store import ActivationStore, open_store
 from trainer.decode import ChunkReader, GroupBuffers
+from trainer.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
 NORMALIZE = ("none", "expected_average_only_in")
 SPLITS = ("train", "heldout")
 STATE_VERSION = 1
-PREFETCH_THREAD = "actcache-loader-prefetch"
-_POLL_S = 0.05  # how often a blocked prefetch thread checks whether the consumer has gone
-_END = object()  # end of the (heldout) group stream
 
 
 @dataclass(frozen=True)
@@ -269,7 +266,7 @@ class _Stream:
         n_bufs = 2 if loader.cfg.prefetch else 1
         self._pool = GroupBuffers(n_bufs, loader._buffer_rows, loader.d_in, pin=cuda, hold=loader._hold)
         self._cuda = cuda
-        self._source = _Source(lambda starving, stopped: loader._groups(shard, epoch, offset, self._pool, starving,
+        self._source = Prefetcher(lambda starving, stopped: loader._groups(shard, epoch, offset, self._pool, starving,
                                                                         stopped), loader.cfg.prefetch)
         self.epoch, self.offset = epoch, offset
         self._grp: _Group | None = None
@@ -307,72 +304,6 @@ class _Stream:
         self._grp = None
         self._used = []
         self._source.close()
-
-
-class _Source:
-    """Groups for the consumer: built by a background thread (at most two alive: the consumer's
-    and the next) or, without prefetch, on demand on the consumer's thread."""
-
-    def __init__(self, make: Callable[[Callable[[], bool], Callable[[], bool]], Iterator[_Group]], prefetch: bool):
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
-        self._slots = threading.Semaphore(2)  # taken before building a group, given back when it is consumed
-        self._stop = threading.Event()
-        self._waiting = threading.Event()  # the consumer is blocked on the next group
-        self._thread = threading.Thread(target=self._run, name=PREFETCH_THREAD, daemon=True) if prefetch else None
-        self._groups = make(self._starving, self._stop.is_set)
-        if self._thread:
-            self._thread.start()
-
-    def _starving(self) -> bool:
-        """The consumer waits for a group not yet queued (without prefetch: always)."""
-        return self._thread is None or (self._waiting.is_set() and self._queue.empty())
-
-    def _run(self) -> None:
-        try:
-            while self._acquire():
-                item = next(self._groups, _END)
-                if not self._put(item) or item is _END:
-                    return
-        except BaseException as err:  # re-raised by the consumer
-            self._put(err)
-
-    # Blocking calls poll the stop flag so an abandoned consumer never leaves the thread stuck.
-    def _acquire(self) -> bool:
-        while not self._stop.is_set():
-            if self._slots.acquire(timeout=_POLL_S):
-                return True
-        return False
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def get(self) -> _Group | None:
-        if self._thread is None:
-            return next(self._groups, None)
-        self._waiting.set()
-        try:
-            item = self._queue.get()
-        finally:
-            self._waiting.clear()
-        if isinstance(item, BaseException):
-            raise item
-        return None if item is _END else item
-
-    def release(self) -> None:
-        if self._thread is not None:
-            self._slots.release()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        self._groups.close()
 
 
 def _validate(cfg: LoaderConfig, split: str, rank: int, world_size: int, shards: int, n_chunks: int) -> None:

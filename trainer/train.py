@@ -32,6 +32,7 @@ from trainer.distributed import LOCAL, Collective, session
 from trainer.evaluation.reconstruction import evaluate
 from trainer.export import export_saelens, folded_weights, saelens_cfg, write_weights
 from trainer.loader import ActivationLoader
+from trainer.metrics import append_record, batch_means, step_record
 from trainer.saes import ARCHS, SAE, SAEOutput, StepContext, build_sae
 
 log = logging.getLogger(__name__)
@@ -271,33 +272,14 @@ class Trainer:
         log.warning("rolled back to step %d with lr scale %.3g", self.state["step"], lr_scale)
 
     def _log(self, out: SAEOutput, x: torch.Tensor) -> None:
-        st, dp = self.state, self.dp
+        st = self.state
         if st["step"] % self.cfg.train.log_every and st["step"] != self.n_steps:
             return
-        with torch.no_grad():  # metrics of the global batch: per-rank means and shares average to them
-            err = (out.x_hat.float() - x).pow(2)
-            names = ["loss", *out.terms, "mse", "l0"]
-            local = [out.loss, *out.terms.values(), err.mean(), out.l0]
-            means = dp.sum(torch.stack([t.detach().double().reshape(()) for t in local])) / dp.world_size
-            ev = float(1 - dp.sum(err.sum()) / (dp.batch_total_var(x) * dp.world_size))
-        if not dp.is_main:
+        means, ev = batch_means(out, x, self.dp)  # a collective: every rank
+        if not self.dp.is_main:
             return
-        ctx = self._ctx()
-        rec: dict[str, Any] = {"step": st["step"], "tokens": st["tokens"], **dict(zip(names, means.tolist())),
-                               "explained_variance": ev, "dead_fraction": float(self.sae.dead_mask().float().mean()),
-                               "grad_norm": float(out.extras["grad_norm"]), "lr": float(out.extras["lr"]),
-                               "k": ctx.k, "lambda": ctx.lam, "sparsity_coef": ctx.sparsity_coef,
-                               "tokens_per_s": st["tokens"] / max(st["wall_s"], 1e-9),
-                               "nonfinite_events": st["nonfinite_events"], "skipped_steps": st["skipped_steps"],
-                               "rollbacks": st["rollbacks"]}
-        for name in ("mean_abs_R", "max_abs_R", "n_pairs", "min_var", "nonfinite"):
-            if name in out.extras:  # dyncorr penalty diagnostics (of the global batch)
-                rec[name if name != "nonfinite" else "corr_nonfinite"] = float(out.extras[name])
-        if hasattr(self.sae, "stats"):
-            rec["sigma_min_eig"] = self.sae.stats.min_eigenvalue(self.eig_block)
-            rec["sigma_condition"] = self.sae.stats.condition_number(self.eig_block)
-        with open(self.paths.metrics, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        rec = step_record(self.sae, out, means, ev, self._ctx(), st, self.eig_block)
+        append_record(self.paths.metrics, rec)
         if self.progress:
             self.progress.update(st["step"], rec)
 
