@@ -149,7 +149,8 @@ class _CorrPenalty(torch.autograd.Function):
 
 class _FusedCorrPenalty(torch.autograd.Function):
     """:class:`_CorrPenalty` on CPU with the O(B k^2) passes fused (:mod:`trainer.saes.pair_kernels`):
-    the same maths and outputs, about 3x less time at d_sae 16384, k 64, B 4096."""
+    the same maths and outputs; with the update, ~2.7x less wall time at d_sae 16384, k 64, B 4096
+    (docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, v: Tensor, idx: Tensor, stats: LatentStatistics, box: list):
