@@ -16,7 +16,7 @@ from trainer.saes.covariance import (
     penalty_and_moments,
     topk_to_dense,
 )
-from trainer.saes import corr_penalty, fused_pairs, pairs
+from trainer.saes import corr_penalty, pairs
 from trainer.saes.fused_pairs import FusedPairs
 
 F64 = torch.float64
@@ -194,8 +194,7 @@ def test_fused_pairs_equal_torch_unique(d, B, k, hot):
         assert torch.equal(keys, uniq) and fp.packed.size == row_keys.numel()
         ref = torch.zeros(uniq.numel(), dtype=F64).index_add_(0, inv, prods.double())
         assert_rel(q, ref, 1e-14, "q")
-        shift = fused_pairs._layout(*s.shape)[1]
-        lo = torch.from_numpy(fp.packed >> shift) // d
+        lo = torch.from_numpy(fp.packed >> fp.shift) // d
         for t in range(fp.bounds.size - 1):  # a slice holds whole runs: its lo latents are its own
             a, b = int(fp.bounds[t]), int(fp.bounds[t + 1])
             if t and a < fp.packed.size and b > a:

@@ -95,6 +95,8 @@ class FusedPairs:
     vs: np.ndarray  # (B k,) the sorted rows' values, flat
     k: int
     d: int
+    kb: int  # the packing (_layout)
+    shift: int
     scratch: dict[str, np.ndarray] = field(default_factory=dict)  # taken from _SCRATCH, given back by release()
 
     def __post_init__(self) -> None:
@@ -125,11 +127,7 @@ class FusedPairs:
         # numpy's sort releases the GIL: the slices sort in parallel, and a slice holds whole runs.
         list(_sorter(threads).map(lambda t: packed[bounds[t]:bounds[t + 1]].sort(), range(n_buckets)))
         uoff = kern.count_runs(packed, shift, bounds)
-        return cls(packed, bounds, uoff, vs.contiguous().view(-1).numpy(), k, d, scratch)
-
-    @property
-    def _layout(self) -> tuple[int, int]:
-        return _layout(self.vs.size // self.k, self.k)
+        return cls(packed, bounds, uoff, vs.contiguous().view(-1).numpy(), k, d, kb, shift, scratch)
 
     @property
     def n_unique(self) -> int:
@@ -137,10 +135,9 @@ class FusedPairs:
 
     def sums(self) -> tuple[Tensor, Tensor]:
         """The distinct keys (U,) int64, ascending, and ``q = sum_b v_lo v_hi`` (U,) for each."""
-        kb, shift = self._layout
         U = self.n_unique
         keys, q = np.empty(U, dtype=np.int64), np.empty(U, dtype=self.vs.dtype)
-        kern.run_sums(self.packed, shift, kb, self.k, self.bounds, self.uoff, self.vs, keys, q)
+        kern.run_sums(self.packed, self.shift, self.kb, self.k, self.bounds, self.uoff, self.vs, keys, q)
         return torch.from_numpy(keys), torch.from_numpy(q)
 
     def correlations(self, keys: Tensor, q: Tensor, M: Tensor, m_scale: float, q_scale: float, mu: Tensor,
@@ -159,8 +156,7 @@ class FusedPairs:
     def backward(self, keys: Tensor, R: Tensor, rr: Tensor, coef: float, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """With ``a_ij = coef R_ij rr_ij``: ``sum_q a_pq v_q`` per sorted row entry (B k,),
         ``sum_j R_ij^2`` (d,) and ``sum_j a_ij mu_j`` (d,) per latent."""
-        kb, shift = self._layout
-        g, num, gmu = kern.backward_pass(self.packed, shift, kb, self.k, self.bounds, self.uoff, keys.numpy(),
+        g, num, gmu = kern.backward_pass(self.packed, self.shift, self.kb, self.k, self.bounds, self.uoff, keys.numpy(),
                                          R.numpy(), rr.numpy(), coef, mu.numpy(), self.vs, self.d,
                                          kernel_threads())
         return torch.from_numpy(g), torch.from_numpy(num), torch.from_numpy(gmu)
