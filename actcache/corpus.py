@@ -96,7 +96,8 @@ def iter_documents(dataset: str = STDLIB_DATASET, text_field: str = "text") -> I
 # --- embedded standard-library docstrings -------------------------------------------------
 
 
-def _stdlib_root() -> Path:
+def stdlib_root() -> Path:
+    """The installed Python standard library (the embedded corpora's source)."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -133,14 +134,20 @@ def _parse_file(path: Path) -> ast.AST | None:
         return None
 
 
-def _iter_stdlib_docstrings() -> Iterator[str]:
-    for path in _iter_stdlib_files(_stdlib_root()):
+def iter_docstrings_under(root: Path) -> Iterator[str]:
+    """Cleaned docstrings of every library ``.py`` file under ``root``, in a fixed order; too short
+    ones (``_MIN_DOCSTRING_CHARS``) dropped. The embedded corpus and probing set both read this."""
+    for path in _iter_stdlib_files(root):
         tree = _parse_file(path)
         if tree is None:
             continue
         for doc in _docstrings(tree):
             if len(doc) >= _MIN_DOCSTRING_CHARS:
                 yield doc
+
+
+def _iter_stdlib_docstrings() -> Iterator[str]:
+    return iter_docstrings_under(stdlib_root())
 
 
 # --- user files ------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def _resolve_gguf_file(model: str, path: Path, gguf_file: str) -> _Source:
 # --- configs -------------------------------------------------------------------------------------
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
     import transformers
     from packaging.version import Version
@@ -220,7 +220,7 @@ def _check_causal_lm(model: str, config: PretrainedConfig) -> None:
 
 
 def _weights_kwargs(source: _Source, config: PretrainedConfig, dtype: torch.dtype) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"config": config, "trust_remote_code": False, **_dtype_kwarg(dtype)}
+    kwargs: dict[str, Any] = {"config": config, "trust_remote_code": False, **dtype_kwarg(dtype)}
     if config.model_type in _EAGER_MODEL_TYPES:
         kwargs["attn_implementation"] = "eager"
     if source.kind == "dir" and any(Path(source.location).glob("*.safetensors")):

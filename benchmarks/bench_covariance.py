@@ -42,12 +42,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.saes.covariance import (  # noqa: E402
-    LatentStatistics,
-    correlation_penalty,
-    dense_correlation_penalty,
-    penalty_and_moments,
-)
+from trainer.saes.corr_penalty import correlation_penalty, dense_correlation_penalty, penalty_and_moments  # noqa: E402
+from trainer.saes.covariance import LatentStatistics  # noqa: E402
 
 TARGET = 20.0
 

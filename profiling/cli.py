@@ -1,4 +1,4 @@
-"""``sae profile-memory``: the typer command (registered by ``trainer/cli.py`` as
+"""``sae profile-memory``: the typer command (registered by ``sae_cli`` as
 ``app.command("profile-memory")(profile_memory)``)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _budget(text: Optional[str], device: torch.device) -> tuple[int, str]:
-    from profiling.measure import total_ram
+    from profiling.rss import total_ram
     from profiling.plan import parse_size
 
     if text is not None:
@@ -46,7 +46,7 @@ def _budget(text: Optional[str], device: torch.device) -> tuple[int, str]:
 
 def _free(device: torch.device) -> int:
     """Bytes free now on ``device``."""
-    from profiling.measure import available_ram
+    from profiling.rss import available_ram
 
     if device.type == "cuda":
         import torch
@@ -83,7 +83,7 @@ def _measure_extraction(row: ExtractRow, env: dict[str, str]) -> ExtractRow:
 
     if row.spec.device != "cpu":
         return replace(row, measured=Measurement(None, note="not measured: extraction is measured on CPU only"))
-    from profiling.measure import available_ram
+    from profiling.rss import available_ram
 
     if row.comparable > 0.9 * (free := available_ram()):
         return replace(row, measured=Measurement(None, note=f"not measured: needs ~{row.comparable / 2**30:.1f} GiB, "

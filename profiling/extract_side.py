@@ -155,15 +155,15 @@ def extract_child(spec: dict[str, Any]) -> dict[str, Any]:
     from actcache.device import resolve_device
     from actcache.dtypes import torch_dtype
     from actcache.hooks import HookSpec
-    from actcache.models import _dtype_kwarg
+    from actcache.models import dtype_kwarg
     from actcache.runner import compute_chunk
-    from profiling.measure import current_rss, peak_rss, reset_peak_rss
+    from profiling.rss import current_rss, peak_rss, reset_peak_rss
 
     es = ExtractSpec(**spec["extract"])
     device = resolve_device(es.device)
     cfg = models.truncated_config(model_config(es.model), es.hook_layer + 1)
     kwargs = {"attn_implementation": "eager"} if cfg.model_type == "gemma2" else {}
-    kwargs.update(_dtype_kwarg(torch_dtype(spec["compute_dtype"])))
+    kwargs.update(dtype_kwarg(torch_dtype(spec["compute_dtype"])))
     hook = HookSpec(es.hook_layer, "hook_resid_post")
 
     def run(model: Any, windows: np.ndarray, layer: int) -> None:

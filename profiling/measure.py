@@ -21,12 +21,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Any
+
+from profiling.rss import current_rss, peak_rss, reset_peak_rss
 
 _RESULT = "PROFILE-RESULT "
 
@@ -40,76 +41,13 @@ class Measurement:
     note: str = ""  # why it was not measured, or the error
 
 
-# -- resident memory ------------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def current_rss() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is None:  # no procfs: the high-water mark is the best we have
-        return peak_rss()
-    return kib * 1024
-
-
-def peak_rss() -> int:
-    kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru if sys.platform == "darwin" else ru * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def total_ram() -> int:
-    """Physical RAM, or the cgroup's memory limit when that is lower (containers)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                limit = f.read().strip()
-        except OSError:
-            continue
-        if limit.isdigit():
-            total = min(total, int(limit))
-    return total
-
-
-def available_ram() -> int:
-    """MemAvailable (what can be allocated without swapping), or total RAM where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 # -- the training step -----------------------------------------------------------------------
 def _harness_class():
     import torch
 
     from trainer import schedules as sch
     from trainer.saes import build_sae
-    from trainer.train import _EIG_BLOCK, Trainer, make_optimizer
+    from trainer.train import EIG_BLOCK, Trainer, make_optimizer
 
     class StepHarness(Trainer):
         """``Trainer`` minus the store, loader and run dir: the same objects ``Trainer.__init__``
@@ -128,7 +66,7 @@ def _harness_class():
             self.sae.dp = self.dp
             self.opt = make_optimizer(self.sae, cfg.train.lr)
             g = torch.Generator().manual_seed(cfg.train.seed + 1)
-            self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(_EIG_BLOCK, cfg.sae.d_sae)].to(device)
+            self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(EIG_BLOCK, cfg.sae.d_sae)].to(device)
             self.state = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
                           "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0}
             self.loader_state = None

@@ -41,7 +41,7 @@ def test_stdlib_docstrings_are_cleaned() -> None:
 
 
 def test_stdlib_walk_skips_tests_and_tools() -> None:
-    root = corpus._stdlib_root()
+    root = corpus.stdlib_root()
     files = list(corpus._iter_stdlib_files(root))
     assert len(files) > 300
     skipped = {"site-packages", "test", "tests", "idlelib", "lib2to3"}

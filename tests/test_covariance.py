@@ -8,14 +8,8 @@ import math
 import pytest
 import torch
 
-from trainer.saes.covariance import (
-    LatentStatistics,
-    correlation_penalty,
-    dense_correlation_penalty,
-    dense_update,
-    penalty_and_moments,
-    topk_to_dense,
-)
+from trainer.saes.corr_penalty import correlation_penalty, dense_correlation_penalty, penalty_and_moments
+from trainer.saes.covariance import LatentStatistics, dense_update, topk_to_dense
 from trainer.saes import corr_penalty, pairs
 from trainer.saes.fused_pairs import FusedPairs
 

@@ -1,4 +1,5 @@
-"""The ``sae`` command line: thin typer commands over ``trainer`` (and, later, ``profiling``)."""
+"""The trainer's typer commands (train, export, eval, compare, experiment); ``sae_cli`` adds
+``profile-memory`` from ``profiling``, which builds on this package."""
 
 from __future__ import annotations
 
@@ -11,41 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from actcache.cli_support import console, fail, new_app
 from actcache.errors import ActcacheError
 from trainer.config import RunConfig, SAEConfig, TrainConfig
 from trainer.loader import LoaderConfig
+from trainer.progress import RichTrainProgress
 from trainer.saes import ARCHS
 
 app = new_app("Train sparse autoencoders on actcache stores.")
 _S, _T, _L = SAEConfig(), TrainConfig(), LoaderConfig()
-
-
-class RichTrainProgress:
-    """One bar per run; the runs trained together (``for_run``) share one display."""
-
-    def __init__(self, label: str = "train", bar: Progress | None = None) -> None:
-        self._bar = bar or Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=16),
-                                    TextColumn("{task.completed:,.0f}/{task.total:,.0f}"), TextColumn("{task.fields[info]}"),
-                                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-        self._label, self._task = label, None
-
-    def for_run(self, cfg: RunConfig) -> "RichTrainProgress":
-        return RichTrainProgress(Path(cfg.train.out).name or "train", self._bar)
-
-    def start(self, total_steps: int, done_steps: int, batch_size: int) -> None:
-        self._bar.start()  # idempotent: the first run's start shows the shared display
-        self._task = self._bar.add_task(self._label, total=total_steps, completed=done_steps, info="")
-
-    def update(self, step: int, r: dict[str, Any]) -> None:
-        info = (f"{r['tokens_per_s']:,.0f} tok/s loss {r['loss']:.3g} L0 {r['l0']:.0f} "
-                f"EV {r['explained_variance']:.3f} dead {r['dead_fraction']:.0%}")
-        self._bar.update(self._task, completed=step, info=info)
-
-    def stop(self) -> None:
-        self._bar.stop()
 
 
 def _flat_from_cli(ctx: typer.Context, options: dict[str, Any], config: Optional[Path]) -> dict[str, Any]:
@@ -198,10 +174,6 @@ def export(
         fail(f"{run_dir} has no {A.WEIGHTS}: train it to the end first (sae train ... --resume)")
     typer.echo(str(export_saelens(weights, out)))
 
-
-from profiling.cli import profile_memory  # noqa: E402  (profiling builds on trainer; registered here)
-
-app.command("profile-memory")(profile_memory)
 
 from trainer.evaluation.cli import register as register_eval  # noqa: E402
 

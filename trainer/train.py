@@ -37,7 +37,7 @@ from trainer.saes import ARCHS, SAE, SAEOutput, StepContext, build_sae
 
 log = logging.getLogger(__name__)
 _MAX_ROLLBACKS = 20
-_EIG_BLOCK = 256  # latents in the sampled block for Sigma's eigenvalue metrics
+EIG_BLOCK = 256  # latents in the sampled block for Sigma's eigenvalue metrics
 
 
 def make_optimizer(sae: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -114,7 +114,7 @@ class Trainer:
         self.sae.dp = dp  # batch statistics of the global batch (trainer/distributed.py)
         self.opt = make_optimizer(self.sae, cfg.train.lr)
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
-        self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(_EIG_BLOCK, cfg.sae.d_sae)].to(self.device)
+        self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(EIG_BLOCK, cfg.sae.d_sae)].to(self.device)
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
                                       "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0}
         self.loader_state: dict[str, Any] | None = None  # this rank's position in the last checkpoint

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actcache.corpus import iter_jsonl, _docstrings, _iter_stdlib_files, _MIN_DOCSTRING_CHARS, _parse_file, _stdlib_root
+from actcache.corpus import iter_docstrings_under, iter_jsonl, stdlib_root
 from actcache.errors import ActcacheError
 
 PROBE_STDLIB = "embedded:stdlib-packages"
@@ -49,13 +49,10 @@ class ProbeTask:
 def _stdlib_packages() -> tuple[list[str], list[str]]:
     texts, labels = [], []
     for package in STDLIB_PACKAGES:
-        root = _stdlib_root() / package
-        for path in _iter_stdlib_files(root) if root.is_dir() else ():
-            tree = _parse_file(path)
-            for doc in _docstrings(tree) if tree is not None else ():
-                if len(doc) >= _MIN_DOCSTRING_CHARS:
-                    texts.append(doc)
-                    labels.append(package)
+        root = stdlib_root() / package
+        for doc in iter_docstrings_under(root) if root.is_dir() else ():
+            texts.append(doc)
+            labels.append(package)
     # A docstring found in two packages ("Return self.") would be a label with no signal.
     owners: dict[str, set[str]] = {}
     for t, lab in zip(texts, labels):

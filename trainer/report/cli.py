@@ -40,7 +40,7 @@ def compare(
 
 
 def _progress_factory():
-    from trainer.cli import RichTrainProgress
+    from trainer.progress import RichTrainProgress
 
     return lambda name, i, n: RichTrainProgress(f"{name} ({i + 1}/{n})")
 

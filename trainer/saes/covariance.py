@@ -32,17 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainer.saes.corr_penalty import correlation_penalty, dense_correlation_penalty, penalty_and_moments
 from trainer.saes.fused_pairs import add_distinct
 from trainer.saes.pairs import PairMoments, check_topk, latent_sums, row_pairs, sorted_rows, zeros
 
 __all__ = [
     "LatentStatistics",
     "PairMoments",
-    "correlation_penalty",
-    "dense_correlation_penalty",
     "dense_update",
-    "penalty_and_moments",
     "topk_to_dense",
 ]
 

@@ -8,7 +8,8 @@ import torch
 
 from trainer.config import SAEConfig
 from trainer.saes.base import SAEOutput, StepContext
-from trainer.saes.covariance import LatentStatistics, PairMoments, penalty_and_moments
+from trainer.saes.corr_penalty import penalty_and_moments
+from trainer.saes.covariance import LatentStatistics, PairMoments
 from trainer.saes.topk import TopKSAE
 
 # bfloat16 is not offered: it rounds away most of each step's beta-sized increment of M.

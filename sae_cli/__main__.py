@@ -1,0 +1,3 @@
+from sae_cli import main
+
+main()
