@@ -53,7 +53,7 @@ class RichProgress:
 
 @app.command()
 def extract(
-    model: Annotated[str, typer.Option(help="Model dir, .gguf dir/file, hub id, or embedded:tiny-gemma2 / embedded:smollm2-135m.")],
+    model: Annotated[str, typer.Option(help="Model dir, .gguf dir/file, hub id, or embedded:tiny-gemma2 / embedded:smollm2-135m / embedded:gemma3-270m.")],
     hooks: Annotated[str, typer.Option(help="Comma list, e.g. blocks.5.hook_resid_post,blocks.12.hook_resid_post.")],
     out: Annotated[str, typer.Option(help="Path or URL (s3://, gs://, file://, memory://) of the Zarr v3 store to write; credentials come from the environment.")],
     dataset: Annotated[str, typer.Option(help="Corpus: .txt, .jsonl, .parquet, a save_to_disk dir, or embedded:stdlib-docstrings.")] = _D.dataset,
@@ -90,7 +90,9 @@ def extract(
     except ActcacheError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        fail("interrupted: finished chunks are kept; continue with the same command plus --resume", 130)
+        fail("interrupted: the old store is kept and the new one's finished chunks too; rerun the same command to "
+             "continue" if overwrite else
+             "interrupted: finished chunks are kept; continue with the same command plus --resume", 130)
     finally:
         if progress:
             progress.stop()
@@ -131,7 +133,11 @@ def info(
                   f"{h['mean_norm']:.4g}" if h["mean_norm"] is not None else "-",
                   f"{h['mean_sq_norm']:.4g}" if h["mean_sq_norm"] is not None else "-")
     out.print(t)
-    out.print(f"model {d['model']} | dataset {d['dataset']}\n{d['dtype']} (stored as {d['hooks'][0]['storage_dtype']}) | "
+    docs = f" ({d['n_documents_used']:,} of {d['n_documents_read']:,} documents read used)" \
+        if d["n_documents_used"] is not None else ""
+    out.print(f"model {d['model']} | dataset {d['dataset']}{docs} | format {d['format_version']}, "
+              f"{'crc32c per chunk' if d['checksums'] else 'no checksums'}\n"
+              f"{d['dtype']} (stored as {d['hooks'][0]['storage_dtype']}) | computed in {d['compute_dtype'] or 'unknown'} | "
               f"codec {d['codec']} | chunks of {d['chunk_rows']:,} rows | context {d['context_size']} | "
               f"{_fmt_bytes(d['bytes_per_token'])}/token on disk", highlight=False)
 
@@ -142,21 +148,41 @@ def verify(
     recompute: Annotated[int, typer.Option(help="Re-run the model on N random windows and compare.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed choosing the recomputed windows.")] = 0,
     device: Annotated[str, typer.Option(help="Device for --recompute.")] = "auto",
+    repair: Annotated[bool, typer.Option(help="Un-commit damaged chunks (extract --resume recomputes them) and rebuild derived ones.")] = False,
 ) -> None:
-    """Check every chunk decodes with the right shape/dtype and no NaN/Inf, and the manifest is complete."""
+    """Check every chunk of every array: crc32c checksum, decoding, shape/dtype, no NaN/Inf, tokens
+    consistent with the windows, manifest complete. Exit 1 when something is wrong."""
     from actcache.inspection import verify_store
+    from actcache.repair import repair_store
 
     try:
+        if recompute < 0:
+            raise ActcacheError(f"--recompute {recompute} must be >= 0 (the number of windows to re-run)")
         rep = verify_store(store, recompute=recompute, seed=seed, device=device)
+        fixed = repair_store(store, rep.findings) if repair else None
     except ActcacheError as e:
         fail(str(e))
+    for n in rep.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(n)}", highlight=False, soft_wrap=True)
     for p in rep.problems:
-        console.print(f"[red]problem:[/red] {escape(p)}", highlight=False)
+        console.print(f"[red]problem:[/red] {escape(p)}", highlight=False, soft_wrap=True)
     extra = f", {rep.windows_recomputed} windows recomputed (max relative error {rep.max_recompute_error:.2e})" if rep.windows_recomputed else ""
     msg = f"{rep.chunks_checked} chunks checked{extra}"
     if rep.ok:
         Console().print(f"[green]ok[/green]: {msg}", highlight=False)
-    else:
+        return
+    if fixed is None:
+        fail(f"{len(rep.problems)} problems; {msg}" + ("; `--repair` un-commits damaged chunks for extract --resume"
+                                                        if rep.findings else ""), 1)
+    if fixed.rewritten:
+        console.print(f"[green]rewritten:[/green] {escape(', '.join(fixed.rewritten))}", highlight=False, soft_wrap=True)
+    if fixed.uncommitted:
+        console.print(f"[yellow]un-committed[/yellow] chunks {', '.join(map(str, fixed.uncommitted))}: recompute them "
+                      f"with\n  {escape(fixed.resume_command or 'the original extract command plus --resume')}",
+                      highlight=False, soft_wrap=True)
+    if fixed.unrepairable:
+        fail(f"--repair cannot fix {'; '.join(fixed.unrepairable)}: re-extract the store with --overwrite", 1)
+    if not (fixed.uncommitted or fixed.rewritten):
         fail(f"{len(rep.problems)} problems; {msg}", 1)
 
 

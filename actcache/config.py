@@ -12,7 +12,7 @@ from actcache.corpus import STDLIB_DATASET
 @dataclass(frozen=True)
 class ExtractConfig:
     model: str
-    """Model: a transformers model dir, a dir/file with a .gguf, a hub id, or embedded:tiny-gemma2 / embedded:smollm2-135m."""
+    """Model: a transformers model dir, a dir/file with a .gguf, a hub id, or embedded:tiny-gemma2 / embedded:smollm2-135m / embedded:gemma3-270m."""
     hooks: tuple[str, ...]
     """Residual sites, e.g. ("blocks.5.hook_resid_post",)."""
     out: str

@@ -16,6 +16,7 @@ Empty documents are skipped; deciding that a corpus is empty is left to the call
 from __future__ import annotations
 
 import ast
+import codecs
 import inspect
 import json
 import logging
@@ -40,6 +41,7 @@ _STDLIB_SKIP_DIRS = frozenset(
 _MIN_DOCSTRING_CHARS = 40
 _HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _BATCH_ROWS = 1024
+_SNIFF_BYTES = 1 << 16  # head of a text corpus checked before extraction starts
 _SUPPORTED = (
     f"'{STDLIB_DATASET}', a .txt file (blank-line separated), a .jsonl file, a .parquet file, "
     "or a directory saved with datasets' save_to_disk"
@@ -73,6 +75,32 @@ def dataset_kind(dataset: str) -> str:
     if suffix not in kinds:
         raise ActcacheError(f"unsupported dataset file {dataset} ({suffix or 'no extension'}): pass {_SUPPORTED}")
     return kinds[suffix]
+
+
+def check_corpus(dataset: str) -> str:
+    """:func:`dataset_kind`, plus a look at the head of a text corpus: a binary or non-UTF-8
+    file fails here, before anything is written, rather than deep inside tokenisation."""
+    kind = dataset_kind(dataset)
+    if kind in ("txt", "jsonl"):
+        path = Path(dataset).expanduser()
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(_SNIFF_BYTES)
+        except OSError as err:
+            raise ActcacheError(f"cannot read dataset {dataset} ({err.strerror}): check its permissions") from None
+        if b"\x00" in head:
+            raise ActcacheError(f"dataset {dataset} is a binary file, not text: pass a UTF-8 .txt or .jsonl corpus")
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, err, None) from None
+    return kind
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError, lineno: int | None) -> ActcacheError:
+    where = f"line {lineno}" if lineno else f"byte {err.start}"
+    return ActcacheError(f"dataset {path} is not UTF-8 text ({where}: {err.reason}): "
+                         "convert it to UTF-8 or pass another --dataset")
 
 
 def iter_documents(dataset: str = STDLIB_DATASET, text_field: str = "text") -> Iterator[str]:
@@ -156,31 +184,40 @@ def _iter_stdlib_docstrings() -> Iterator[str]:
 def _iter_txt(path: Path) -> Iterator[str]:
     """Paragraphs of a text file; one or more blank lines end a document."""
     lines: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                lines.append(line)
-                continue
-            if lines:
-                yield "".join(lines).strip()
-                lines = []
+    for line in _utf8_lines(path):
+        if line.strip():
+            lines.append(line)
+            continue
+        if lines:
+            yield "".join(lines).strip()
+            lines = []
     if lines:
         yield "".join(lines).strip()
 
 
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """Lines of a UTF-8 file; a byte sequence that is not UTF-8 is a user error naming the line."""
+    lineno = 0
+    with path.open(encoding="utf-8") as fh:
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                yield line
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, err, lineno + 1) from None
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """``(line number, record)`` of every non-blank line; invalid JSON is a user error naming the line."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ActcacheError(
-                    f"{path} line {lineno} is not valid JSON ({err.msg}): fix the file so each line "
-                    "is one JSON object"
-                ) from None
+    for lineno, line in enumerate(_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ActcacheError(
+                f"{path} line {lineno} is not valid JSON ({err.msg}): fix the file so each line "
+                "is one JSON object"
+            ) from None
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:

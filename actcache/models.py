@@ -1,7 +1,8 @@
 """One loading path for every model actcache runs.
 
-A model argument may be an ``embedded:`` name, a local transformers dir (``config.json``),
-a local ``.gguf`` file (or a dir holding one, or a dir plus ``gguf_file=``), or a hub id.
+A model argument may be an ``embedded:`` name (``actcache.embedded.EMBEDDED_MODELS``), a local
+transformers dir (``config.json``), a local ``.gguf`` file (or a dir holding one, or a dir plus
+``gguf_file=``), or a hub id.
 GGUF checkpoints are dequantized and converted to a safetensors dir under the actcache
 cache once, so every later load is a plain, fast ``from_pretrained`` of that dir.
 """
@@ -49,6 +50,7 @@ class LoadedModel:
     revision: str | None  # hub commit hash when known
     config_hash: str  # sha256 of the config as sorted JSON, volatile keys left out
     tokenizer_id: str
+    gguf_file: str | None = None  # the .gguf the weights were converted from (its name or --gguf-file)
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,21 @@ def _gguf_in_dir(path: Path, model: str) -> _Source:
     raise ActcacheError(f"model dir {model} holds several .gguf files ({names}): pick one with --gguf-file")
 
 
+def _embedded_gguf(model: str, gguf_file: str | None) -> _Source | None:
+    """The GGUF itself for a GGUF-backed embedded model, so that reading only the config never
+    triggers the conversion. A store records that file's name, and loads it back with it."""
+    path = embedded.embedded_gguf_path(model)
+    if path is None:
+        return None
+    if gguf_file not in (None, path.name):
+        raise ActcacheError(f"{model} is the single file {path.name}: drop --gguf-file {gguf_file}")
+    return _Source("gguf", str(path))
+
+
 def _resolve_source(model: str, gguf_file: str | None) -> _Source:
-    if model == embedded.DEMO_MODEL and gguf_file is None:
-        # The GGUF itself, so that reading only the config never triggers the conversion.
-        return _Source("gguf", str(embedded.demo_gguf_path()))
+    gguf = _embedded_gguf(model, gguf_file)
+    if gguf is not None:
+        return gguf
     local = embedded.resolve_embedded(model) if model.startswith("embedded:") else None
     path = local if local is not None else Path(model).expanduser()
     if gguf_file is not None:
@@ -102,6 +115,8 @@ def _resolve_source(model: str, gguf_file: str | None) -> _Source:
 
 
 def _resolve_gguf_file(model: str, path: Path, gguf_file: str) -> _Source:
+    if path.is_file() and gguf_file == path.name:  # a store's record of a model given as its .gguf
+        return _Source("gguf", str(path))
     candidate = Path(gguf_file).expanduser()
     if not candidate.is_absolute():
         if not path.is_dir():
@@ -298,6 +313,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _resolve_source(model, gguf_file)
+    # As given when given (it may be a path below the model dir), so loading it back resolves alike.
+    converted_from = (gguf_file or Path(source.location).name) if source.kind == "gguf" else None
     if source.kind == "gguf":
         source = _Source("dir", str(embedded.convert_gguf(Path(source.location))))
     config = _auto_config(model, source)
@@ -329,4 +346,5 @@ def load_model(
         revision=getattr(lm.config, "_commit_hash", None),
         config_hash=config_hash(lm.config),
         tokenizer_id=str(tokenizer.name_or_path),
+        gguf_file=converted_from,
     )

@@ -1,5 +1,8 @@
 """Creating a store and writing it chunk by chunk, crash-safely.
 
+Every array gets zarr's ``crc32c`` codec last in its bytes-to-bytes chain: each chunk object ends
+with the checksum of its encoded bytes, checked on every read (format version 2).
+
 Crash safety rests on three facts: every object is written atomically (zarr's LocalStore:
 temp file + rename; object stores: one PUT per object); each store chunk is computed from its
 own windows only, so it can be recomputed identically; and a chunk's manifest entry (its own
@@ -17,11 +20,11 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from actcache import store as S
 from actcache.dtypes import storage_dtype, to_float32
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, StoreCorruptError
 from actcache.urls import StoreLocation
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,15 @@ def compressors_for(codec: str, typesize: int) -> Any:
     raise ActcacheError(f"unknown codec {codec!r}: use zstd, zstd-N (level N), blosc-lz4 or none")
 
 
+def with_checksum(compressors: Any) -> tuple:
+    """``compressors`` followed by zarr's crc32c codec, so the checksum covers the bytes on disk."""
+    return (*(compressors or ()), Crc32cCodec())
+
+
+# zarr's own default for the small arrays (what version 1 stores used), plus the checksum.
+_SMALL_ARRAYS = with_checksum((ZstdCodec(level=0),))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -55,13 +67,14 @@ class StoreWriter:
     def __init__(self, path: str | Path | StoreLocation):
         self.location = path if isinstance(path, StoreLocation) else StoreLocation(path)
         self.path = self.location  # str(): the public form, safe in messages
-        self.group = self.location.open_group("r+")
+        self.group = S.open_group(self.location, "r+")
         self.attrs = dict(self.group.attrs)
         self.layout = S.Layout.from_dict(self.attrs["layout"])
         self.hooks: list[str] = list(self.attrs["hooks"])
         self.logical_dtype: str = self.attrs["dtype"]
-        self._arrays = {h: self.group[h] for h in self.hooks}
-        self._manifest = self.group[S.MANIFEST]
+        self._arrays = {h: S.open_array(self.group, h, self.location) for h in self.hooks}
+        self._manifest = S.open_array(self.group, S.MANIFEST, self.location)
+        self._store: S.ActivationStore | None = None
 
     @classmethod
     def create(
@@ -79,7 +92,7 @@ class StoreWriter:
     ) -> "StoreWriter":
         """Lay out every array and write the token-side arrays; activations come later."""
         sdt = storage_dtype(logical_dtype)
-        comp = compressors_for(codec, sdt.itemsize)
+        comp = with_checksum(compressors_for(codec, sdt.itemsize))
         attrs = {**attrs, "layout": layout.to_dict(), "hooks": hooks, "d_model": d_model,
                  "dtype": logical_dtype, "storage_dtype": str(sdt), "codec": codec,
                  "format": {"name": S.FORMAT_NAME, "version": S.FORMAT_VERSION},
@@ -93,14 +106,17 @@ class StoreWriter:
                            compressors=comp, fill_value=0, dimension_names=("row", "d_model"),
                            attributes={"hook_name": h, "layer": layer, "logical_dtype": logical_dtype})
             sg = g.require_group(f"{S.STATS}/{h}")
-            sg.create_array("sum", shape=(n_chunks, d_model), chunks=(1, d_model), dtype="float64", fill_value=0)
+            sg.create_array("sum", shape=(n_chunks, d_model), chunks=(1, d_model), dtype="float64", fill_value=0,
+                            compressors=_SMALL_ARRAYS)
             sg.create_array("norms", shape=(n_chunks, 2), chunks=(1, 2), dtype="float64", fill_value=0,
-                            attributes={"columns": ["sum_sq_norm", "sum_norm"]})
+                            compressors=_SMALL_ARRAYS, attributes={"columns": ["sum_sq_norm", "sum_norm"]})
         g.create_array(S.MANIFEST, shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-                       compressors=None)
+                       compressors=with_checksum(None))
         wpc = layout.windows_per_chunk
-        g.create_array(S.WINDOWS, data=windows.astype(np.int32), chunks=(wpc, layout.context_size))
-        g.create_array(S.WINDOW_SOURCE, data=window_source.astype(np.int64), chunks=(wpc,))
+        g.create_array(S.WINDOWS, data=windows.astype(np.int32), chunks=(wpc, layout.context_size),
+                       compressors=_SMALL_ARRAYS)
+        g.create_array(S.WINDOW_SOURCE, data=window_source.astype(np.int64), chunks=(wpc,),
+                       compressors=_SMALL_ARRAYS)
         writer = cls(loc)
         writer._write_row_arrays(windows)
         writer.group.attrs["tokens_written"] = True
@@ -109,8 +125,8 @@ class StoreWriter:
     def _write_row_arrays(self, windows: np.ndarray) -> None:
         lay = self.layout
         specs = [(S.TOKENS, np.int32), (S.WINDOW, np.int32), (S.POSITION, np.int16)]
-        arrs = {n: self.group.create_array(n, shape=(lay.n_rows,), chunks=(lay.chunk_rows,), dtype=dt)
-                for n, dt in specs}
+        arrs = {n: self.group.create_array(n, shape=(lay.n_rows,), chunks=(lay.chunk_rows,), dtype=dt,
+                                           compressors=_SMALL_ARRAYS) for n, dt in specs}
         positions = np.arange(lay.first_position, lay.context_size, dtype=np.int16)
         for c0 in range(0, lay.n_chunks, _BLOCK_CHUNKS):
             c1 = min(c0 + _BLOCK_CHUNKS, lay.n_chunks)
@@ -122,10 +138,24 @@ class StoreWriter:
 
     def read_windows(self, chunk: int) -> np.ndarray:
         w0, w1 = self.layout.chunk_windows(chunk)
-        return self.group[S.WINDOWS][w0:w1]
+        return self._reader().read_windows(w0, w1)  # a damaged chunk: StoreCorruptError, not a traceback
+
+    def _reader(self) -> S.ActivationStore:
+        if self._store is None:
+            self._store = S.ActivationStore(self.location, require_complete=False)
+        return self._store
 
     def pending_chunks(self) -> list[int]:
-        done = self._manifest[:]
+        """Chunks without a manifest entry; an entry whose object is damaged counts as not written."""
+        try:
+            done = self._reader().read(S.MANIFEST, 0, self.layout.n_chunks)
+        except StoreCorruptError:
+            done = np.zeros(self.layout.n_chunks, dtype=np.uint8)
+            for c in range(self.layout.n_chunks):
+                try:
+                    done[c] = self._reader().read(S.MANIFEST, c, c + 1)[0]
+                except StoreCorruptError:
+                    log.warning("manifest entry of chunk %d of %s is damaged: recomputing the chunk", c, self.path)
         return [int(c) for c in np.flatnonzero(done == 0)]
 
     def write_chunk(self, chunk: int, acts: dict[str, np.ndarray]) -> None:
@@ -151,14 +181,14 @@ class StoreWriter:
         n = self.layout.n_rows
         stats = {}
         for h in self.hooks:
-            sg = self.group[f"{S.STATS}/{h}"]
-            total = np.zeros(sg["sum"].shape[1], dtype=np.float64)
+            rd = self._reader()
+            total = np.zeros(self._arrays[h].shape[1], dtype=np.float64)
             norms = np.zeros(2, dtype=np.float64)
             # Fixed block order keeps the reduction bitwise reproducible across resumes and workers.
             for c0 in range(0, self.layout.n_chunks, 256):
                 c1 = min(c0 + 256, self.layout.n_chunks)
-                total += sg["sum"][c0:c1].sum(axis=0)
-                norms += sg["norms"][c0:c1].sum(axis=0)
+                total += rd.read(S.stats_array(h, "sum"), c0, c1).sum(axis=0)
+                norms += rd.read(S.stats_array(h, "norms"), c0, c1).sum(axis=0)
             stats[h] = {"mean": (total / n).tolist(), "mean_sq_norm": float(norms[0] / n),
                         "mean_norm": float(norms[1] / n), "n_rows": n}
         self.group.attrs.update({"stats": stats, "complete": True, "finished": _now()})

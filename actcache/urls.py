@@ -15,6 +15,8 @@ import importlib.util
 import logging
 import os
 import shutil
+import time
+import uuid
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -160,8 +162,10 @@ class StoreLocation:
     def write_text(self, key: str, text: str, *, create: bool = False) -> None:
         """One object PUT; ``create``: FileExistsError if it exists (atomic where the backend can)."""
         if self.local is not None:
-            with open(self.local / key, "x" if create else "w") as f:
-                f.write(text)
+            if create:
+                self._create_local(key, text)
+                return
+            (self.local / key).write_text(text)
             return
         fs, _ = self._fs
         try:
@@ -170,6 +174,31 @@ class StoreLocation:
             if create and fs.exists(self._remote(key)):
                 raise FileExistsError(key) from None
             fs.pipe_file(self._remote(key), text.encode())
+
+    def _create_local(self, key: str, text: str) -> None:
+        """Create ``key`` with its content in one step (a hard link of a finished temp file), so
+        nobody ever sees it empty; FileExistsError if it exists."""
+        tmp = self.local / f".{key}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(text)
+        try:
+            os.link(tmp, self.local / key)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: exclusive create, then write
+            with open(self.local / key, "x") as f:
+                f.write(text)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def age(self, key: str) -> float | None:
+        """Seconds since ``key`` was last written; None when unknown (or it does not exist)."""
+        try:
+            if self.local is not None:
+                return time.time() - (self.local / key).stat().st_mtime
+            fs, _ = self._fs
+            return time.time() - fs.modified(self._remote(key)).timestamp()
+        except Exception:  # backends without modification times, or a missing object
+            return None
 
     def delete(self, key: str, *, recursive: bool = False) -> None:
         if self.local is not None:

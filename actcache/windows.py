@@ -10,6 +10,7 @@ across chunks has to happen here, at write time.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -24,8 +25,9 @@ _DOC_BATCH = 256
 class Windows:
     tokens: np.ndarray  # (n_windows, context_size) int32, in shuffled (store) order
     source: np.ndarray  # (n_windows,) int64, index of each window in corpus order
-    corpus_sha256: str  # hash of the document texts consumed
-    n_documents: int
+    corpus_sha256: str  # hash of the document texts read
+    n_documents_read: int  # documents read and tokenised (a batch past the last window included)
+    n_documents_used: int  # documents with at least one token inside a stored window
 
 
 def _batched(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -66,7 +68,9 @@ def pack_windows(
     sha = hashlib.sha256()
     stream: list[int] = []
     rows: list[np.ndarray] = []
-    got = n_docs = 0
+    got = n_docs = n_used = 0
+    starts: deque[int] = deque()  # stream offsets (from the corpus start) of documents not yet in a window
+    offset = 0  # corpus tokens already moved from the stream into windows
     for batch in _batched(docs, _DOC_BATCH):
         if n_windows is not None and got >= n_windows:
             break
@@ -74,6 +78,8 @@ def pack_windows(
         for text, ids in zip(batch, encoded):
             sha.update(text.encode("utf-8") + b"\x00")
             n_docs += 1
+            if ids:
+                starts.append(offset + len(stream))
             stream.extend(ids)
             stream.append(sep)
         full = len(stream) // body
@@ -83,6 +89,10 @@ def pack_windows(
             rows.append(np.asarray(stream[: full * body], dtype=np.int32).reshape(full, body))
             del stream[: full * body]
             got += full
+            offset += full * body
+            while starts and starts[0] < offset:  # its first token is in a window
+                starts.popleft()
+                n_used += 1
     if n_docs == 0:
         raise ActcacheError("the corpus is empty: it yielded no documents (check --dataset and --text-field)")
     if got == 0:
@@ -99,4 +109,5 @@ def pack_windows(
     if prepend_bos:
         packed = np.concatenate([np.full((len(packed), 1), bos, dtype=np.int32), packed], axis=1)
     perm = np.random.default_rng(seed).permutation(len(packed))
-    return Windows(tokens=packed[perm], source=perm.astype(np.int64), corpus_sha256=sha.hexdigest(), n_documents=n_docs)
+    return Windows(tokens=packed[perm], source=perm.astype(np.int64), corpus_sha256=sha.hexdigest(),
+                   n_documents_read=n_docs, n_documents_used=n_used)

@@ -19,7 +19,7 @@ HOOKS = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
 
 def test_plain_zarr_and_dask_can_read(small_store):
     g = zarr.open_group(str(small_store), mode="r")
-    assert g.attrs["format"] == {"name": "actcache", "version": 1}
+    assert g.attrs["format"] == {"name": "actcache", "version": S.FORMAT_VERSION}
     for h in HOOKS:
         arr = g[h]
         assert arr.shape == (24 * 32, 64) and arr.dtype == np.uint16 and arr.chunks == (128, 64)
@@ -90,9 +90,13 @@ def test_exclude_bos_and_float32_and_uncompressed(tmp_path):
     assert st.layout.rows_per_window == 31 and st.n_rows == 31 * 8
     assert st.array("blocks.0.hook_resid_pre").dtype == np.float32
     assert (st.group[S.POSITION][:] >= 1).all()
-    # Uncompressed chunks are raw little-endian bytes: a memory map reads them.
+    # Uncompressed chunks are raw little-endian bytes followed by their 4-byte crc32c: a memory map reads them.
     chunk = out / "blocks.0.hook_resid_pre" / "c" / "0" / "0"
-    mm = np.memmap(chunk, dtype="<f4", mode="r").reshape(-1, 64)
+    import google_crc32c
+
+    raw = chunk.read_bytes()
+    assert int.from_bytes(raw[-4:], "little") == google_crc32c.value(raw[:-4])
+    mm = np.memmap(chunk, dtype="<f4", mode="r", shape=((len(raw) - 4) // 4,)).reshape(-1, 64)
     np.testing.assert_array_equal(mm, st.read_rows("blocks.0.hook_resid_pre", 0, len(mm)))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, StoreCorruptError
 from actcache.store import open_store
 from conftest import small_config
 from trainer.loader import ActivationLoader, LoaderConfig
@@ -189,7 +189,7 @@ def test_corrupted_chunk_is_named(small_store, raw_store, tmp_path, prefetch):
     bad = shutil.copytree(small_store, tmp_path / "bad.zarr")
     (bad / HOOK / "c" / "2" / "0").write_bytes(b"not zstd at all" * 40)
     ld = ActivationLoader(bad, HOOK, _cfg(prefetch=prefetch))
-    with pytest.raises(ActcacheError, match=f"chunk 2 of {HOOK}"):
+    with pytest.raises(StoreCorruptError, match=f"{HOOK} chunk 2 is corrupted"):
         for _ in ld.batches(TRAIN_ROWS // B + 1):
             pass
     assert _no_prefetch_thread()

@@ -16,11 +16,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from zarr.codecs import BytesCodec
+from zarr.codecs import BytesCodec, Crc32cCodec
 
 from actcache.dtypes import storage_dtype
 from actcache.errors import ActcacheError
-from actcache.store import ActivationStore
+from actcache.store import ActivationStore, has_checksum
 
 _WAIT_S = 0.001  # poll period while a buffer's last reader finishes
 
@@ -49,19 +49,25 @@ class ChunkReader:
             if self._default_keys and not self.store.chunk_exists(self.hook, chunk):  # local path or URL
                 raise OSError(f"{self.store.chunk_key(self.hook, chunk)} is missing")  # zarr would return fill values
             if self.uses_memmap:
-                return self._memmap(self.store.path / self.hook / "c" / str(chunk) / "0", stop - start)
-            return self.array[start:stop]
+                return self._memmap(self.store.path / self.hook / "c" / str(chunk) / "0", chunk, stop - start)
+            return self.store.read_storage_chunk(self.hook, chunk)  # checksum checked: StoreCorruptError names it
+        except ActcacheError:
+            raise
         except Exception as err:
             raise ActcacheError(f"chunk {chunk} of {self.hook} in {self.store.path} is unreadable ({err}): "
                                 f"check the store with actcache verify and re-extract it") from err
 
-    def _memmap(self, path: Path, rows: int) -> np.ndarray:
+    def _memmap(self, path: Path, chunk: int, rows: int) -> np.ndarray:
         dtype = storage_dtype(self.logical).newbyteorder("<")
         full = (self.layout.chunk_rows, self.d_in)  # zarr stores edge chunks padded to full size
-        expected = full[0] * full[1] * dtype.itemsize
+        crc = 4 if has_checksum(self.array) else 0  # format 2: the data, then its crc32c
+        expected = full[0] * full[1] * dtype.itemsize + crc
         if path.stat().st_size != expected:
             raise OSError(f"{path} has {path.stat().st_size} bytes, expected {expected}")
-        return np.memmap(path, dtype=dtype, mode="r", shape=full)[:rows]
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        if crc:
+            self.store.check_crc32c(self.hook, chunk, raw)  # StoreCorruptError: never decoded
+        return raw[:expected - crc].view(dtype).reshape(full)[:rows]
 
     def decode_into(self, out: np.ndarray, chunks: list[int], dest: np.ndarray | None, scale: float) -> None:
         """Float32 rows of ``chunks`` (in order) into ``out``: row i of their concatenation goes to
@@ -153,7 +159,9 @@ def _uncompressed(array: Any, chunk_rows: int, d_in: int) -> bool:
     try:
         ser = array.serializer
         little = isinstance(ser, BytesCodec) and (ser.endian is None or ser.endian.value == "little")
-        return little and not array.compressors and not array.filters and \
+        comp = tuple(array.compressors)  # none, or crc32c alone: a 4-byte trailer, checked by _memmap
+        raw = not comp or (len(comp) == 1 and isinstance(comp[0], Crc32cCodec))
+        return little and raw and not array.filters and \
             tuple(array.chunks) == (chunk_rows, d_in)
     except Exception:  # e.g. a sharded array has no single serializer: read through zarr
         return False
