@@ -9,7 +9,9 @@ expected_average_only_in``, so the scaling factor is folded into the export) wri
 (``z = encode(s x)``, ``x_hat = decode(z) / s``). A second process, in the SAELens side venv (SAELens
 is never installed in the project's environment), runs ``sae_lens.SAE.load_from_disk`` on the
 export and its ``encode`` / ``decode`` on the same rows; the script prints the largest
-differences and exits 1 if any exceeds the tolerance. Without that interpreter it says why and
+differences and exits 1 if any exceeds the tolerance, or if the loaded ``cfg.metadata`` lost
+hook_name, model_name, context_size or dataset_path (what SAELens 6.x drops from a cfg.json it
+takes for a pre-6.0 one). Without that interpreter it says why and
 exits 0 (like ``bench_vs_saelens.py``). Not a unit test: it depends on the side venv.
 """
 
@@ -34,12 +36,14 @@ from trainer.train import Trainer  # noqa: E402
 
 DEFAULT_PY = "/tmp/saelens-venv/bin/python"
 TOL = 1e-4  # float32 both sides; relative to the largest |value|
+# Metadata SAELens drops when it reads a cfg.json as pre-6.0 (issue 12): must survive the load.
+KEPT = ("hook_name", "model_name", "context_size", "dataset_path", "prepend_bos", "sae_lens_version")
 
 SAELENS_SIDE = r'''
 import json, sys
 import numpy as np, torch, sae_lens
 from sae_lens import SAE
-cases = json.loads(sys.argv[1])
+cases, KEPT = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 out = {"sae_lens": sae_lens.__version__}
 for c in cases:
     sae = SAE.load_from_disk(c["export"], device="cpu")
@@ -52,7 +56,8 @@ for c in cases:
                       "z_err": float((z - torch.from_numpy(d["z"])).abs().max()),
                       "x_hat_err": float((x_hat - torch.from_numpy(d["x_hat"])).abs().max()),
                       "z_scale": float(np.abs(d["z"]).max()), "x_hat_scale": float(np.abs(d["x_hat"]).max()),
-                      "l0": float((z > 0).sum(-1).float().mean())}
+                      "l0": float((z > 0).sum(-1).float().mean()),
+                      "metadata": {k: sae.cfg.metadata.get(k) for k in KEPT}}
 print("RESULT " + json.dumps(out))
 '''
 
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     store = write_store(work / "s.zarr", x * 3.0)  # mean norm != sqrt(d_in): normalisation does something
     cases = [train_case(work, store, arch, norm) for arch in ("baseline", "topk", "dyncorr")
              for norm in ("none", "expected_average_only_in")]
-    r = subprocess.run([a.saelens_python, "-c", SAELENS_SIDE, json.dumps(cases)], capture_output=True, text=True)
+    r = subprocess.run([a.saelens_python, "-c", SAELENS_SIDE, json.dumps(cases), json.dumps(KEPT)],
+                       capture_output=True, text=True)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
         print(f"SAELens side failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
@@ -100,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     for c in cases:
         e = res[c["name"]]
         z_rel, x_rel = e["z_err"] / max(e["z_scale"], 1e-12), e["x_hat_err"] / max(e["x_hat_scale"], 1e-12)
-        good = z_rel <= TOL and x_rel <= TOL
+        written = json.loads((Path(c["export"]) / "cfg.json").read_text())["metadata"]
+        lost = [k for k in KEPT if e["metadata"][k] != written[k] or written[k] is None]
+        good = z_rel <= TOL and x_rel <= TOL and not lost
         ok &= good
         print(f"  {c['name']:<36} scaling {c['scaling_factor']:.4f}  {e['class']} ({e['architecture']})  "
               f"max|dz|/max|z| {z_rel:.1e}  max|dx_hat|/max|x_hat| {x_rel:.1e}  L0 {e['l0']:.2f}  "
-              f"{'ok' if good else 'MISMATCH'}")
-    print("all match" if ok else f"MISMATCH above tolerance {TOL:g}")
+              f"metadata {'kept' if not lost else 'LOST ' + ','.join(lost)}  {'ok' if good else 'MISMATCH'}")
+    print("all match" if ok else f"MISMATCH: above tolerance {TOL:g} or metadata lost")
     return 0 if ok else 1
 
 

@@ -138,7 +138,7 @@ def test_bad_input_is_one_line(store, tmp_path):
             "--device", "cpu", "--quiet"]
     assert "not a store" in _err(["train", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "r")])
     assert "is not in store" in _err(base + ["--hook", "blocks.9.hook_resid_post"])
-    assert "--k-end 64 must be in 1..d_sae" in _err(base + ["--arch", "dyncorr", "--k-end", "64", "--k-start", "32"])
+    assert "--k-start 64 must be in 1..d_sae (32)" in _err(base + ["--arch", "dyncorr", "--k-end", "8", "--k-start", "64"])
     assert "k must not grow" in _err(base + ["--arch", "dyncorr", "--k-start", "2", "--k-end", "3"])
     dyn = base + ["--arch", "dyncorr", "--k-start", "8", "--k-end", "4"]
     assert "--eps" in _err(dyn + ["--eps", "-1"])

@@ -8,12 +8,75 @@ fields (names are unique across the three); :class:`RunConfig` maps between the 
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from actcache.errors import ActcacheError
-from actcache.urls import redact
-from trainer.loader import LoaderConfig
+from actcache.urls import is_url, redact
+from trainer.loader import NORMALIZE, LoaderConfig
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_KINDS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+                                       "int | None": (int, type(None))}
+
+
+def flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def check(problems: list[tuple[bool, str]]) -> None:
+    """Raise the first problem found (one line that names the field and the fix)."""
+    for bad, msg in problems:
+        if bad:
+            raise ActcacheError(msg)
+
+
+def check_types(obj: Any) -> None:
+    """A dataclass's fields have their annotated types (a --config JSON may hold anything)."""
+    for f in fields(obj):
+        v, kinds = getattr(obj, f.name), _KINDS.get(str(f.type))
+        if kinds is None:  # an annotation this check does not know: the field's own validation decides
+            continue
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+            raise ActcacheError(f"{f.name}={v!r} is a {type(v).__name__}, expected {f.type}: fix it in --config "
+                                "or on the command line")
+
+
+def at_least(name: str, v: int, low: int) -> tuple[bool, str]:
+    return v < low, f"{flag(name)} {v} must be >= {low}"
+
+
+def non_negative(name: str, v: float, zero: str = "") -> tuple[bool, str]:
+    note = f" ({zero})" if zero else ""
+    return not (math.isfinite(v) and v >= 0), f"{flag(name)} {v} must be a finite number >= 0{note}"
+
+
+def fraction(name: str, v: float) -> tuple[bool, str]:
+    return not 0 <= v <= 1, f"{flag(name)} {v} must be in [0, 1]"
+
+
+def absolute_store(store: str) -> str:
+    """A local store path made absolute (a run dir is then usable from any folder); URLs unchanged."""
+    if not store or is_url(store):
+        return store
+    return str(Path(store).expanduser().absolute())
+
+
+def validate_loader(c: LoaderConfig) -> None:
+    check_types(c)
+    check([
+        at_least("batch_size", c.batch_size, 1),
+        (not (math.isfinite(c.shuffle_buffer_mb) and c.shuffle_buffer_mb > 0),
+         f"--shuffle-buffer-mb {c.shuffle_buffer_mb} must be a positive size in MiB"),
+        (c.heldout_chunks < 0, f"--heldout-chunks {c.heldout_chunks} must be >= 0"),
+        (c.normalize not in NORMALIZE, f"--normalize {c.normalize!r}: use one of {', '.join(NORMALIZE)}"),
+        (c.seed < 0, f"--seed {c.seed} must be >= 0"),
+        (c.shards is not None and c.shards < 1, f"shards={c.shards}: use a positive number, or none (= processes)"),
+    ])
 
 
 @dataclass(frozen=True)
@@ -32,8 +95,8 @@ class SAEConfig:
     """k at the end of the cosine schedule (dyncorr)."""
     sparsity_penalty: float = 0.04
     """L1 coefficient of the baseline (the seed's run 0)."""
-    lambda_max: float = 0.1
-    """Final weight of the correlation penalty (dyncorr); rises as k falls."""
+    lambda_max: float = 1.0
+    """Final weight of the correlation penalty (dyncorr); rises as k falls (default measured: docs/results.md)."""
     beta: float = 0.01
     """EMA rate of the latent mean and second moment (dyncorr)."""
     eps: float = 1e-6
@@ -51,30 +114,35 @@ class SAEConfig:
 
     def resolved(self, d_in: int) -> "SAEConfig":
         """Fill width-dependent defaults and validate."""
+        if d_in <= 0:
+            raise ActcacheError(f"d_in {d_in}: the store's activations must have a positive width")
         c = replace(self, d_in=d_in, d_sae=self.d_sae or d_in, k_aux=self.k_aux or max(1, d_in // 2))
         c.validate()
         return c
 
     def validate(self) -> None:
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ActcacheError(f"d_in and d_sae must be > 0 (got {self.d_in}, {self.d_sae})")
+        """Every field but ``arch`` (checked against the registry, trainer.saes.ARCHS, by
+        ``resolve_config`` and ``build_sae``); the bounds that need the width (k <= d_sae) once
+        ``d_in`` is filled in."""
+        check_types(self)
+        check([
+            (self.d_in < 0, f"d_in {self.d_in} must be >= 0 (0 = the store's width)"),
+            (self.d_sae < 0, f"--d-sae {self.d_sae} must be positive (or 0 = d_in)"),
+            *(at_least(name, getattr(self, name), 1) for name in ("k", "k_start", "k_end", "dead_after_tokens")),
+            (self.k_start < self.k_end, f"--k-start {self.k_start} < --k-end {self.k_end}: k must not grow"),
+            *(non_negative(name, getattr(self, name)) for name in ("sparsity_penalty", "lambda_max", "aux_coef")),
+            non_negative("eps", self.eps, "0 = no damping, the ablation"),
+            (self.k_aux < 0, f"--k-aux {self.k_aux} must be >= 0 (0 = d_in // 2)"),
+            (not 0 < self.beta <= 1, f"--beta {self.beta} must be in (0, 1]: the EMA rate of the latent statistics"),
+            (self.cov_dtype not in ("float32", "float64"),
+             f"--cov-dtype {self.cov_dtype!r}: use float32 or float64 (bf16 loses the EMA increments)"),
+            (self.b_dec_init not in ("mean", "geometric_median", "zeros"),
+             f"--b-dec-init {self.b_dec_init!r}: use mean, geometric_median or zeros"),
+        ])
+        if self.d_in == 0:
+            return
         ks = {"k": self.k} if self.arch == "topk" else {"k_start": self.k_start, "k_end": self.k_end} if self.arch == "dyncorr" else {}
-        for name, v in ks.items():
-            if not 0 < v <= self.d_sae:
-                raise ActcacheError(f"--{name.replace('_', '-')} {v} must be in 1..d_sae ({self.d_sae})")
-        if self.arch == "dyncorr":
-            if self.k_start < self.k_end:
-                raise ActcacheError(f"--k-start {self.k_start} < --k-end {self.k_end}: k must not grow")
-            if not 0 < self.beta <= 1:
-                raise ActcacheError(f"--beta {self.beta} must be in (0, 1]")
-            if self.eps < 0:
-                raise ActcacheError(f"--eps {self.eps} must be >= 0 (0 disables damping)")
-            if self.lambda_max < 0:
-                raise ActcacheError(f"--lambda-max {self.lambda_max} must be >= 0")
-        if self.cov_dtype not in ("float32", "float64"):
-            raise ActcacheError(f"--cov-dtype {self.cov_dtype!r}: use float32 or float64 (bf16 loses the EMA increments)")
-        if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
-            raise ActcacheError(f"--b-dec-init {self.b_dec_init!r}: use mean, geometric_median or zeros")
+        check([(v > self.d_sae, f"{flag(name)} {v} must be in 1..d_sae ({self.d_sae})") for name, v in ks.items()])
 
 
 @dataclass(frozen=True)
@@ -112,6 +180,20 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5
     """Non-finite steps in a row before rolling back to the last checkpoint with half the lr."""
 
+    def validate(self) -> None:
+        """Every field that needs no store (the store, hook and out are checked when opened)."""
+        check_types(self)
+        check([
+            (self.n_tokens < 0, f"--n-tokens {self.n_tokens} must be positive (or 0 = one pass over the train split)"),
+            *(at_least(name, getattr(self, name), 1)
+              for name in ("epochs", "batch_size", "log_every", "checkpoint_every", "max_nonfinite_in_row")),
+            (not (math.isfinite(self.lr) and self.lr > 0), f"--lr {self.lr} must be a positive finite number (e.g. 3e-4)"),
+            *(fraction(name, getattr(self, name)) for name in ("lr_warmup_frac", "lr_min_ratio", "penalty_warmup_frac")),
+            non_negative("grad_clip", self.grad_clip, "0 = off"),
+            (self.seed < 0, f"--seed {self.seed} must be >= 0"),
+            (not _DEVICE.fullmatch(self.device), f"--device {self.device!r}: use auto, cpu, cuda or cuda:N"),
+        ])
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -133,7 +215,15 @@ class RunConfig:
             parts[owners[k]][k] = v
         train = TrainConfig(**parts["train"])
         loader = LoaderConfig(**{**parts["loader"], **{k: getattr(train, k) for k in cls._SHARED}})
-        return cls(train=train, sae=SAEConfig(**parts["sae"]), loader=loader)
+        cfg = cls(train=replace(train, store=absolute_store(train.store)), sae=SAEConfig(**parts["sae"]), loader=loader)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Every field of the three parts, before anything is read or written; ActcacheError names the first bad one."""
+        self.train.validate()
+        self.sae.validate()
+        validate_loader(self.loader)
 
     def to_flat(self) -> dict[str, Any]:
         """Every field, flat, as written to ``config.json``: a store URL without its secrets."""

@@ -79,6 +79,8 @@ def preflight(cfgs: list[RunConfig], *, resume: bool, overwrite: bool, nproc: in
     if not cfgs:
         raise ActcacheError("no runs to train")
     for c in cfgs:
+        c.validate()
+    for c in cfgs:
         if c.train.batch_size % nproc:
             raise ActcacheError(f"--batch-size {c.train.batch_size} is not divisible by --nproc {nproc}: "
                                 f"each process reads batch_size / {nproc} rows of every step")

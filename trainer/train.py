@@ -23,11 +23,12 @@ import torch
 
 from actcache.errors import ActcacheError
 from actcache.store import ActivationStore, open_store
+from actcache.urls import redact
 from trainer import artifacts as A
 from trainer import schedules as sch
 from trainer.checkpoint import (RUNTIME_FIELDS, atomic_write_text, find_checkpoint, load_checkpoint,  # noqa: F401
                                 prepare_run_dir, save_checkpoint)
-from trainer.config import RunConfig
+from trainer.config import RunConfig, absolute_store
 from trainer.distributed import LOCAL, Collective, session
 from trainer.evaluation.reconstruction import evaluate
 from trainer.export import export_saelens, folded_weights, saelens_cfg, write_weights
@@ -74,7 +75,10 @@ def resolve_config(cfg: RunConfig, store: ActivationStore) -> RunConfig:
     store.array(hook)  # unknown hook -> one-line error
     if cfg.sae.arch not in ARCHS:
         raise ActcacheError(f"unknown arch {cfg.sae.arch!r}: use one of {', '.join(ARCHS)}")
-    return replace(cfg, train=replace(cfg.train, hook=hook), sae=cfg.sae.resolved(store.d_model))
+    if not getattr(ARCHS[cfg.sae.arch], "trainable", True):  # jumprelu: sae import only
+        raise ActcacheError(f"--arch {cfg.sae.arch} is inference-only (sae import): train baseline, topk or dyncorr")
+    train = replace(cfg.train, hook=hook, store=absolute_store(cfg.train.store))
+    return replace(cfg, train=train, sae=cfg.sae.resolved(store.d_model))
 
 
 def make_loader(store: ActivationStore, cfg: RunConfig, dp: Collective, device: torch.device) -> ActivationLoader:
@@ -95,6 +99,7 @@ class Trainer:
                  loader: ActivationLoader | None = None):
         """``dp``: the process group of a data-parallel run (default: one process). ``loader``:
         one shared with other runs (trainer/multi.py); default: this run's own (this rank's share)."""
+        cfg.validate()  # every field, before the store is even opened
         store = open_store(cfg.train.store)  # refuses missing or incomplete stores
         self.cfg = cfg = resolve_config(cfg, store)
         self.dp = dp = dp or LOCAL
@@ -103,8 +108,6 @@ class Trainer:
         self.progress = progress if dp.is_main else None
         self.loader = loader or make_loader(store, cfg, dp, self.device)
         self.n_steps = self._count_steps()
-        # Only now, with every input checked, is anything written.
-        self.paths, has_ckpt = self._prepare_run_dir(resume, overwrite)
         warm = int(cfg.train.lr_warmup_frac * self.n_steps)
         self.sched = sch.Schedule(total_steps=self.n_steps, warmup_steps=warm,
                                   penalty_warmup_steps=int(cfg.train.penalty_warmup_frac * self.n_steps),
@@ -118,6 +121,8 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
                                       "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0}
         self.loader_state: dict[str, Any] | None = None  # this rank's position in the last checkpoint
+        # Only now, with every input checked and the SAE and optimiser built, is anything written.
+        self.paths, has_ckpt = self._prepare_run_dir(resume, overwrite)
         if has_ckpt:
             self._restore()
         self._stop = False
@@ -309,10 +314,12 @@ class Trainer:
         heldout = ActivationLoader(self.store, self.hook, self.cfg.loader, device=self.device, split="heldout")
         metrics = evaluate(self.sae, heldout.batches(), k=self._final_k() if self.cfg.sae.arch != "baseline" else None)
         attrs = self.store.attrs
-        metadata = {"model_name": attrs["model"]["id"], "hook_name": self.hook, "context_size": attrs["context_size"],
-                    "prepend_bos": attrs["prepend_bos"], "dataset_path": attrs["dataset"]["path"],
-                    "store": str(self.store.path), "arch": self.cfg.sae.arch, "training_tokens": self.state["tokens"],
-                    "scaling_factor_folded": self.loader.scaling_factor}
+        # SAELens' metadata keys (trainer/export.py), then ours.
+        metadata = {"model_name": attrs["model"]["id"], "hook_name": self.hook, "hook_head_index": None,
+                    "context_size": attrs["context_size"], "prepend_bos": attrs["prepend_bos"],
+                    "dataset_path": attrs["dataset"]["path"], "exclude_bos": attrs.get("exclude_bos", False),
+                    "store": redact(self.cfg.train.store), "arch": self.cfg.sae.arch,
+                    "training_tokens": self.state["tokens"], "scaling_factor_folded": self.loader.scaling_factor}
         meta = {"sae": asdict(self.cfg.sae), "saelens_cfg": saelens_cfg(self.sae, final_k=self._final_k(), metadata=metadata)}
         write_weights(self.paths.weights, folded_weights(self.sae, self.loader.scaling_factor), meta)
         export_saelens(self.paths.weights, self.paths.saelens)
