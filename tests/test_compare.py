@@ -138,6 +138,39 @@ def test_eval_json_wins_over_the_training_summary(tmp_path):
         (0.42, 7.0, 0.93, 0.1, 0.6)
 
 
+def _eval_with_decorrelation(ev: float, r2: float, probe: float = 0.75) -> dict:
+    dec = {"n_rows": 512, "n_alive_latents": 30, "n_coactive_pairs": 200, "n_undefined_pairs": 0,
+           "coactive_pair_fraction": 200 / 435, "mean_sq_corr_coactive": r2, "mean_abs_corr_coactive": 2 * r2,
+           "frac_coactive_abs_corr_gt_0_5": r2 / 2, "decoder_redundancy": 0.3}
+    return {"eval_result_metrics": {"reconstruction_quality": {"explained_variance": ev, "mse": 1.0, "cossim": 0.9},
+                                    "sparsity": {"l0": 8.0, "l1": 2.0}, "decorrelation": dec,
+                                    "sparse_probing": {"sae_top_1_test_accuracy": probe,
+                                                       "sae_top_1_test_accuracy_stderr": 0.02}}}
+
+
+def test_decorrelation_table_and_tradeoff_plots(tmp_path):
+    runs = [fake_run(tmp_path, "topk-s0", eval_json=_eval_with_decorrelation(0.9, 0.0125)),
+            fake_run(tmp_path, "topk-s1", seed=1, eval_json=_eval_with_decorrelation(0.88, 0.0075)),
+            fake_run(tmp_path, "dyncorr", arch="dyncorr", eval_json=_eval_with_decorrelation(0.85, 0.004)),
+            fake_run(tmp_path, "no-eval", arch="baseline")]
+    out = tmp_path / "report"
+    c = compare(runs, out)
+    assert c.final["dyncorr"]["mean_sq_corr_coactive"] == 0.004 and c.final["topk-s0"]["probe_top1_stderr"] == 0.02
+    assert math.isnan(c.final["no-eval"]["mean_sq_corr_coactive"])
+    table = next(t for t in c.tables if t.title.startswith("Decorrelation"))
+    rows = {row[0]: dict(zip(table.columns, row)) for row in table.rows}
+    assert rows["dyncorr"]["mean R² (co-active)"] == "0.0040" and rows["dyncorr"]["share abs(R) > 0.5"] == "0.0020"
+    assert rows["topk-s0"]["co-active pairs"] == "200" and rows["no-eval"]["decoder redundancy"] == ""
+    assert c.spread["topk"]["mean_sq_corr_coactive"]["mean"] == pytest.approx(0.01)
+    md = c.report.read_text()
+    for png in ("ev_vs_l0", "ev_vs_mean_sq_corr"):
+        assert (out / f"{png}.png").stat().st_size > 1000 and f"({png}.png)" in md
+    assert "## Decorrelation" in md and "co-active" in md.split("## Definitions")[1]
+    bare = compare([fake_run(tmp_path / "b", "a")], tmp_path / "bare")
+    assert not any(t.title.startswith("Decorrelation") for t in bare.tables)
+    assert not (tmp_path / "bare" / "ev_vs_mean_sq_corr.png").exists()
+
+
 def test_unfinished_run_is_compared_with_blank_final_metrics(tmp_path):
     a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b", finished=False)
     c = compare([a, b], tmp_path / "r", plots=False)

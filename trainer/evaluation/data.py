@@ -59,7 +59,7 @@ class EvalData:
     def windows(self, n: int) -> torch.Tensor:
         """The first ``n`` windows of the split (store order is already a seeded shuffle), int64."""
         w0, w1 = self.window_range
-        return torch.from_numpy(self.store.group[WINDOWS][w0:min(w1, w0 + n)].astype(np.int64))
+        return torch.from_numpy(self.store.read_windows(w0, min(w1, w0 + n)).astype(np.int64))
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:
@@ -84,7 +84,7 @@ def _chunk_range(split: str, n_chunks: int, heldout: int, store: ActivationStore
 
 
 def _window_keys(store: ActivationStore, w0: int, w1: int) -> set[bytes]:
-    rows = np.ascontiguousarray(store.group[WINDOWS][w0:w1])
+    rows = np.ascontiguousarray(store.read_windows(w0, w1))
     return {r.tobytes() for r in rows}
 
 
@@ -98,7 +98,7 @@ def _overlap_warning(run: TrainedRun, data: EvalData) -> str | None:
     heldout = run.cfg.loader.heldout_chunks
     trained = _window_keys(train_store, 0, train_store.layout.chunk_windows(train_store.n_chunks - heldout - 1)[1])
     w0, w1 = data.window_range
-    ours = np.ascontiguousarray(data.store.group[WINDOWS][w0:w1])
+    ours = np.ascontiguousarray(data.store.read_windows(w0, w1))
     shared = sum(r.tobytes() in trained for r in ours)
     if not shared:
         return None

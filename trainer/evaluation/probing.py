@@ -5,12 +5,16 @@ latents are mean-pooled over the text's tokens (BOS excluded). For each binary t
 features whose class means differ most on the train split are kept, a logistic regression
 is fitted on them (standardised features, L2 penalty as scikit-learn's ``C=1``, full-batch
 L-BFGS in float64) and scored on the test split. ``llm_*`` rows probe the raw activations,
-``sae_*`` rows the latents; ``*_test_accuracy`` uses every feature.
+``sae_*`` rows the latents; ``*_test_accuracy`` uses every feature. Each accuracy ``a`` on
+``n`` test texts comes with its binomial standard error ``sqrt(a (1 - a) / n)`` (``*_stderr``):
+the noise of the test sample, which says which differences between two probes mean nothing.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+import math
 
 import numpy as np
 import torch
@@ -91,31 +95,51 @@ def logistic_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torc
         return ((b @ w + bias > 0).long() == y_test).double().mean().item()
 
 
+def binomial_stderr(accuracy: float, n: int) -> float:
+    """Standard error of an accuracy measured on ``n`` independent test texts."""
+    return math.sqrt(accuracy * (1.0 - accuracy) / n) if n > 0 else math.nan
+
+
 def probe_task(features: dict[str, torch.Tensor], task: ProbeTask, ks: Sequence[int] = KS) -> dict[str, Any]:
-    """``{prefix}_test_accuracy`` and ``{prefix}_top_{k}_test_accuracy`` for each feature set."""
+    """``{prefix}_test_accuracy`` and ``{prefix}_top_{k}_test_accuracy`` for each feature set, each
+    with its ``_stderr``."""
     y = torch.from_numpy(task.y)
     tr = torch.from_numpy(task.train)
-    out: dict[str, Any] = {"dataset_name": task.name, "n_train": int(tr.sum()), "n_test": int((~tr).sum())}
+    n_test = int((~tr).sum())
+    out: dict[str, Any] = {"dataset_name": task.name, "n_train": int(tr.sum()), "n_test": n_test}
     for prefix, x in features.items():
         x = x[torch.from_numpy(task.index)]
         x_tr, x_te, y_tr, y_te = x[tr], x[~tr], y[tr], y[~tr]
-        out[f"{prefix}_test_accuracy"] = logistic_accuracy(x_tr, y_tr, x_te, y_te)
+        acc: dict[str, float | None] = {f"{prefix}_test_accuracy": logistic_accuracy(x_tr, y_tr, x_te, y_te)}
         for k in ks:
             if k > x.shape[1]:
-                out[f"{prefix}_top_{k}_test_accuracy"] = None
+                acc[f"{prefix}_top_{k}_test_accuracy"] = None
                 continue
             idx = top_k_by_mean_diff(x_tr, y_tr, k)
-            out[f"{prefix}_top_{k}_test_accuracy"] = logistic_accuracy(x_tr[:, idx], y_tr, x_te[:, idx], y_te)
+            acc[f"{prefix}_top_{k}_test_accuracy"] = logistic_accuracy(x_tr[:, idx], y_tr, x_te[:, idx], y_te)
+        for key, a in acc.items():
+            out[key] = a
+            out[f"{key}_stderr"] = None if a is None else binomial_stderr(a, n_test)
     return out
+
+
+def mean_over_tasks(details: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """The accuracies of :func:`probe_task` averaged over tasks. The mean's ``_stderr`` is
+    ``sqrt(sum_t se_t^2) / T`` (independent test sets); ``n_test`` is the test texts summed over
+    the ``n_tasks`` tasks."""
+    keys = [k for k in details[0] if k.endswith("_test_accuracy")]
+    mean: dict[str, float | None] = {"n_tasks": len(details), "n_test": sum(d["n_test"] for d in details)}
+    for key in keys:
+        vals = [d[key] for d in details if d[key] is not None]
+        ses = [d[f"{key}_stderr"] for d in details if d[key] is not None]
+        mean[key] = float(np.mean(vals)) if vals else None
+        mean[f"{key}_stderr"] = math.sqrt(sum(se * se for se in ses)) / len(ses) if ses else None
+    return mean
 
 
 def sparse_probing(features: dict[str, torch.Tensor], tasks: Sequence[ProbeTask],
                    ks: Sequence[int] = KS) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
-    """Accuracies averaged over tasks (SAEBench's ``eval_result_metrics``) and per task."""
+    """Accuracies averaged over tasks (SAEBench's ``eval_result_metrics``, :func:`mean_over_tasks`)
+    and per task."""
     details = [probe_task(features, t, ks) for t in tasks]
-    keys = [k for k in details[0] if k.endswith("_test_accuracy")]
-    mean = {}
-    for key in keys:
-        vals = [d[key] for d in details if d[key] is not None]
-        mean[key] = float(np.mean(vals)) if vals else None
-    return mean, details
+    return mean_over_tasks(details), details

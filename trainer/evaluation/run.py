@@ -7,8 +7,9 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -17,9 +18,10 @@ from actcache.errors import ActcacheError
 from actcache.store import ActivationStore
 from trainer.checkpoint import atomic_write_text
 from trainer.evaluation.data import EvalData, select_split
+from trainer.evaluation.decorrelation import DecorrelationMetrics, decorrelation_metrics
 from trainer.evaluation.loading import TrainedRun, load_run
-from trainer.evaluation.probe_data import load_labelled, make_tasks
-from trainer.evaluation.probing import KS, pooled_features, sparse_probing
+from trainer.evaluation.probe_data import ProbeTask, load_labelled, make_split_tasks, make_tasks
+from trainer.evaluation.probing import KS, mean_over_tasks, pooled_features, sparse_probing
 from trainer.evaluation.reconstruction import ReconstructionMetrics, evaluate
 from trainer.evaluation.splice import SpliceMetrics, splice_metrics
 
@@ -52,7 +54,7 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _metrics(rec: ReconstructionMetrics, spl: SpliceMetrics | None) -> dict[str, Any]:
+def _metrics(rec: ReconstructionMetrics, dec: DecorrelationMetrics, spl: SpliceMetrics | None) -> dict[str, Any]:
     m: dict[str, Any] = {
         "reconstruction_quality": {"explained_variance": rec.explained_variance, "mse": rec.mse,
                                    "cossim": rec.cosine_similarity},
@@ -61,6 +63,7 @@ def _metrics(rec: ReconstructionMetrics, spl: SpliceMetrics | None) -> dict[str,
                          "freq_over_10_percent": rec.frac_alive_gt_10pct},
         "token_stats": {"total_tokens_eval_reconstruction": rec.n_tokens,
                         "total_tokens_eval_ce": spl.n_predictions if spl else 0},
+        "decorrelation": dec.to_dict(),
     }
     if spl is not None:
         m["model_performance_preservation"] = {
@@ -73,30 +76,76 @@ def _metrics(rec: ReconstructionMetrics, spl: SpliceMetrics | None) -> dict[str,
     return m
 
 
-def _probe(run: TrainedRun, data: EvalData, loaded, spec, probe_file: str, cfg: dict[str, Any]):
-    labelled = load_labelled(probe_file, text_field=cfg["probe_text_field"], label_field=cfg["probe_label_field"],
-                             max_per_class=cfg["probe_max_per_class"], seed=cfg["seed"])
-    tasks = make_tasks(labelled, seed=cfg["seed"])
-    acts, latents = pooled_features(loaded.model, loaded.tokenizer, spec, run.sae, run.k, labelled.texts,
+def probe_sources(probe_file: str | Path | Sequence[str | Path] | None) -> list[str]:
+    """``probe_file`` as a list of sources: a list, or one string with comma-separated sources."""
+    if probe_file is None:
+        return []
+    items = [probe_file] if isinstance(probe_file, (str, Path)) else list(probe_file)
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def _probe_tasks(cfg: dict[str, Any], warnings: list[str]) -> tuple[list[str], list[ProbeTask]]:
+    """The probing texts (each source's, then the test set's) and tasks; read before any model
+    work, so a bad labelled file fails at once."""
+    opts = dict(text_field=cfg["probe_text_field"], label_field=cfg["probe_label_field"],
+                max_per_class=cfg["probe_max_per_class"], seed=cfg["seed"])
+    sources = probe_sources(cfg["probe_file"])
+    if cfg["probe_test_file"] is not None:
+        if len(sources) != 1:
+            raise ActcacheError(f"--probe-test-file is the test set of one --probe-file, not of {len(sources)} "
+                                f"({', '.join(sources)}): pass one train file with it")
+        train = load_labelled(sources[0], **opts)
+        test = load_labelled(str(cfg["probe_test_file"]), **opts)
+        tasks = make_split_tasks(train, test, seed=cfg["seed"])
+        shared = len(set(train.texts) & set(test.texts))
+        if shared:
+            warnings.append(f"{shared} texts of the probe test set {cfg['probe_test_file']} are also in the train "
+                            f"set {sources[0]}: the probe accuracies are optimistic")
+        return train.texts + test.texts, tasks
+    texts: list[str] = []
+    tasks = []
+    for source in sources:
+        data = load_labelled(source, **opts)
+        tasks += [replace(t, index=t.index + len(texts)) for t in make_tasks(data, seed=cfg["seed"])]
+        texts += data.texts
+    return texts, tasks
+
+
+def _probe(run: TrainedRun, data: EvalData, loaded, spec, texts: list[str], tasks: list[ProbeTask]
+           ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Mean over all tasks, mean per source (the task names' prefix), and per task."""
+    acts, latents = pooled_features(loaded.model, loaded.tokenizer, spec, run.sae, run.k, texts,
                                     max_tokens=int(data.store.attrs["context_size"]),
                                     prepend_bos=bool(data.store.attrs.get("prepend_bos", True)))
-    return sparse_probing({"llm": acts, "sae": latents}, tasks, KS)
+    mean, details = sparse_probing({"llm": acts, "sae": latents}, tasks, KS)
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for d in details:
+        by_source.setdefault(d["dataset_name"].split("/", 1)[0], []).append(d)
+    return mean, {name: mean_over_tasks(ds) for name, ds in by_source.items()}, details
 
 
 def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split: str = "heldout",
-                 probe_file: str | Path | None = None, splice: bool = True, n_windows: int = 64,
-                 device: str = "auto", batch_windows: int = 4, max_rows: int = 0,
+                 probe_file: str | Path | Sequence[str | Path] | None = None,
+                 probe_test_file: str | Path | None = None,
+                 splice: bool = True, n_windows: int = 64, device: str = "auto", batch_windows: int = 4,
+                 max_rows: int = 0,
                  probe_text_field: str = "text", probe_label_field: str = "label", probe_max_per_class: int = 200,
                  seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a finished run on a split of a store; returns the result and writes it to ``eval.json``.
 
     ``store``: default the training store. ``split``: heldout, train or all (chunk ranges with the
     run's ``heldout_chunks``). ``splice``: CE/KL with the SAE spliced into the store's model over
-    the split's first ``n_windows`` windows. ``probe_file``: a labelled ``.jsonl``/``.csv`` or
-    ``embedded:stdlib-packages`` for sparse probing (None: no probing). ``max_rows``: cap on the
-    rows of the reconstruction metrics (0 = the whole split). ``out``: default ``RUN_DIR/eval.json``.
+    the split's first ``n_windows`` windows. ``probe_file``: a labelled ``.jsonl``/``.csv`` or an
+    embedded set (``embedded:stdlib-packages``, ``embedded:code-languages``) for sparse probing,
+    or several (a list, or comma-separated); None: no probing. Each is split 80/20 unless
+    ``probe_test_file`` gives the test set (of one ``probe_file``). ``max_rows``:
+    cap on the rows of the reconstruction and decorrelation metrics (0 = the whole split).
+    ``out``: default ``RUN_DIR/eval.json``.
     """
     cfg = {k: v for k, v in locals().items()}
+    if probe_test_file is not None and not probe_sources(probe_file):
+        raise ActcacheError("a probe test file needs a probe train file: pass --probe-file TRAIN with "
+                            "--probe-test-file TEST")
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev)
     data = select_split(run, store, split)
@@ -105,10 +154,12 @@ def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split:
     if n_windows < 1 and splice:
         raise ActcacheError(f"n_windows={n_windows}: splicing needs at least 1 window (or splice=False)")
     warnings = list(data.warnings)
+    probe = _probe_tasks(cfg, warnings) if probe_sources(probe_file) else None
     t0 = time.perf_counter()
     rec = evaluate(run.sae, (x.to(dev) for x in data.batches(max_rows=max_rows)), k=run.k)
-    spl, probe_mean, probe_details = None, None, []
-    if splice or probe_file:
+    dec = decorrelation_metrics(run.sae, (x.to(dev) for x in data.batches(max_rows=max_rows)), run.k)
+    spl, probe_mean, probe_by_source, probe_details = None, None, None, []
+    if splice or probe:
         from actcache.hooks import parse_hook
 
         spec = parse_hook(data.hook)
@@ -116,14 +167,16 @@ def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split:
         if splice:
             spl = splice_metrics(loaded.model, spec, run.sae, run.k, data.windows(n_windows),
                                  first_position=data.store.layout.first_position, batch_windows=batch_windows)
-        if probe_file:
-            probe_mean, probe_details = _probe(run, data, loaded, spec, str(probe_file), cfg)
-    metrics = _metrics(rec, spl)
+        if probe:
+            probe_mean, probe_by_source, probe_details = _probe(run, data, loaded, spec, *probe)
+    metrics = _metrics(rec, dec, spl)
     if probe_mean is not None:
         metrics["sparse_probing"] = probe_mean
+        metrics["sparse_probing_by_source"] = probe_by_source
     result = {
         "eval_type_id": EVAL_TYPE,
         "eval_config": {**{k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()},
+                        "probe_file": ",".join(probe_sources(probe_file)) or None,
                         "run_dir": str(run.paths.root), "store": str(data.store.path), "hook": data.hook,
                         "chunks": [data.chunks.start, data.chunks.stop], "k": run.k, "device": str(dev),
                         "model": data.store.attrs.get("model", {}).get("id"), "probe_ks": list(KS)},

@@ -64,7 +64,7 @@ def final_metrics(run: Run) -> dict[str, float]:
     held = (run.summary or {}).get("heldout", {})
     m = (run.eval or {}).get("eval_result_metrics", {})
     rq, sp = m.get("reconstruction_quality", {}), m.get("sparsity", {})
-    mp = m.get("model_performance_preservation", {})
+    mp, dc = m.get("model_performance_preservation", {}), m.get("decorrelation", {})
     pick = lambda ev, tr: _num(ev) if ev is not None else _num(tr)  # noqa: E731
     return {
         "explained_variance": pick(rq.get("explained_variance"), held.get("explained_variance")),
@@ -76,6 +76,8 @@ def final_metrics(run: Run) -> dict[str, float]:
         "ce_loss_score": _num(mp.get("ce_loss_score")),
         "kl_div_with_sae": _num(mp.get("kl_div_with_sae")),
         "probe_top1": _num(_find(m.get("sparse_probing"), "sae_top_1_test_accuracy")),
+        "probe_top1_stderr": _num(_find(m.get("sparse_probing"), "sae_top_1_test_accuracy_stderr")),
+        **{key: _num(dc.get(key)) for key, _, _ in _DECORR_COLS},
         "tokens": _num((run.summary or {}).get("tokens", run.records[-1].get("tokens"))),
         "wall_s": _num((run.summary or {}).get("wall_s")),
     }
@@ -92,14 +94,21 @@ def _fmt(v: float, spec: str) -> str:
 _FINAL_COLS = [("explained_variance", "EV", ".4f"), ("mse", "MSE", ".4g"), ("cossim", "cos", ".4f"),
                ("l0", "L0", ".1f"), ("l1", "L1", ".4g"), ("dead_fraction", "dead", ".3f"),
                ("ce_loss_score", "CE score", ".4f"), ("kl_div_with_sae", "KL", ".4g"),
-               ("probe_top1", "probe top-1", ".3f"), ("tokens", "tokens", ",.0f"), ("wall_s", "wall s", ".0f")]
+               ("probe_top1", "probe top-1", ".3f"), ("probe_top1_stderr", "± se", ".3f"), ("tokens", "tokens", ",.0f"),
+               ("wall_s", "wall s", ".0f")]
+# eval.json's decorrelation section (trainer/evaluation/decorrelation.py)
+_DECORR_COLS = [("mean_sq_corr_coactive", "mean R² (co-active)", ".4f"),
+                ("mean_abs_corr_coactive", "mean abs(R)", ".4f"),
+                ("frac_coactive_abs_corr_gt_0_5", "share abs(R) > 0.5", ".4f"),
+                ("n_coactive_pairs", "co-active pairs", ",.0f"), ("coactive_pair_fraction", "of alive pairs", ".4f"),
+                ("decoder_redundancy", "decoder redundancy", ".4f")]
 _STAB_COLS = [("nonfinite_events", "NaN/Inf", ".0f"), ("skipped_steps", "skipped", ".0f"),
               ("rollbacks", "rollbacks", ".0f"), ("loss_spikes", "loss spikes", ".0f"),
               ("grad_norm_max", "grad max", ".3g"), ("grad_norm_p99", "grad p99", ".3g"),
               ("late_loss_cv", "late loss CV", ".3g"), ("dead_fraction_end", "dead end", ".3f"),
               ("dead_fraction_max", "dead max", ".3f"), ("sigma_min_eig_min", "min eig Σ", ".3g"),
               ("sigma_condition_max", "max cond Σ", ".3g")]
-_SPREAD_KEYS = [("explained_variance", "EV", ".4f"), ("l0", "L0", ".2f")]
+_SPREAD_KEYS = [("explained_variance", "EV", ".4f"), ("l0", "L0", ".2f"), ("mean_sq_corr_coactive", "mean R²", ".4f")]
 
 
 def _table(title: str, runs: list[Run], values: dict[str, dict[str, float]], cols) -> Table:
@@ -133,22 +142,26 @@ def compare(run_dirs: list[str | Path], out: str | Path, *, plots: bool = True,
     stab = {r.name: stability(r.records, r.counters()) for r in runs}
     spread = {label: {k: seed_spread([final[r.name][k] for r in members]) for k, _, _ in _SPREAD_KEYS}
               for label, members in seed_groups(runs).items()}
-    tables = [_table("Final metrics (held-out)", runs, final, _FINAL_COLS),
-              _table("Stability", runs, stab, _STAB_COLS)]
+    tables = [_table("Final metrics (held-out)", runs, final, _FINAL_COLS)]
+    if any(math.isfinite(final[r.name]["n_coactive_pairs"]) for r in runs):
+        tables.append(_table("Decorrelation (held-out latents, sae eval)", runs, final, _DECORR_COLS))
+    tables.append(_table("Stability", runs, stab, _STAB_COLS))
     if spread:
         tables.append(_spread_table(spread))
     pngs: list[Path] = []
+    tradeoffs: list[Path] = []
     if plots:
-        from trainer.report.plots import plot_all
+        from trainer.report.plots import plot_all, plot_tradeoffs
 
         pngs = plot_all(runs, out)
+        tradeoffs = plot_tradeoffs(runs, final, out)
     report = out / REPORT
-    report.write_text(render_markdown(runs, tables, pngs, out))
+    report.write_text(render_markdown(runs, tables, pngs, out, tradeoffs=tradeoffs))
     numbers = {"runs": {r.name: {"path": str(r.path), "variant": r.label, "seed": r.config.get("seed"),
                                  "final": final[r.name], "stability": stab[r.name]} for r in runs},
                "seed_spread": spread}
     (out / NUMBERS).write_text(json.dumps(numbers, indent=2))
-    return Comparison(runs, final, stab, spread, tables, pngs, report)
+    return Comparison(runs, final, stab, spread, tables, pngs + tradeoffs, report)
 
 
 def markdown_table(t: Table) -> str:
@@ -170,12 +183,22 @@ DEFINITIONS = """\
   at the last record and at its worst.
 - **min eig Σ / max cond Σ** (dyncorr only): smallest eigenvalue and largest condition number of
   the damped latent covariance Σ on a fixed random block of 256 latents, over the run.
-- **Across-seed spread**: sample std and max - min of the final EV and L0 over runs whose settings
-  are identical apart from the seed.
+- **Decorrelation** (`sae eval`, docs/evaluation.md): on the held-out rows, with a fresh float64
+  covariance of the latents, `R` their correlation; a pair of latents is *co-active* when both
+  fire in at least one common row. **mean R² (co-active)**: the mean of `R_ij²` over co-active
+  pairs `i < j` (what the dyncorr penalty minimises, the split as one batch); **share abs(R) > 0.5**:
+  the fraction of co-active pairs with `abs(R_ij) > 0.5`; **of alive pairs**: co-active pairs over
+  all pairs of latents that fire on the split; **decoder redundancy**: mean over latents of the
+  largest cosine similarity between its decoder direction and another one.
+- **probe top-1 ± se**: SAE sparse-probing accuracy with one latent, mean over tasks, with its
+  binomial standard error (the test sample's noise).
+- **Across-seed spread**: sample std and max - min of the final EV, L0 and mean R² over runs whose
+  settings are identical apart from the seed.
 """
 
 
-def render_markdown(runs: list[Run], tables: list[Table], pngs: list[Path], out: Path) -> str:
+def render_markdown(runs: list[Run], tables: list[Table], pngs: list[Path], out: Path, *,
+                    tradeoffs: list[Path] = ()) -> str:
     parts = ["# SAE comparison\n", f"{len(runs)} runs, hook `{runs[0].config.get('hook')}`, "
              f"d_in {runs[0].config.get('d_in')}.\n"]
     parts += ["| run | variant | arch | seed | directory |", "|---|---|---|---|---|"]
@@ -188,5 +211,8 @@ def render_markdown(runs: list[Run], tables: list[Table], pngs: list[Path], out:
     if pngs:
         parts.append("\n## Training curves (x: training tokens; one line per run, colour = variant)\n")
         parts += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in pngs]
+    if tradeoffs:
+        parts.append("\n## Trade-offs (held-out; one point per run, colour = variant)\n")
+        parts += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in tradeoffs]
     parts += ["\n## Definitions\n", DEFINITIONS]
     return "\n".join(parts)

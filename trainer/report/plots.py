@@ -1,4 +1,5 @@
-"""Training curves of several runs against tokens, one PNG per quantity, one line per run.
+"""Training curves of several runs against tokens, one PNG per quantity, one line per run; and
+the held-out trade-offs (EV vs L0, EV vs latent correlation), one point per run.
 
 Uses ``matplotlib.figure.Figure`` directly (the Agg canvas, no pyplot state, no display).
 Colour = variant (runs that differ only by seed share it), line style = seed.
@@ -80,4 +81,44 @@ def plot_one(runs: list[Run], stem: str, title: str, field: str, scale: str, out
 def plot_all(runs: list[Run], out: Path) -> list[Path]:
     """Every plot of :data:`PLOTS` that has data, written to ``out``."""
     paths = [plot_one(runs, *spec, out=out) for spec in PLOTS]
+    return [p for p in paths if p is not None]
+
+
+# (file stem, title, x metric, x label, x scale): held-out EV against it, one point per run
+TRADEOFFS = [("ev_vs_l0", "explained variance vs L0 (held-out)", "l0", "L0 (active latents per token)", "linear"),
+             ("ev_vs_mean_sq_corr", "explained variance vs latent correlation (held-out)", "mean_sq_corr_coactive",
+              "mean R² over co-active latent pairs", "log")]
+
+
+def plot_tradeoff(runs: list[Run], final: dict[str, dict[str, float]], stem: str, title: str, x_key: str,
+                  x_label: str, scale: str, out: Path) -> Path | None:
+    """Held-out EV (y) against ``x_key`` (x), one marker per run, colour = variant; None without data."""
+    styles = _styles(runs)
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    labelled: set[str] = set()
+    for r in runs:
+        x, y = final[r.name].get(x_key, np.nan), final[r.name].get("explained_variance", np.nan)
+        if not (np.isfinite(x) and np.isfinite(y)) or (scale == "log" and x <= 0):
+            continue
+        ax.scatter([x], [y], color=styles[r.name][0], s=28, label=None if r.label in labelled else r.label)
+        labelled.add(r.label)
+    if not labelled:
+        return None
+    if scale == "log":
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("explained variance")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2 if len(labelled) > 6 else 1)
+    fig.tight_layout()
+    path = out / f"{stem}.png"
+    fig.savefig(path)
+    return path
+
+
+def plot_tradeoffs(runs: list[Run], final: dict[str, dict[str, float]], out: Path) -> list[Path]:
+    """Every plot of :data:`TRADEOFFS` that has data, written to ``out``."""
+    paths = [plot_tradeoff(runs, final, *spec, out=out) for spec in TRADEOFFS]
     return [p for p in paths if p is not None]
