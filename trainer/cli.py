@@ -1,4 +1,4 @@
-"""The trainer's typer commands (train, export, eval, compare, experiment); ``sae_cli`` adds
+"""The trainer's typer commands (train, export, eval, compare, experiment, study); ``sae_cli`` adds
 ``profile-memory`` from ``profiling``, which builds on this package."""
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ def _flat_from_cli(ctx: typer.Context, options: dict[str, Any], config: Optional
     flat: dict[str, Any] = {}
     if config is not None:
         try:
-            flat.update(json.loads(config.read_text()))
+            loaded = json.loads(config.read_text())
         except (OSError, ValueError) as e:
             raise ActcacheError(f"cannot read --config {config}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ActcacheError(f"--config {config} holds a JSON {type(loaded).__name__}, not an object of fields: "
+                                'write {"field": value, ...}')
+        flat.update(loaded)
     for name, value in options.items():
         source = ctx.get_parameter_source(name)
         if config is None or (source is not None and source.name != "DEFAULT"):
@@ -162,27 +166,39 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     out: Annotated[Path, typer.Option(help="Directory to write.")],
     format: Annotated[str, typer.Option(help="Export format: saelens.")] = "saelens",
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out.")] = False,
 ) -> None:
     """Export a trained SAE (SAELens: cfg.json + sae_weights.safetensors)."""
     from trainer import artifacts as A
-    from trainer.export import export_saelens
+    from trainer.export import check_export_dir, export_saelens
 
-    if format != "saelens":
-        fail(f"unknown format {format!r}: use saelens")
-    weights = A.run_paths(run_dir).weights
-    if not weights.exists():
-        fail(f"{run_dir} has no {A.WEIGHTS}: train it to the end first (sae train ... --resume)")
-    typer.echo(str(export_saelens(weights, out)))
+    try:
+        if format != "saelens":
+            raise ActcacheError(f"unknown format {format!r}: use saelens")
+        weights = A.existing_run(run_dir).weights
+        if not weights.exists():
+            raise ActcacheError(f"{run_dir} has no {A.WEIGHTS}: train it to the end first (sae train ... --resume)")
+        check_export_dir(out, overwrite)
+        typer.echo(str(export_saelens(weights, out)))
+    except ActcacheError as e:
+        fail(str(e))
 
 
 from trainer.evaluation.cli import register as register_eval  # noqa: E402
 
 register_eval(app)
 
-from trainer.report.cli import compare, experiment  # noqa: E402
+from trainer.report.cli import compare, experiment, study  # noqa: E402
 
 app.command("compare")(compare)
 app.command("experiment")(experiment)
+app.command("study")(study)
+
+from trainer.features.cli import register as register_features  # noqa: E402
+from trainer.importing import register as register_import  # noqa: E402
+
+register_features(app)
+register_import(app)
 
 
 def main() -> None:

@@ -80,7 +80,8 @@ def column(records: Sequence[dict[str, Any]], name: str) -> list[float]:
 def stability(records: Sequence[dict[str, Any]], counters: dict[str, Any]) -> dict[str, float]:
     """All stability metrics of one run. ``counters``: the run's final nonfinite_events,
     skipped_steps and rollbacks (summary.json, or the last record of an unfinished run)."""
-    loss = column(records, "loss")
+    # Records without a loss (an imported SAE's "no training" record) are not spikes; a NaN loss is.
+    loss = column([r for r in records if "loss" in r], "loss")
     g_max, g_p99 = max_and_p99(column(records, "grad_norm"))
     dead = _finite(column(records, "dead_fraction"))
     eig = _finite(column(records, "sigma_min_eig"))

@@ -9,9 +9,10 @@ from trainer.config import SAEConfig
 from trainer.saes.base import SAE, SAEOutput, StepContext
 from trainer.saes.baseline import BaselineSAE
 from trainer.saes.dyncorr import DynCorrSAE
+from trainer.saes.jumprelu import JumpReLUSAE
 from trainer.saes.topk import TopKSAE
 
-ARCHS: dict[str, type[SAE]] = {cls.arch: cls for cls in (BaselineSAE, TopKSAE, DynCorrSAE)}
+ARCHS: dict[str, type[SAE]] = {cls.arch: cls for cls in (BaselineSAE, TopKSAE, DynCorrSAE, JumpReLUSAE)}
 
 
 def build_sae(cfg: SAEConfig, *, seed: int = 0) -> SAE:
