@@ -31,17 +31,43 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _budget(text: Optional[str], device: torch.device) -> tuple[int, str]:
-    from profiling.rss import total_ram
+def _budget(text: Optional[str], gpu: Optional[str], device: torch.device, target: str) -> tuple[int, str]:
+    from profiling.gpu import gpu_memory
     from profiling.plan import parse_size
+    from profiling.rss import total_ram
 
+    if text is not None and gpu is not None:
+        raise ActcacheError("--budget and --gpu exclude each other: give one")
+    if gpu is not None:
+        return gpu_memory(gpu), f"--gpu {gpu.lower()}"
     if text is not None:
         return parse_size(text), f"--budget {text}"
-    if device.type == "cuda":
+    if target == "cuda" and device.type == "cuda":
         import torch
 
         return torch.cuda.get_device_properties(device).total_memory, "this GPU's memory"
+    if target == "cuda":
+        return gpu_memory("h100-80gb"), "an h100-80gb, the default card without a GPU here: --gpu or --budget"
     return total_ram(), "this machine's RAM"
+
+
+def _target(target: str, device: str) -> tuple[str, str, Optional[str]]:
+    """(the device the prediction is for, the device to resolve for measuring, a note): a
+    ``--device cuda`` without a GPU here plans the CUDA run (as ``--target cuda``)."""
+    import torch
+
+    if target not in ("auto", "cpu", "cuda"):
+        raise ActcacheError(f"unknown --target {target!r}: use auto, cpu or cuda")
+    no_gpu = not torch.cuda.is_available()
+    if device.startswith("cuda") and no_gpu:
+        return "cuda", "cpu", f"--device {device}: no GPU here, so this predicts the CUDA step (as --target cuda)"
+    if target == "cuda" and no_gpu:
+        return "cuda", "cpu", None
+    if target == "auto":
+        from actcache.device import resolve_device
+
+        return resolve_device(device).type, device, None
+    return target, "cpu" if target == "cpu" else device, None
 
 
 def _free(device: torch.device) -> int:
@@ -57,24 +83,30 @@ def _free(device: torch.device) -> int:
 
 def _measure_training(rows: list[TrainRow], steps: int, env: dict[str, str], device: torch.device) -> list[TrainRow]:
     from profiling.measure import Measurement, measure_training
+    from profiling.model import estimate_training
 
     done: dict[str, Measurement] = {}
     out = []
     for i, r in enumerate(rows, 1):
         key = repr(sorted(r.flat.items()))  # bf16 rows on CPU run exactly the float32 step: measured once
         s = r.spec
+        traced = s.device == "cuda" and device.type == "cpu"  # a CUDA step traced on CPU tensors
+        compared = estimate_training(replace(s, traced_on_cpu=True)).step_total if traced else 0
         if s.device == "cuda" and s.dtype == "float32":
             m = Measurement(None, note="not measured: sae train always autocasts to bf16 on CUDA")
         elif key in done:
             m = done[key]
-        elif r.estimate.step_total > 0.9 * (free := _free(device)):
+        elif max(r.estimate.step_total, compared) > 0.9 * (free := _free(device)):
             m = Measurement(None, note=f"not measured: needs ~{r.estimate.step_total / 2**30:.1f} GiB, "
                                        f"{free / 2**30:.1f} GiB free on {device}")
         else:
-            console.print(f"measuring {i}/{len(rows)}: {s.arch} d_sae={s.d_sae} B={s.batch_size} ({steps} steps)",
+            how = " as on CUDA, traced on CPU" if traced else ""
+            console.print(f"measuring {i}/{len(rows)}: {s.arch} d_sae={s.d_sae} B={s.batch_size} ({steps} steps{how})",
                           highlight=False)
-            m = done[key] = measure_training(r.flat, s.d_in, steps=steps, env=env, dead_fraction=s.dead_fraction)
-        out.append(replace(r, measured=m))
+            flat = {**r.flat, "device": "cpu"} if traced else r.flat
+            m = done[key] = measure_training(flat, s.d_in, steps=steps, env=env, dead_fraction=s.dead_fraction,
+                                             target="cuda" if traced else "")
+        out.append(replace(r, measured=m, compared=compared))
     return out
 
 
@@ -103,6 +135,11 @@ def _notes(rows: list[TrainRow], erows: list[ExtractRow]) -> list[str]:
     if methods:
         notes.append("measured = peak of a fresh subprocess above its baseline (" + "; ".join(methods) + ")" +
                      "; ratio compares the step without the loader (extraction: weights + activations + chunk)")
+    rss = sorted({r.measured.note for r in rows if r.measured.rss_bytes is not None})
+    if rss:
+        notes.append("rss = the same run's peak resident memory above its baseline, what the OS sees (" +
+                     "; ".join(n.removeprefix("RSS: ") for n in rss) + "): it moves with glibc's malloc and the "
+                     "load, the measured column does not")
     return notes
 
 
@@ -122,8 +159,10 @@ def profile_memory(
     shuffle_buffer_mb: Annotated[float, typer.Option(help="Loader shuffle buffer per shard held, MiB.")] = _L.shuffle_buffer_mb,
     shards: Annotated[Optional[int], typer.Option(help="Loader row streams this process holds (each with its own buffers); default 1.")] = _L.shards,
     chunk_rows: Annotated[int, typer.Option(help="Rows per store chunk (the loader reads whole chunks).")] = 4096,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda: where training (and extraction) would run.")] = "auto",
-    budget: Annotated[Optional[str], typer.Option(help="Memory to fit in, e.g. 80GB, 80GiB; default: this machine's RAM / GPU memory.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda: where training (and extraction) would run; cuda without a GPU here = --target cuda.")] = "auto",
+    target: Annotated[str, typer.Option(help="auto (= --device), cpu or cuda: the device to predict for; cuda plans a GPU run from a machine without one (bf16 autocast, what torch.cuda.max_memory_allocated counts).")] = "auto",
+    budget: Annotated[Optional[str], typer.Option(help="Memory to fit in, e.g. 80GB, 80GiB; default: this machine's RAM / GPU memory (--target cuda without a GPU: an h100-80gb).")] = None,
+    gpu: Annotated[Optional[str], typer.Option(help="Fit a card instead of --budget: h100-80gb, a100-80gb, a100-40gb, l40s-48gb, l4-24gb, rtx4090-24gb, ... (profiling/gpu.py).")] = None,
     measure: Annotated[bool, typer.Option(help="Also run a few real steps per config in a fresh subprocess and measure the peak (only configs that fit in free memory).")] = False,
     steps: Annotated[int, typer.Option(help="Training steps per measurement (>= 2 reaches the steady state).")] = 3,
     pin_malloc: Annotated[bool, typer.Option(help="Measure with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=131072): RSS then tracks live tensors.")] = False,
@@ -157,10 +196,12 @@ def profile_memory(
             raise ActcacheError("--steps and --extract-batches must be >= 1")
         flat = plan.load_flat(config, run)
         topts = plan.train_options(opts, explicit, flat)
-        device_obj = resolve_device(topts.device)
-        dev = device_obj.type
-        limit, source = _budget(budget, device_obj)
-        rows = plan.train_rows(topts, limit)
+        dev, run_on, target_note = _target(target, topts.device)
+        device_obj = resolve_device(run_on)
+        limit, source = _budget(budget, gpu, device_obj, dev)
+        if dev == "cuda" and "dtype" not in explicit:
+            topts = replace(topts, dtype=[])  # what sae train runs there: bf16 autocast
+        rows = plan.train_rows(replace(topts, target=dev), limit)
         if flat is not None:  # --run / --config: the extraction that wrote its store, unless told otherwise
             found = plan.store_extraction(str(flat.get("store", ""))) or {}
             for name, value in found.items():
@@ -177,7 +218,9 @@ def profile_memory(
         if measure:
             rows = _measure_training(rows, steps, env, device_obj)
             erows = [_measure_extraction(r, env) for r in erows]
-        report = Context(device=dev, budget=limit, budget_source=source, notes=_notes(rows, erows))
+        notes = ([target_note] if target_note else []) + _notes(rows, erows)
+        report = Context(device=dev, budget=limit, budget_source=source, notes=notes,
+                         largest=plan.largest_rows(rows, limit) if dev == "cuda" else [])
         if out is not None:
             try:
                 out.write_text(render(format, rows, erows, report))

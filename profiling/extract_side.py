@@ -107,9 +107,13 @@ def model_shape(config: Any, hook_layer: int) -> ModelShape:
 
 
 def compute_dtype(spec: ExtractSpec) -> str:
+    import torch
+
     from actcache.device import resolve_compute_dtype, resolve_device
 
-    return resolve_compute_dtype(spec.compute_dtype, spec.dtype, resolve_device(spec.device))
+    # A CUDA target is planned without a GPU: its dtype choice needs no device.
+    dev = torch.device(spec.device) if spec.device.startswith("cuda") else resolve_device(spec.device)
+    return resolve_compute_dtype(spec.compute_dtype, spec.dtype, dev)
 
 
 def activation_bytes(shape: ModelShape, batch: int, context: int, w: int) -> int:

@@ -7,8 +7,9 @@ Adam moments, ``tokens_since_fired``, the covariance buffers (dyncorr), the prev
 dyncorr the ``PairMoments`` in its extras) and, from the previous step, the gradients:
 ``zero_grad(set_to_none=True)`` runs only after the forward pass.
 
-Phases (CPU, float32 unless noted; checked tensor by tensor against the live set of the real
-step, within 1-3 %; numpy's arrays, which only RSS sees, checked against RSS):
+Phases (CPU, float32 unless noted; the sum checked against the allocators' peak of the real
+step, torch's and numpy's on one timeline (``profiling.alloc_trace``), within 4.1 % on issue 14's
+grid):
 
 * ``forward.*``: baseline keeps ``z`` (B x d_sae, saved by ReLU) while ``(z > 0).sum(-1)`` casts
   the bool mask to a B x d_sae int64 copy (13 B d_sae bytes live). TopK: ``pre`` (B x d_sae)
@@ -20,7 +21,9 @@ step, within 1-3 %; numpy's arrays, which only RSS sees, checked against RSS):
   (``fused_pairs.py``) pack the P = B k (k-1) / 2 row pairs as one int64 each (``key << shift |
   b, p, q``), sorted in place slice by slice (numpy arrays: RSS only), then U-long vectors for
   the U distinct pairs (keys, sums, M gathered, R, rr). Elsewhere ``unique_pairs``
-  (``torch.unique``), the (B, k, k) outer product gathered at pos, and U-long vectors.
+  (``torch.unique``: int32 keys when d_sae^2 fits, their sorted copy, an int64 permutation and
+  a temporary of its size, then the inverse), the (B, k, k) outer product gathered at pos, and
+  U-long vectors.
 * ``backward.*``: the previous gradients are gone (``zero_grad``), the new ones appear one by
   one. dyncorr: the penalty's saved tensors, then on CPU each slice's gradient buffers; elsewhere
   ``a`` gathered to the P row pairs and scattered into a (B, k, k) matrix. AuxK
@@ -35,8 +38,12 @@ step, within 1-3 %; numpy's arrays, which only RSS sees, checked against RSS):
 * ``update`` (dyncorr ``after_step``): ``LatentStatistics.update(..., moments=...)`` scatters the
   penalty's U distinct pairs (``q * c``: U) and the diagonal (d_sae keys and values).
 
-CUDA with bf16 autocast is modelled (bf16 pre-activations, autocast's cached weight copies,
-``torch.unique`` instead of the fused CPU kernels) but could not be checked here: no GPU.
+CUDA with bf16 autocast (bf16 pre-activations, autocast's cached weight copies, ``torch.unique``
+instead of the fused CPU kernels: what ``torch.cuda.max_memory_allocated`` counts) is checked
+without a GPU against the same step traced on CPU tensors (``profiling.measure.emulate_cuda_step``:
+CPU autocast to bf16, the torch penalty path; ``traced_on_cpu`` adds the one temporary CPU kernels
+make and CUDA's do not). CUDA's own kernel workspaces (cub's sort buffers in ``torch.unique``)
+are not in that trace.
 
 Assumptions. AuxK: ``dead_fraction`` of the latents are dead (``n_dead = round(dead_fraction x
 d_sae)``; ``min(k_aux, n_dead)`` per token). The trainer marks a latent dead after
@@ -94,11 +101,17 @@ class TrainSpec:
     dead_fraction: float = 1.0  # share of the latents dead (AuxK's n_dead); 1.0 = every latent: the upper bound
     unique_pairs: int | None = None  # U; None = the uniform-co-activation estimate
     loader: LoaderSpec = field(default_factory=LoaderSpec)
+    traced_on_cpu: bool = False  # a CUDA step run by CPU kernels (profiling.measure.emulate_cuda_step)
 
     @property
     def effective_dtype(self) -> str:
         """bf16 is autocast on CUDA only; ``Trainer._step`` trains in float32 on CPU."""
         return "bfloat16" if self.device == "cuda" and self.dtype == "bfloat16" else "float32"
+
+    @property
+    def cpu_kernels(self) -> bool:
+        """CPU kernels run the step: their temporaries (a bool sum's int64 copy) are allocated."""
+        return self.device == "cpu" or self.traced_on_cpu
 
     @property
     def n_dead(self) -> int:
@@ -171,7 +184,21 @@ def _persistent(s: TrainSpec) -> dict[str, int]:
     prev_out = 4 * B * d + (B * s.k * (8 + a) + n if s.arch != "baseline" else 0)  # x_hat, idx, val, fired
     return {"parameters": P, "gradients": P, "optimizer": 2 * P, "buffers": 8 * n,
             "covariance": covariance_bytes(n, s.cov_dtype) if s.arch == "dyncorr" else 0,
-            "activations": prev_out, "penalty": _moments_bytes(s)}
+            "activations": prev_out, "penalty": _moments_bytes(s) + _scratch_bytes(s)}
+
+
+def _fused(s: TrainSpec) -> bool:
+    """dyncorr's penalty takes the fused CPU kernels (``fused_pairs_supported``)."""
+    return s.arch == "dyncorr" and s.k >= 2 and s.device == "cpu" and not s.traced_on_cpu
+
+
+def _scratch_bytes(s: TrainSpec) -> int:
+    """``fused_pairs._SCRATCH``: the packed row pairs (P int64), R and rr (U each), every one
+    allocated with 1/8 headroom and kept between steps (given back after the backward)."""
+    if not _fused(s):
+        return 0
+    P, U, c = n_pairs(s.batch_size, s.k), unique_pairs(s), COV_DTYPES[s.cov_dtype]
+    return 8 * (P + P // 8) + 2 * c * (U + U // 8)
 
 
 def _grads(nd_buffers: int, s: TrainSpec) -> dict[str, int]:
@@ -181,7 +208,7 @@ def _grads(nd_buffers: int, s: TrainSpec) -> dict[str, int]:
 
 def _baseline_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     B, d, n = s.batch_size, s.d_in, s.d_sae
-    bf16, cpu = s.effective_dtype == "bfloat16", s.device == "cpu"
+    bf16, cpu = s.effective_dtype == "bfloat16", s.cpu_kernels
     Bn, Bd = 4 * B * n, 4 * B * d  # bytes of one float32 B x d_sae / B x d_in tensor
     z = Bn + (Bn // 2 if bf16 else 0)  # ReLU output (+ its bf16 cast, saved by the decoder mm)
     casts = {"activations": 2 * (2 * n * d + B * d)} if bf16 else {}  # autocast's bf16 W_enc, W_dec, x_c
@@ -260,7 +287,7 @@ def _penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     ``unique_pairs`` (trainer/saes/pairs.py)."""
     if s.k < 2:
         return {}
-    return _fused_penalty_phases(s) if s.device == "cpu" else _torch_penalty_phases(s)
+    return _fused_penalty_phases(s) if _fused(s) else _torch_penalty_phases(s)
 
 
 def _penalty_small(s: TrainSpec) -> int:
@@ -281,29 +308,32 @@ def _fused_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     P, U = n_pairs(B, k), unique_pairs(s)
     nb, threads = fused_slices()
     small = _penalty_small(s) + 8 * B * k  # + plan_buckets' float64 weights
+    # The packed row pairs (sorted in place, slice by slice), R and rr live in the scratch pool
+    # (persistent, _scratch_bytes).
     return {
-        # the packed row pairs (int64, sorted in place, slice by slice); per row and slice counts and starts.
-        "penalty.pack": {"penalty": small + 8 * P + 3 * 8 * B * nb},
-        # keys and q (the moments), M_{t-1} gathered at the keys, R and rr.
-        "penalty.R": {"penalty": small + 8 * P + U * (8 + 4 * c)},
-        # saved: packed, keys, R, rr, perm, vs, mu~, s_diag, and the moments; each thread's
-        # gradient buffers (B k + 2 d_sae) and their sums.
+        # per row and slice counts and starts.
+        "penalty.pack": {"penalty": small + 3 * 8 * B * nb},
+        # keys and q (the moments), M_{t-1} gathered at the keys.
+        "penalty.R": {"penalty": small + U * (8 + 2 * c)},
+        # saved: keys, perm, vs, mu~, s_diag, and the moments; each thread's gradient buffers
+        # (B k + 2 d_sae) and their sums (numba's: not in the measured value).
         "backward.penalty": {"penalty": _fused_saved(s) + (threads + 1) * (B * k + 2 * n) * c},
     }
 
 
 def _fused_saved(s: TrainSpec) -> int:
     B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
-    P, U = n_pairs(B, k), unique_pairs(s)
-    return 8 * P + 2 * U * c + B * k * (8 + c) + 2 * n * c + _moments_bytes(s)
+    return B * k * (8 + c) + 2 * n * c + _moments_bytes(s)
 
 
 def _torch_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     B, k, c = s.batch_size, s.k, COV_DTYPES[s.cov_dtype]
     P, U, Bk2 = n_pairs(B, k), unique_pairs(s), B * k * k
     small = _penalty_small(s)
-    # keys (two gathers), as int32, torch.unique's sorted copy, permutation and inverse; pos
-    unique = P * (8 + 8 + 4 + 4 + 8 + 8 + 8) + 8 * U
+    kb = 4 if s.d_sae * s.d_sae - 1 <= 2**31 - 1 else 8  # unique_pairs sorts int32 keys when they fit
+    # torch.unique (sort-based): the keys, their sorted copy, the sort's int64 permutation and an
+    # int64 temporary of the same length (then the inverse), the distinct keys.
+    unique = 2 * kb * P + 16 * P + kb * U
     pairs = P * (8 + 8)  # inv and pos (int64): for every row pair, its distinct pair and its (b, p, q)
     return {
         "penalty.unique": {"penalty": small + unique},

@@ -118,11 +118,24 @@ class TrainRow:
     cost: CovarianceCost | None
     fits: bool
     measured: Measurement = field(default_factory=lambda: Measurement(None, note="not measured (--no-measure)"))
+    need: int = 0  # what the device must have: the total, on CUDA + what max_memory_allocated does not count
+    compared: int = 0  # the prediction a measurement is held to when it is not step_total (a CUDA step traced on CPU)
 
     @property
     def ratio(self) -> float | None:
         m = self.measured.peak_bytes
-        return self.estimate.step_total / m if m else None
+        return (self.compared or self.estimate.step_total) / m if m else None
+
+
+@dataclass(frozen=True)
+class LargestRow:
+    """The largest d_sae whose CUDA step fits each card (and the budget), for one arch."""
+
+    arch: str
+    batch_size: int
+    dtype: str
+    d_sae: dict[str, int]  # card (or "budget") -> largest d_sae, multiple of 1024
+    cov_share: dict[str, float]  # the covariance buffer's share of the total at that d_sae
 
 
 @dataclass(frozen=True)
@@ -154,6 +167,7 @@ class TrainOptions:
     train_chunks: int | None = None
     decode_bytes: int = 2  # bytes per value of the chunk zarr decodes (bf16 zstd store); 0 = memory-mapped
     dead_fraction: float = 1.0  # AuxK's dead latents, as a share of d_sae
+    target: str = ""  # cpu / cuda: the device to predict for; "" = where ``device`` resolves
 
 
 def train_options(opts: dict[str, Any], explicit: set[str], flat: dict[str, Any] | None) -> TrainOptions:
@@ -196,9 +210,10 @@ def train_options(opts: dict[str, Any], explicit: set[str], flat: dict[str, Any]
 def train_rows(t: TrainOptions, budget: int) -> list[TrainRow]:
     from actcache.device import resolve_device
     from profiling.cov_cost import covariance_cost
+    from profiling.gpu import cuda_need
     from profiling.model import estimate_training, train_spec
 
-    dev = resolve_device(t.device).type
+    dev = t.target or resolve_device(t.device).type
     # Without --dtype: what `sae train` would run (bf16 autocast on CUDA, float32 on CPU).
     dtypes = t.dtype or ["bfloat16" if dev == "cuda" else "float32"]
     rows = []
@@ -212,8 +227,30 @@ def train_rows(t: TrainOptions, budget: int) -> list[TrainRow]:
                                       decode_bytes=t.decode_bytes, dead_fraction=t.dead_fraction)
                     est = estimate_training(spec)
                     cost = covariance_cost(spec) if arch == "dyncorr" else None
-                    rows.append(TrainRow(spec, cfg.to_flat(), est, cost, est.total <= budget))
+                    need = cuda_need(est.total) if dev == "cuda" else est.total
+                    rows.append(TrainRow(spec, cfg.to_flat(), est, cost, need <= budget, need=need))
     return rows
+
+
+def largest_rows(rows: list[TrainRow], budget: int) -> list[LargestRow]:
+    """Per arch (its first batch size and dtype among ``rows``): the largest d_sae that fits the
+    planning cards (24, 40, 80 GB) and the budget."""
+    from profiling.gpu import GPUS, PLAN_GPUS, largest_d_sae
+    from profiling.model import estimate_training
+
+    cards = {name: GPUS[name] for name in PLAN_GPUS}
+    if budget not in cards.values():
+        cards["budget"] = budget
+    out, seen = [], set()
+    for r in rows:
+        if r.spec.arch in seen or r.spec.device != "cuda":
+            continue
+        seen.add(r.spec.arch)
+        sizes = {name: largest_d_sae(r.spec, b) for name, b in cards.items()}
+        shares = {name: estimate_training(replace(r.spec, d_sae=n, unique_pairs=None)).cov_share if n else 0.0
+                  for name, n in sizes.items()}
+        out.append(LargestRow(r.spec.arch, r.spec.batch_size, r.spec.effective_dtype, sizes, shares))
+    return out
 
 
 def extract_row(spec: ExtractSpec, budget: int, n_batches: int) -> ExtractRow:
@@ -223,8 +260,11 @@ def extract_row(spec: ExtractSpec, budget: int, n_batches: int) -> ExtractRow:
                          ("chunk_rows", "--chunk-rows"), ("queue_depth", "--queue-depth")):
         if getattr(spec, name) < 1:
             raise ActcacheError(f"{option} {getattr(spec, name)} must be >= 1")
+    from profiling.gpu import cuda_need
+
     shape = model_shape(model_config(spec.model), spec.hook_layer)
     est = estimate_extraction(spec, shape)
     n_windows = min(max(1, est.chunk_rows // spec.context_size), n_batches * spec.batch)
-    return ExtractRow(spec, shape, est, est.total <= budget, n_windows,
-                      measured_part(est, spec, shape, n_windows))
+    # On CUDA the writer queue is host memory: the card holds weights, activations and the cast.
+    need = cuda_need(est.total - est.writer_queue) if spec.device.startswith("cuda") else est.total
+    return ExtractRow(spec, shape, est, need <= budget, n_windows, measured_part(est, spec, shape, n_windows))

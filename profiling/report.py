@@ -5,14 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from profiling.plan import ExtractRow, TrainRow
+from profiling.plan import ExtractRow, LargestRow, TrainRow
 
 FORMATS = ("table", "json", "csv", "markdown")
 _SHORT = {"float32": "f32", "bfloat16": "bf16"}
@@ -24,6 +24,7 @@ class Context:
     budget: int
     budget_source: str  # "--budget" or "available RAM" ...
     notes: list[str]
+    largest: list[LargestRow] = field(default_factory=list)  # CUDA target: the largest d_sae per card
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -73,9 +74,11 @@ def train_cells(r: TrainRow, footnotes: list[str]) -> dict[str, str]:
             "acts": fmt_bytes(c["activations"] + c["saved"] + c["input"]),
             "cov M+mu": fmt_bytes(c["covariance"]) if r.spec.arch == "dyncorr" else "-",
             "penalty": fmt_bytes(c["penalty"]) if r.spec.arch == "dyncorr" else "-",
-            "loader": fmt_bytes(e.loader_host), "total": fmt_bytes(e.total), "cov%": f"{100 * e.cov_share:.0f}%",
+            **({"total": fmt_bytes(e.total), "need": fmt_bytes(r.need)} if r.spec.device == "cuda" else
+               {"loader": fmt_bytes(e.loader_host), "total": fmt_bytes(e.total)}),
+            "cov%": f"{100 * e.cov_share:.0f}%",
             "measured": _measured(r.measured, footnotes, label), "ratio": _ratio(r.ratio),
-            "fits": "yes" if r.fits else "NO"}
+            "rss": fmt_bytes(r.measured.rss_bytes), "fits": "yes" if r.fits else "NO"}
 
 
 def cost_cells(r: TrainRow) -> dict[str, str]:
@@ -93,7 +96,9 @@ def extract_cells(r: ExtractRow, footnotes: list[str]) -> dict[str, str]:
     return {"model": s.model if len(s.model) <= 24 else "..." + s.model[-21:], "layer": str(s.hook_layer),
             "tokens": f"{s.batch}x{s.context_size}", "dtype": f"{_SHORT.get(e.compute_dtype, e.compute_dtype)}>"
             f"{_SHORT.get(s.dtype, s.dtype)}", "weights": fmt_bytes(e.weights), "acts": fmt_bytes(e.activations),
-            "queue": fmt_bytes(e.writer_queue), "total": fmt_bytes(e.total),
+            # On CUDA the writer queue is host RAM: the total is what the card holds.
+            **({"host queue": fmt_bytes(e.writer_queue), "total": fmt_bytes(e.total - e.writer_queue)}
+               if s.device.startswith("cuda") else {"queue": fmt_bytes(e.writer_queue), "total": fmt_bytes(e.total)}),
             "measured": _measured(r.measured, footnotes, f"extract {s.model}"), "ratio": _ratio(r.ratio),
             "fits": "yes" if r.fits else "NO"}
 
@@ -111,28 +116,54 @@ def _unique_costs(rows: list[TrainRow]) -> list[TrainRow]:
 def _tables(train: list[TrainRow], extract: list[ExtractRow], ctx: Context) -> tuple[list[tuple[str, list[dict]]], list[str]]:
     footnotes: list[str] = []
     cells = [train_cells(r, footnotes) for r in train]
-    if len({r.spec.batch_size for r in train}) <= 1:
-        for c in cells:
-            c.pop("B")
-    batch = f" (B = {train[0].spec.batch_size})" if train and "B" not in (cells[0] if cells else {}) else ""
+    # Columns every row shares go to the title; the dtype only when the rss column needs the room.
+    has_rss = any(r.measured.rss_bytes is not None for r in train)
+    title, shared = [], {"B": {str(r.spec.batch_size) for r in train}, "dtype": {_dtype(r) for r in train}}
+    for col, values in shared.items():
+        if len(values) == 1 and (col == "B" or has_rss):
+            title.append(f"{col} = {next(iter(values))}")
+            for c in cells:
+                c.pop(col)
+    for c in cells if not has_rss else []:
+        c.pop("rss")
+    batch = f" ({', '.join(title)})" if title else ""
     d_in = f", d_in = {train[0].spec.d_in}" if train else ""
     tables = [(f"SAE training step, predicted peak on {ctx.device}{batch}{d_in}", cells)] if cells else []
     costs = [cost_cells(r) for r in _unique_costs(train)]
     if costs:
         tables.append(("Covariance update per step (dyncorr): dense vs lazy", costs))
+    if ctx.largest:
+        cards = list(ctx.largest[0].d_sae)
+        big = [{"arch": g.arch, "B": str(g.batch_size), "dtype": _SHORT.get(g.dtype, g.dtype),
+                **{_card(c, ctx): f"{g.d_sae[c]:,} ({100 * g.cov_share[c]:.0f}% cov)" if g.arch == "dyncorr"
+                   else f"{g.d_sae[c]:,}" for c in cards}} for g in ctx.largest]
+        tables.append(("Largest d_sae whose CUDA step fits (need <= card; multiple of 1024)", big))
     ext = [extract_cells(r, footnotes) for r in extract]
     if ext:
         tables.append(("Extraction (actcache extract), per process", ext))
     return tables, footnotes
 
 
+def _card(name: str, ctx: Context) -> str:
+    return f"budget {fmt_bytes(ctx.budget)}" if name == "budget" else name
+
+
 def _legend(train: list[TrainRow], ctx: Context) -> list[str]:
-    lines = [f"budget: {fmt_bytes(ctx.budget)} ({ctx.budget_source}); fits = total <= budget; "
+    from profiling.gpu import OVERHEAD
+
+    fits = "need" if ctx.device == "cuda" else "total"
+    lines = [f"budget: {fmt_bytes(ctx.budget)} ({ctx.budget_source}); fits = {fits} <= budget; "
              "ratio = predicted / measured",
              "model+opt = parameters, gradients, Adam moments (+ Adam's temporaries when the peak is the optimizer "
              "step), buffers; acts = activations and tensors saved for backward; penalty = dyncorr's pair arrays "
              "(and the PairMoments two outputs hold); loader = group buffers (per shard held) + a batch + a "
              "decoded chunk, host RAM"]
+    if ctx.device == "cuda":
+        lines.append("CUDA: total = what torch.cuda.max_memory_allocated would report for the step (bf16 autocast, "
+                     "the torch.unique penalty path, the input batch on the card; the loader's pinned buffers are "
+                     "host RAM); need = total + " + OVERHEAD.describe())
+    if any(r.spec.device == "cuda" and r.spec.dtype == "float32" for r in train):
+        lines.append("f32 on CUDA: a run without autocast, for comparison; sae train autocasts to bf16 on CUDA")
     if any(r.spec.effective_dtype != r.spec.dtype for r in train):
         lines.append("bf16* = bfloat16 requested, but this trains in float32: Trainer._step autocasts to bf16 on CUDA only")
     return lines + ctx.notes
@@ -172,10 +203,14 @@ def train_record(r: TrainRow) -> dict[str, Any]:
             "k": s.k, "k_aux": s.k_aux, "dtype": s.dtype, "runs_as": s.effective_dtype, "device": s.device,
             "cov_dtype": s.cov_dtype, **{f"bytes_{k}": v for k, v in e.components.items()},
             "total_bytes": e.total, "step_bytes": e.step_total, "loader_host_bytes": e.loader_host,
+            "need_bytes": r.need,
             "cov_share": round(e.cov_share, 6), "peak_phase": e.peak_phase, "fits": r.fits,
             "measured_bytes": r.measured.peak_bytes, "measured_step_s": r.measured.step_s,
             "measure_method": r.measured.method, "measure_note": r.measured.note,
+            "measured_torch_bytes": r.measured.torch_bytes, "measured_numpy_bytes": r.measured.numpy_bytes,
+            "measured_peak_op": r.measured.at, "measured_rss_bytes": r.measured.rss_bytes,
             "pred_over_measured": None if r.ratio is None else round(r.ratio, 4),
+            "pred_over_rss": None if not r.measured.rss_bytes else round(e.step_total / r.measured.rss_bytes, 4),
             **({f"cov_{k}": v for k, v in asdict(r.cost).items()} if r.cost else {})}
 
 
@@ -202,7 +237,7 @@ def render(fmt: str, train: list[TrainRow], extract: list[ExtractRow], ctx: Cont
     records = [train_record(r) for r in train] + [extract_record(r) for r in extract]
     if fmt == "json":
         meta = {"device": ctx.device, "budget_bytes": ctx.budget, "budget_source": ctx.budget_source,
-                "notes": _legend(train, ctx)}
+                "notes": _legend(train, ctx), "largest_d_sae": [asdict(g) for g in ctx.largest]}
         return json.dumps({**meta, "rows": records}, indent=2) + "\n"
     buf = io.StringIO()
     keys = list(dict.fromkeys(k for rec in records for k in rec))
