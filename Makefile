@@ -9,7 +9,15 @@ DEMO_SEEDS ?= 1
 DEMO_EXPERIMENT ?= --d-sae 1152 --k-start 64 --k-end 16 --batch-size 512 --n-tokens 184320 --epochs 3 \
   --lr 1e-3 --dead-after-tokens 10000 --log-every 5 --eval-windows 16
 
-.PHONY: install demo test bench docs clean
+# The stability study (docs/results.md): STUDY_SCALE=full (>= 2M tokens, hours on 2 CPU cores) or small
+# (minutes). On a GPU box: STUDY_MODEL=google/gemma-2-2b STUDY_DEVICE=cuda make study
+STUDY_SCALE ?= full
+STUDY_MODEL ?= embedded:smollm2-135m
+STUDY_DEVICE ?= auto
+STUDY_DIR ?= study-out-$(STUDY_SCALE)
+STUDY_ARGS ?=
+
+.PHONY: install demo study test bench docs clean
 
 $(BIN)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -28,6 +36,11 @@ demo: install
 	  $(DEMO_EXPERIMENT)
 	for v in baseline dyncorr; do $(BIN)/sae profile-memory --run $(DEMO_DIR)/experiment/runs/$$v-s0 --no-measure || exit 1; done
 	@echo "report: $(DEMO_DIR)/experiment/report/report.md"
+	$(BIN)/sae features $(DEMO_DIR)/experiment/runs/dyncorr-s0 --out $(DEMO_DIR)/features  # last line: the dashboard's index.html
+
+# Resumable: re-running keeps the store and the finished runs.
+study: install
+	$(BIN)/sae study --out $(STUDY_DIR) --scale $(STUDY_SCALE) --model $(STUDY_MODEL) --device $(STUDY_DEVICE) $(STUDY_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -39,10 +52,12 @@ bench: install
 	$(BIN)/python benchmarks/bench_covariance.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_train.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_multi.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_checksums.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_features.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_vs_saelens.py --out docs/benchmarks.md
 
 docs: install
 	$(BIN)/python tests/gen_cli_docs.py > docs/cli.md
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) study-out-small .pytest_cache

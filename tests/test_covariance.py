@@ -339,6 +339,39 @@ def test_eps_zero_degenerate_variance_is_nonfinite_not_an_exception():
         st.update(idx, val)  # the statistics themselves stay finite
         assert torch.isfinite(st.second_moment()).all()
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("beta", [0.01, 0.2, 1.0])
+def test_penalty_gradient_is_the_batch_gradient_not_scaled_by_beta(beta, fused, monkeypatch):
+    """The batch-gradient convention (docs/sae-math.md): the gradient is that of L_corr with the
+    batch's moments entering S with weight 1, i.e. the literal derivative through the EMA
+    (which carries a factor beta) divided by beta; the value is unchanged."""
+    if not fused:
+        monkeypatch.setattr(corr_penalty, "fused_pairs_supported", lambda *a: False)
+    d, eps = 48, 1e-6
+    st = LatentStatistics(d, beta, eps, dtype=F64)
+    data = list(batches(12, d=d, k=5, n_alive=40, seed=11))
+    for idx, val in data[:-1]:
+        st.update(idx, val)
+    idx, val = data[-1]
+    M_prev, mu_prev = st.second_moment(dtype=F64), st.mean().to(F64)
+    v = val.clone().requires_grad_(True)
+    loss, _ = correlation_penalty(st, idx, v)
+    loss.backward()
+    # The literal derivative: S = (1 - beta) M + beta (Q + eps I) - mu~ mu~^T, autograd through z.
+    z = topk_to_dense(idx, val, d).requires_grad_(True)
+    Q, m = z.T @ z / z.shape[0], z.mean(0)
+    mu_t = (1 - beta) * mu_prev + beta * m
+    S = (1 - beta) * M_prev + beta * (Q + eps * torch.eye(d, dtype=F64)) - torch.outer(mu_t, mu_t)
+    i, j = torch.nonzero(torch.triu(Q.detach() != 0, diagonal=1), as_tuple=True)
+    D = torch.diagonal(S)
+    literal = (S[i, j] ** 2 / (D[i] * D[j])).mean()
+    literal.backward()
+    assert_rel(loss, literal, 1e-12, "L_corr")
+    g_lit = z.grad.gather(1, idx) / beta
+    assert g_lit.abs().max() > 0
+    assert (v.grad - g_lit).abs().max() <= 1e-10 * g_lit.abs().max()
+
+
 
 def test_penalty_casts_inputs_and_keeps_grad():
     st = LatentStatistics(32, 0.1, 1e-6, dtype=F64)

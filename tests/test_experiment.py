@@ -10,7 +10,7 @@ from actcache.errors import ActcacheError
 from synthetic import sparse_data, write_store
 from trainer import artifacts as A
 from trainer.cli import app
-from trainer.report.experiment import PARAMS, REPORT, RUNS, VARIANTS, run_experiment
+from trainer.report.experiment import DEFAULT_VARIANTS, PARAMS, REPORT, RUNS, run_experiment
 
 runner = CliRunner()
 SMALL = dict(n_tokens=64 * 4, batch_size=64, d_sae=32, k_start=8, k_end=3, lr=3e-3, dead_after_tokens=200,
@@ -27,7 +27,7 @@ def test_experiment_trains_every_variant_and_seed_then_skips_them(store, tmp_pat
     said: list[str] = []
     report = run_experiment(store, tmp_path, seeds=2, echo=said.append, **SMALL)
     assert report == tmp_path / REPORT / "report.md"
-    names = [f"{v}-s{s}" for v in VARIANTS for s in range(2)]
+    names = [f"{v}-s{s}" for v in DEFAULT_VARIANTS for s in range(2)]
     assert sorted(p.name for p in (tmp_path / RUNS).iterdir()) == sorted(names)
     for n in names:
         d = A.run_paths(tmp_path / RUNS / n)

@@ -10,7 +10,7 @@ from rich.table import Table as RichTable
 
 from actcache.cli_support import console, fail
 from actcache.errors import ActcacheError
-from trainer.report.experiment import VARIANTS
+from trainer.report.experiment import DEFAULT_VARIANTS, VARIANTS
 
 
 def _print_tables(tables) -> None:
@@ -49,7 +49,7 @@ def experiment(
     store: Annotated[str, typer.Option(help="Activation store written by actcache extract.")],
     out: Annotated[Path, typer.Option(help="Experiment directory: runs/<variant>-s<seed>/ and report/.")],
     seeds: Annotated[int, typer.Option(help="Seeds per variant (0..N-1).")] = 1,
-    variants: Annotated[str, typer.Option(help=f"Comma-separated subset of: {', '.join(VARIANTS)}.")] = ",".join(VARIANTS),
+    variants: Annotated[str, typer.Option(help=f"Comma-separated subset of: {', '.join(VARIANTS)}.")] = ",".join(DEFAULT_VARIANTS),
     hook: Annotated[str, typer.Option(help="Hook to train on; default: the store's only hook.")] = "",
     n_tokens: Annotated[int, typer.Option(help="Training tokens per run; 0 = one pass over the train split.")] = 0,
     epochs: Annotated[int, typer.Option(help="Passes over the train split allowed.")] = 1,
@@ -58,7 +58,7 @@ def experiment(
     lr: Annotated[float, typer.Option(help="Peak learning rate (every variant).")] = 3e-4,
     k_start: Annotated[int, typer.Option(help="dyncorr: k at the start of the cosine schedule.")] = 128,
     k_end: Annotated[int, typer.Option(help="dyncorr: final k; topk uses k = k_end.")] = 32,
-    lambda_max: Annotated[float, typer.Option(help="dyncorr: final correlation-penalty weight.")] = 0.1,
+    lambda_max: Annotated[float, typer.Option(help="dyncorr: final correlation-penalty weight.")] = 1.0,
     sparsity_penalty: Annotated[float, typer.Option(help="baseline: L1 coefficient (the seed's run 0: 0.04).")] = 0.04,
     dead_after_tokens: Annotated[int, typer.Option(help="Tokens without firing before a latent counts as dead.")] = 1_000_000,
     normalize: Annotated[str, typer.Option(help="none or expected_average_only_in.")] = "expected_average_only_in",
@@ -90,3 +90,36 @@ def experiment(
     except Interrupted:
         fail("interrupted: a checkpoint was written; run the same command again to continue", 130)
     typer.echo(f"report: {report}")
+
+
+def study(
+    out: Annotated[Path, typer.Option(help="Study directory: store.zarr, runs/, report/, stress/, study.md.")] = Path("study-out"),
+    scale: Annotated[str, typer.Option(help="full (>= 2M tokens, d_sae 8 x d_in, 3 seeds; hours on 2 CPU cores) or small (minutes).")] = "full",
+    model: Annotated[str, typer.Option(help="Model to extract from (embedded name, local dir or hub id, e.g. google/gemma-2-2b).")] = "embedded:smollm2-135m",
+    hook: Annotated[str, typer.Option(help="Hook; default: the middle layer's blocks.N.hook_resid_post.")] = "",
+    dataset: Annotated[str, typer.Option(help="Corpus for actcache extract; default: docstrings of the installed packages, written to OUT/corpus.jsonl.")] = "packages-docstrings",
+    seeds: Annotated[int, typer.Option(help="Seeds of the main variants; 0 = the scale's (3).")] = 0,
+    stress: Annotated[bool, typer.Option(help="Also run the eps 1e-6 vs eps 0 stress regimes (OUT/stress/).")] = True,
+    probe_file: Annotated[str, typer.Option(help="sae eval: labelled texts for sparse probing; empty = none.")] = "embedded:stdlib-packages",
+    splice: Annotated[bool, typer.Option(help="sae eval: CE loss and KL with the SAE spliced into the model.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (extraction and training).")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """The stability study: extract a store at a middle layer, then train, evaluate and compare baseline, TopK,
+    TopK with the cosine k schedule, dyncorr (eps 1e-6 and 0) over seeds and a lambda_max sweep (docs/results.md).
+
+    Re-running it keeps the store and the finished runs and resumes the rest."""
+    from trainer.report.study import StudyConfig, preset, run_study
+    from trainer.train import Interrupted
+
+    try:
+        cfg = StudyConfig(out=out, model=model, hook=hook, dataset=dataset, device=device, stress=stress,
+                          probe_file=probe_file, splice=splice, scale=preset(scale, seeds=seeds or None))
+        path = run_study(cfg, echo=lambda m: console.print(m, highlight=False),
+                         progress=None if quiet else _progress_factory(), on_comparison=lambda c: _print_tables(c.tables))
+    except ActcacheError as e:
+        fail(str(e))
+    except Interrupted:
+        fail("interrupted: a checkpoint was written; run the same command again to continue", 130)
+    typer.echo(path.read_text())
+    typer.echo(f"summary: {path}")

@@ -28,28 +28,38 @@ log = logging.getLogger(__name__)
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"arch": "baseline"},  # ReLU + L1 with the seed's run-0 sparsity penalty
     "topk": {"arch": "topk"},  # k = the dyncorr schedule's final k_end
+    # dyncorr without its penalty: TopK with the cosine k(t) schedule, to separate the two effects
+    "topk-cosine": {"arch": "dyncorr", "eps": 1e-6, "lambda_max": 0.0},
     "dyncorr": {"arch": "dyncorr", "eps": 1e-6},
     "dyncorr-eps0": {"arch": "dyncorr", "eps": 0.0},  # the unstabilised ablation
 }
+DEFAULT_VARIANTS = ("baseline", "topk", "dyncorr", "dyncorr-eps0")
 RUNS, REPORT, PARAMS = "runs", "report", "experiment.json"
 
 ProgressFactory = Callable[[str, int, int], Any]  # (run name, index, total) -> trainer Progress or None
 
 
-def plan(store: str, out: Path, *, seeds: int, variants: tuple[str, ...], shared: dict[str, Any]) -> dict[str, RunConfig]:
-    """Run name -> its config, in training order (variant-major)."""
-    unknown = [v for v in variants if v not in VARIANTS]
+def plan(store: str, out: Path, *, seeds: int, variants: tuple[str, ...], shared: dict[str, Any],
+         definitions: dict[str, dict[str, Any]] | None = None,
+         seeds_of: dict[str, int] | None = None) -> dict[str, RunConfig]:
+    """Run name -> its config, in training order (variant-major).
+
+    ``definitions``: variant name -> its flat fields (default :data:`VARIANTS`); ``seeds_of``:
+    seeds of some variants other than ``seeds`` (the study's one-seed lambda sweep)."""
+    defs = VARIANTS if definitions is None else definitions
+    unknown = [v for v in variants if v not in defs]
     if unknown:
-        raise ActcacheError(f"unknown variant(s) {', '.join(unknown)}: use some of {', '.join(VARIANTS)}")
-    if seeds < 1:
-        raise ActcacheError(f"--seeds {seeds} must be >= 1")
+        raise ActcacheError(f"unknown variant(s) {', '.join(unknown)}: use some of {', '.join(defs)}")
+    counts = {v: (seeds_of or {}).get(v, seeds) for v in variants}
+    if min(counts.values(), default=1) < 1:
+        raise ActcacheError(f"--seeds {min(counts.values())} must be >= 1")
     cfgs = {}
     for v in variants:
-        for s in range(seeds):
+        for s in range(counts[v]):
             name = f"{v}-s{s}"
-            flat = {**shared, "store": str(store), "out": str(out / RUNS / name), "seed": s, **VARIANTS[v]}
-            if v == "topk":
-                flat["k"] = shared.get("k_end", flat.get("k", 32))
+            flat = {**shared, "store": str(store), "out": str(out / RUNS / name), "seed": s, **defs[v]}
+            if flat.get("arch") == "topk" and "k" not in defs[v]:
+                flat["k"] = flat.get("k_end", 32)  # a fair L0: dyncorr's final k
             cfgs[name] = RunConfig.from_flat(flat)
     return cfgs
 
@@ -73,30 +83,34 @@ def _state(cfg: RunConfig, hooks: list[str], d_model: int) -> str:
     return "done" if paths.summary.exists() else "resume"
 
 
-def run_experiment(store: str | Path, out: str | Path, *, seeds: int = 1, variants: tuple[str, ...] = tuple(VARIANTS),
+def run_experiment(store: str | Path, out: str | Path, *, seeds: int = 1, variants: tuple[str, ...] = DEFAULT_VARIANTS,
                    n_tokens: int = 0, epochs: int = 1, d_sae: int = 0, batch_size: int = 4096, lr: float = 3e-4,
-                   k_start: int = 128, k_end: int = 32, lambda_max: float = 0.1, sparsity_penalty: float = 0.04,
+                   k_start: int = 128, k_end: int = 32, lambda_max: float = 1.0, sparsity_penalty: float = 0.04,
                    normalize: str = "expected_average_only_in", dead_after_tokens: int = 1_000_000, hook: str = "",
                    device: str = "auto", evaluate: bool = True, eval_options: dict[str, Any] | None = None,
                    train_overrides: dict[str, Any] | None = None, progress: ProgressFactory | None = None,
                    echo: Callable[[str], None] = log.info,
-                   on_comparison: Callable[[Comparison], None] | None = None) -> Path:
+                   on_comparison: Callable[[Comparison], None] | None = None,
+                   definitions: dict[str, dict[str, Any]] | None = None,
+                   seeds_of: dict[str, int] | None = None) -> Path:
     """Train every variant x seed on ``store`` (skipping finished runs), evaluate, compare.
 
     ``train_overrides``: further flat ``sae train`` fields for every run (e.g. ``log_every``).
     ``eval_options``: keyword arguments of :func:`trainer.evaluation.evaluate_run` (``splice``,
     ``n_windows``, ``probe_file``, ...); a run that already has ``eval.json`` is not evaluated again.
+    ``definitions`` / ``seeds_of``: other variants, and per-variant seed counts (see :func:`plan`).
     Returns the path of ``report.md``."""
     out = Path(out).expanduser()
     st = open_store(store)  # refuses a missing or incomplete store before anything is written
     shared = dict(hook=hook, n_tokens=n_tokens, epochs=epochs, d_sae=d_sae, batch_size=batch_size, lr=lr,
                   k_start=k_start, k_end=k_end, lambda_max=lambda_max, sparsity_penalty=sparsity_penalty,
                   normalize=normalize, dead_after_tokens=dead_after_tokens, device=device, **(train_overrides or {}))
-    cfgs = plan(str(store), out, seeds=seeds, variants=variants, shared=shared)
+    defs = VARIANTS if definitions is None else definitions
+    cfgs = plan(str(store), out, seeds=seeds, variants=variants, shared=shared, definitions=defs, seeds_of=seeds_of)
     states = {name: _state(cfg, st.hooks, st.d_model) for name, cfg in cfgs.items()}  # all checked before training
     (out / RUNS).mkdir(parents=True, exist_ok=True)
-    params = {"store": str(store), "seeds": seeds, "variants": list(variants), "shared": shared,
-              "variant_fields": {v: VARIANTS[v] for v in variants}}
+    params = {"store": str(store), "seeds": seeds, "seeds_of": seeds_of or {}, "variants": list(variants),
+              "shared": shared, "variant_fields": {v: defs[v] for v in variants}}
     (out / PARAMS).write_text(json.dumps(params, indent=2))
     diverged: list[str] = []
     for i, (name, cfg) in enumerate(cfgs.items()):

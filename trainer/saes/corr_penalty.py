@@ -69,9 +69,10 @@ class _CorrPenalty(torch.autograd.Function):
 
     With ``P = |P_t|``, per pair ``a_ij = dL/dS_ij = 2 R_ij / (P sqrt(S_ii S_jj))`` and per latent
     ``c_i = dL/dS_ii = -sum_j R_ij^2 / (P S_ii)``; ``g_mu = dL/dmu~`` collects ``-a_ij mu~_j``
-    and ``-2 c_i mu~_i``. Then for entry ``(b, p)`` of latent ``l`` with value ``v``::
+    and ``-2 c_i mu~_i``. The batch's moments enter ``S`` with gradient weight 1, not beta (the
+    batch-gradient convention), so for entry ``(b, p)`` of latent ``l`` with value ``v``::
 
-        dL/dv = (beta / B) (g_mu_l + 2 c_l v + sum_q a_{l, idx[b, q]} v_q)
+        dL/dv = (1 / B) (g_mu_l + 2 c_l v + sum_q a_{l, idx[b, q]} v_q)
 
     the last sum being a (k x k) @ (k) product per row. Pairs with ``Q_t[i, j] = 0`` (a zero
     value) are masked, not dropped: they keep their slot in the unique array but weigh 0.
@@ -112,7 +113,7 @@ class _CorrPenalty(torch.autograd.Function):
         R = s_ij.mul_(rr)
         P = n_pairs.clamp(min=1).to(v.dtype)  # no pair: every R is 0, loss 0, gradient 0
         loss = torch.dot(R, R) / P
-        ctx.beta, ctx.d = beta, d
+        ctx.d = d
         ctx.save_for_backward(v, idx, perm, vs, inv, pos, i, j, mu_t, s_diag, R, rr, P)
         ctx.mark_non_differentiable(*(diag := _diagnostics(loss, R, P, n_pairs, s, vs, s_diag)))
         return (loss, *diag)
@@ -120,7 +121,7 @@ class _CorrPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         v, idx, perm, vs, inv, pos, i, j, mu_t, s_diag, R, rr, P = ctx.saved_tensors
-        beta, d = ctx.beta, ctx.d
+        d = ctx.d
         B, k = idx.shape
         go = grad_loss / P
         U, dev = R.numel(), R.device
@@ -144,7 +145,7 @@ class _CorrPenalty(torch.autograd.Function):
         g = v.new_zeros(B, k).scatter_(1, perm, g_sorted)
         flat_idx = idx.reshape(-1)
         g += g_mu.index_select(0, flat_idx).view(B, k) + 2.0 * c.index_select(0, flat_idx).view(B, k) * v
-        return g * (beta / B), None, None, None
+        return g / B, None, None, None  # no factor beta: the batch-gradient convention (docs/sae-math.md)
 
 
 class _FusedCorrPenalty(torch.autograd.Function):
@@ -166,7 +167,7 @@ class _FusedCorrPenalty(torch.autograd.Function):
         n_pairs = torch.tensor(kept)
         P = n_pairs.clamp(min=1).to(v.dtype)
         loss = torch.tensor(sums[0], dtype=v.dtype) / P
-        ctx.beta, ctx.d, ctx.pairs = beta, d, pairs
+        ctx.pairs = pairs
         ctx.save_for_backward(v, idx, perm, keys, R, rr, mu_t, s_diag, P)
         min_var = _min_var(s, vs, s_diag)
         diag = (n_pairs, torch.tensor(sums[1], dtype=v.dtype) / P, torch.tensor(sums[2], dtype=v.dtype), min_var,
@@ -177,7 +178,7 @@ class _FusedCorrPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         v, idx, perm, keys, R, rr, mu_t, s_diag, P = ctx.saved_tensors
-        beta, d, pairs = ctx.beta, ctx.d, ctx.pairs
+        pairs = ctx.pairs
         if pairs is None:
             raise RuntimeError("the correlation penalty's backward ran twice (retain_graph): not supported on CPU")
         go = grad_loss / P
@@ -189,7 +190,7 @@ class _FusedCorrPenalty(torch.autograd.Function):
         g = v.new_zeros(idx.shape).scatter_(1, perm, g_sorted.view(idx.shape))
         flat_idx = idx.reshape(-1)
         g += g_mu.index_select(0, flat_idx).view_as(g) + 2.0 * c.index_select(0, flat_idx).view_as(g) * v
-        return g * (beta / idx.shape[0]), None, None, None
+        return g / idx.shape[0], None, None, None  # no factor beta (docs/sae-math.md)
 
 
 def _latent_terms(stats: LatentStatistics, idx: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -251,16 +252,24 @@ def _no_pairs(dt: torch.dtype, dev: torch.device) -> dict[str, Tensor]:
 def dense_correlation_penalty(M_prev: Tensor, mu_prev: Tensor, z: Tensor, beta: float, eps: float) -> Tensor:
     """Reference ``L_corr`` on dense ``z`` (autograd through ``z`` only): the mean of ``R_ij^2``
     over the unordered pairs ``i < j`` with ``Q_t[i, j] != 0``; 0 when there is none. For tests
-    and benchmarks (run it in float64)."""
+    and benchmarks (run it in float64).
+
+    The batch-gradient convention written literally: ``m_t`` and ``Q_t`` keep their EMA weight
+    ``beta`` in the value and enter with weight 1 in the gradient (``beta x + (x - sg(x))``)."""
     B, d = z.shape
     Q = z.T @ z / B
     m = z.mean(0)
-    mu_t = (1.0 - beta) * mu_prev.detach() + beta * m
+    mu_t = (1.0 - beta) * mu_prev.detach() + _batch_grad(m, beta)
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
-    S = (1.0 - beta) * M_prev.detach() + beta * (Q + eps * eye) - torch.outer(mu_t, mu_t)
+    S = (1.0 - beta) * M_prev.detach() + _batch_grad(Q, beta) + beta * eps * eye - torch.outer(mu_t, mu_t)
     i, j = torch.nonzero(torch.triu(Q.detach() != 0, diagonal=1), as_tuple=True)
     if i.numel() == 0:
         return (z * 0).sum()
     D = torch.diagonal(S)
     R = S[i, j] / (D[i].sqrt() * D[j].sqrt())
     return (R * R).mean()
+
+
+def _batch_grad(x: Tensor, beta: float) -> Tensor:
+    """Value ``beta x``, gradient that of ``x``."""
+    return beta * x.detach() + (x - x.detach())

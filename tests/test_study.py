@@ -1,0 +1,123 @@
+"""sae study: the small preset end to end on the tiny Gemma-2 (extract, train, eval, compare, stress),
+then a re-run that redoes nothing; the variant plan; the corpus; one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from actcache.errors import ActcacheError
+from actcache.store import open_store
+from trainer import artifacts as A
+from trainer.cli import app
+from trainer.report.experiment import RUNS
+from trainer.report.study import (CORPUS, SCALES, STORE, STRESS, SUMMARY, StudyConfig, build_corpus, main_variants,
+                                  middle_hook, preset, run_study, stress_variants)
+
+TINY = "embedded:tiny-gemma2"
+runner = CliRunner()
+
+
+def test_presets_measure_what_the_issue_asks():
+    full = SCALES["full"]
+    assert full.n_tokens >= 2_000_000 and full.d_sae_mult >= 8 and full.seeds >= 3
+    for scale in SCALES.values():
+        defs, seeds = main_variants(scale)
+        lams = sorted(f["lambda_max"] for f in defs.values() if f["arch"] == "dyncorr" and f.get("lambda_max"))
+        assert len(lams) >= 4 and lams[-1] / lams[0] >= 100  # a curve over orders of magnitude
+        assert {"baseline", "topk", "topk-cosine", "dyncorr", "dyncorr-eps0"} <= set(defs)
+        assert defs["topk-cosine"]["lambda_max"] == 0.0 and defs["dyncorr-eps0"]["eps"] == 0.0
+        assert all(seeds[v] == scale.seeds for v in ("baseline", "topk", "topk-cosine", "dyncorr", "dyncorr-eps0"))
+        stress = stress_variants(scale, d_in=64)
+        regimes = {n.rsplit("-eps", 1)[0] for n in stress}
+        assert {"beta1", "batch32", "lr10x", "dying", "cov64"} <= regimes
+        for r in regimes:  # every regime as an eps pair, nothing else differing
+            a, b = stress[f"{r}-eps1e-6"], stress[f"{r}-eps0"]
+            assert a["eps"] == 1e-6 and b["eps"] == 0.0 and {k: v for k, v in a.items() if k != "eps"} == \
+                {k: v for k, v in b.items() if k != "eps"}
+        assert stress["dying-eps0"]["d_sae"] >= 16 * 64 and stress["batch32-eps0"]["batch_size"] <= 64
+        assert stress["beta1-eps0"]["beta"] == 1.0 and stress["cov64-eps0"]["cov_dtype"] == "float64"
+
+
+def test_middle_hook():
+    assert middle_hook("embedded:smollm2-135m") == "blocks.15.hook_resid_post"
+    assert middle_hook("google/gemma-2-2b") == "blocks.13.hook_resid_post"
+    with pytest.raises(ActcacheError, match="--hook"):
+        middle_hook("/nonexistent/model")
+
+
+def test_corpus_is_capped_written_once_and_atomic(tmp_path):
+    docs = lambda: iter(["a" * 40, "b" * 40, "c" * 40])  # noqa: E731
+    p = build_corpus(tmp_path / "c.jsonl", 60, docs)
+    assert [json.loads(line)["text"][0] for line in p.read_text().splitlines()] == ["a", "b"]
+    assert not list(tmp_path.glob("*.tmp"))
+    build_corpus(p, 1000, lambda: iter(["z" * 40]))  # kept: a resumed study extracts the same text
+    assert len(p.read_text().splitlines()) == 2
+
+
+def test_small_study_end_to_end_then_rerun_skips_everything(tmp_path):
+    scale = SCALES["small"]  # ~20 s on 2 quiet cores
+    # No splice: loading the model for every evaluation would dominate a CI-sized study.
+    cfg = StudyConfig(out=tmp_path, model=TINY, dataset="embedded:stdlib-docstrings", scale=scale, device="cpu",
+                      stress=True, probe_file="", splice=False)
+    said: list[str] = []
+    summary = run_study(cfg, echo=said.append)
+    st = open_store(tmp_path / STORE)
+    assert st.hooks == ["blocks.2.hook_resid_post"] and st.n_rows >= scale.n_tokens - scale.context_size
+    defs, seeds = main_variants(scale)
+    names = [f"{v}-s{i}" for v in defs for i in range(seeds[v])]
+    assert sorted(p.name for p in (tmp_path / RUNS).iterdir()) == sorted(names)
+    final_k = set()
+    for n in names:
+        paths = A.run_paths(tmp_path / RUNS / n)
+        c = json.loads(paths.config.read_text())
+        assert c["d_sae"] == 8 * st.d_model and c["store"] == str(tmp_path / STORE)
+        ev = json.loads(paths.eval.read_text())["eval_result_metrics"]
+        ev_ = ev["reconstruction_quality"]["explained_variance"]
+        assert math.isfinite(ev_) and ev_ <= 1 and (ev_ > 0 or c["arch"] == "baseline")  # the L1 baseline is not sparse-trained here
+        assert 0 <= ev["decorrelation"]["mean_sq_corr_coactive"] <= 1  # measured for every arch
+        if c["arch"] != "baseline":
+            final_k.add(c["k"] if c["arch"] == "topk" else c["k_end"])
+    assert final_k == {scale.k_end}  # the same final L0 everywhere
+    stress = sorted(p.name for p in (tmp_path / STRESS / RUNS).iterdir())
+    assert len(stress) == len(stress_variants(scale, st.d_model)) and all(n.endswith("-s0") for n in stress)
+    for n in stress:  # trained to the end: every regime finishes (or reports) without an exception
+        assert (tmp_path / STRESS / RUNS / n / "summary.json").exists()
+    md = summary.read_text()
+    assert summary == tmp_path / SUMMARY
+    for v in list(defs) + ["beta1-eps0", "dying-eps1e-6"]:
+        assert f"| {v} | " in md
+    row = next(line for line in md.splitlines() if line.startswith("| topk | ")).split("|")
+    evs = [json.loads(A.run_paths(tmp_path / RUNS / f"topk-s{i}").eval.read_text())["eval_result_metrics"]
+           ["reconstruction_quality"]["explained_variance"] for i in range(scale.seeds)]
+    mean, std = (float(x) for x in row[3].split("±"))  # mean ± sample std over the seeds
+    assert row[2].strip() == str(scale.seeds) and mean == pytest.approx(sum(evs) / len(evs), abs=1e-4)
+    assert std == pytest.approx(float(np.std(evs, ddof=1)), abs=1e-4)
+
+    # Re-run: the store is kept, no run is trained or evaluated again.
+    mtimes = {n: (tmp_path / RUNS / n / A.WEIGHTS).stat().st_mtime_ns for n in names}
+    said.clear()
+    run_study(cfg, echo=said.append)
+    assert any("complete, kept" in m for m in said)
+    assert not any(m.startswith("eval") for m in said)
+    assert sum("skipped" in m for m in said) == len(names) + len(stress)
+    assert mtimes == {n: (tmp_path / RUNS / n / A.WEIGHTS).stat().st_mtime_ns for n in names}
+    assert not (tmp_path / CORPUS).exists()  # an explicit dataset: no corpus is built
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    res = runner.invoke(app, ["study", "--out", str(tmp_path / "s"), "--scale", "huge"])
+    assert res.exit_code == 2 and "--scale 'huge'" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["study", "--out", str(tmp_path / "s"), "--model", "/nonexistent/m", "--scale", "small"])
+    assert res.exit_code == 2 and "--hook" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "s").exists()  # nothing written before the inputs are checked
+
+
+def test_preset_overrides():
+    assert preset("small", seeds=5).seeds == 5 and preset("small", seeds=None).seeds == SCALES["small"].seeds
+    assert not math.isnan(preset("full").lr)

@@ -1,0 +1,292 @@
+"""``sae study``: the stability study of issue 11 as one resumable command.
+
+It extracts a store from a real model at a middle layer (skipped when the store is already
+complete, resumed when it is not), then runs ``sae experiment`` twice on it:
+
+* the **main study** (``OUT/``): baseline, TopK at constant k, TopK with dyncorr's cosine k
+  schedule (``topk-cosine``: dyncorr with lambda 0), dyncorr (eps 1e-6) and dyncorr (eps 0), each
+  over ``seeds`` seeds, plus dyncorr over a lambda_max sweep spanning orders of magnitude
+  (``sweep_seeds`` seeds each), all at the same tokens, d_sae and final k;
+* with ``stress``, the **stress regimes** (``OUT/stress/``): eps 1e-6 vs eps 0 where the damping
+  should matter (beta 1, a tiny batch, a high learning rate, a long run at d_sae 16 x d_in with
+  AuxK off so latents die, the covariance in float64 next to the default float32).
+
+Every run is an ordinary run directory, so re-running the study skips finished runs and resumes
+unfinished ones. ``OUT/study.md`` summarises every variant as mean +- std over its seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from actcache.errors import ActcacheError
+from trainer.report.experiment import REPORT, RUNS, VARIANTS, ProgressFactory, run_experiment
+
+STRESS = "stress"
+STORE = "store.zarr"
+CORPUS = "corpus.jsonl"
+SUMMARY = "study.md"
+PACKAGES_CORPUS = "packages-docstrings"  # the study's own corpus: docstrings of the installed packages
+
+# Middle residual layer of the models the study knows (num_hidden_layers // 2); others are read
+# from their transformers config.
+_LAYERS = {"embedded:tiny-gemma2": 4, "embedded:smollm2-135m": 30, "embedded:gemma3-270m": 18,
+           "google/gemma-2-2b": 26}
+
+
+@dataclass(frozen=True)
+class StudyScale:
+    """How big the study is: the store, the SAEs and the seeds."""
+
+    n_tokens: int  # extracted (train + held out)
+    context_size: int
+    d_sae_mult: int  # d_sae = d_sae_mult x d_in
+    batch_size: int
+    lr: float
+    k_start: int
+    k_end: int  # the final k of every variant (TopK's constant k)
+    lambda_max: float  # the main dyncorr variants'
+    lambda_sweep: tuple[float, ...]
+    seeds: int
+    sweep_seeds: int
+    dead_after_tokens: int
+    eval_windows: int
+    stress_tokens: int  # training tokens of a stress run (the dying regime: 4x)
+    extract_batch: int
+    log_every: int
+    chunk_rows: int = 4096  # store chunk; one chunk is held out
+
+
+SCALES: dict[str, StudyScale] = {
+    # >= 2M tokens, d_sae 8 x d_in, 3 seeds, lambda over 2.5 orders of magnitude (docs/results.md).
+    "full": StudyScale(n_tokens=2_097_152, context_size=128, d_sae_mult=8, batch_size=2048, lr=1e-3, k_start=64,
+                       k_end=16, lambda_max=1.0, lambda_sweep=(0.03, 0.1, 0.3, 3.0, 10.0), seeds=3, sweep_seeds=1,
+                       dead_after_tokens=100_000, eval_windows=64, stress_tokens=262_144, extract_batch=16,
+                       log_every=10),
+    # Minutes on 2 cores with a real model; seconds with embedded:tiny-gemma2 (the CI smoke test).
+    "small": StudyScale(n_tokens=4096, context_size=64, d_sae_mult=8, batch_size=256, lr=3e-3, k_start=16,
+                        k_end=4, lambda_max=1.0, lambda_sweep=(0.01, 0.1, 3.0, 10.0), seeds=3, sweep_seeds=1,
+                        dead_after_tokens=1024, eval_windows=2, stress_tokens=1024, extract_batch=16, log_every=4,
+                        chunk_rows=1024),
+}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    out: Path
+    model: str = "embedded:smollm2-135m"
+    hook: str = ""  # default: the middle layer's resid_post
+    dataset: str = PACKAGES_CORPUS
+    scale: StudyScale = SCALES["full"]
+    device: str = "auto"
+    extract_dtype: str = "bfloat16"
+    stress: bool = False
+    probe_file: str = "embedded:stdlib-packages"
+    splice: bool = True
+
+
+def middle_hook(model: str) -> str:
+    """``blocks.{L // 2}.hook_resid_post`` for a model with L layers."""
+    layers = _LAYERS.get(model)
+    if layers is None:
+        try:
+            from transformers import AutoConfig
+
+            layers = int(AutoConfig.from_pretrained(model).num_hidden_layers)
+        except (OSError, ValueError, AttributeError) as e:
+            raise ActcacheError(f"cannot read the layer count of {model} ({e}): pass --hook blocks.N.hook_resid_post") from None
+    return f"blocks.{layers // 2}.hook_resid_post"
+
+
+def _package_docstrings() -> Iterator[str]:
+    """Docstrings of every installed package (site-packages), in a fixed order: ~10x the text of
+    the standard library's, enough for millions of tokens offline."""
+    import sysconfig
+
+    from actcache.corpus import iter_docstrings_under
+
+    yield from iter_docstrings_under(Path(sysconfig.get_paths()["purelib"]))
+
+
+def build_corpus(path: Path, max_chars: int, docs: Callable[[], Iterator[str]] = _package_docstrings) -> Path:
+    """Write at most ``max_chars`` of ``docs()`` as ``.jsonl`` (``text`` field), atomically; kept
+    when it exists (a resumed study extracts from the same corpus)."""
+    if path.exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for d in docs():
+            f.write(json.dumps({"text": d}) + "\n")
+            n += len(d)
+            if n >= max_chars:
+                break
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_store(cfg: StudyConfig, hook: str, echo: Callable[[str], None]) -> Path:
+    """The study's store: kept when complete, resumed when interrupted, else extracted."""
+    from actcache.config import ExtractConfig
+    from actcache.extract import extract
+    from actcache.store import open_store
+
+    path = cfg.out / STORE
+    dataset = cfg.dataset
+    if dataset == PACKAGES_CORPUS:
+        # ~4 characters per token in English-heavy text; 2x margin so the corpus never runs short.
+        dataset = str(build_corpus(cfg.out / CORPUS, 8 * cfg.scale.n_tokens))
+    xc = ExtractConfig(model=cfg.model, hooks=(hook,), out=str(path), dataset=dataset, context_size=cfg.scale.context_size,
+                       n_tokens=cfg.scale.n_tokens, batch_size=cfg.scale.extract_batch, dtype=cfg.extract_dtype,
+                       device=cfg.device, chunk_rows=cfg.scale.chunk_rows)
+    if path.exists():
+        try:
+            open_store(path)
+            echo(f"store {path}: complete, kept")
+            return path
+        except ActcacheError:
+            echo(f"store {path}: resuming the extraction")
+            extract(xc, resume=True)
+            return path
+    echo(f"extracting {cfg.scale.n_tokens:,} tokens of {cfg.model} at {hook} into {path}")
+    extract(xc)
+    return path
+
+
+def main_variants(scale: StudyScale) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """The main study's variants and their seed counts."""
+    defs = {v: dict(VARIANTS[v]) for v in ("baseline", "topk", "topk-cosine", "dyncorr", "dyncorr-eps0")}
+    seeds = {v: scale.seeds for v in defs}
+    for lam in scale.lambda_sweep:
+        name = f"dyncorr-lam{lam:g}"
+        defs[name] = {"arch": "dyncorr", "eps": 1e-6, "lambda_max": lam}
+        seeds[name] = scale.sweep_seeds
+    return defs, seeds
+
+
+def stress_variants(scale: StudyScale, d_in: int) -> dict[str, dict[str, Any]]:
+    """eps 1e-6 vs eps 0 in each regime built to break the undamped covariance (docs/sae-math.md)."""
+    t = scale.stress_tokens
+    regimes: dict[str, dict[str, Any]] = {
+        "default": {},  # the scale's settings, float32 covariance: the reference pair
+        "cov64": {"cov_dtype": "float64"},
+        "beta1": {"beta": 1.0},  # Sigma is the batch's covariance: no history smooths it
+        "batch32": {"batch_size": 32},  # rare latents fire once per batch: S_ii ~ beta v^2 / B
+        "lr10x": {"lr": 10 * scale.lr},
+        # Long, wide, and AuxK off: many latents die and stay dead (rows of Sigma = eps e_i).
+        "dying": {"d_sae": 16 * d_in, "aux_coef": 0.0, "n_tokens": 4 * t, "epochs": 1_000},
+    }
+    out = {}
+    for name, fields in regimes.items():
+        for tag, eps in (("eps1e-6", 1e-6), ("eps0", 0.0)):
+            out[f"{name}-{tag}"] = {"arch": "dyncorr", "eps": eps, "n_tokens": t, **fields}
+    return out
+
+
+def _shared(scale: StudyScale, d_in: int) -> dict[str, Any]:
+    return dict(d_sae=scale.d_sae_mult * d_in, batch_size=scale.batch_size, lr=scale.lr, k_start=scale.k_start,
+                k_end=scale.k_end, lambda_max=scale.lambda_max, dead_after_tokens=scale.dead_after_tokens)
+
+
+def run_study(cfg: StudyConfig, *, echo: Callable[[str], None], progress: ProgressFactory | None = None,
+              on_comparison: Callable[[Any], None] | None = None) -> Path:
+    """Extract (or reuse) the store, train + evaluate + compare every variant, then the stress
+    regimes; returns the path of ``study.md``."""
+    from actcache.store import open_store
+
+    hook = cfg.hook or middle_hook(cfg.model)  # before anything is written: a bad model is a one-line error
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "study.json").write_text(json.dumps({**asdict(cfg), "out": str(cfg.out)}, indent=2, default=str))
+    store = ensure_store(cfg, hook, echo)
+    d_in = open_store(store).d_model
+    s = cfg.scale
+    # Epochs are generous: n_tokens 0 means one pass over the train split, the budget is that pass.
+    common = dict(hook=hook, device=cfg.device, echo=echo, progress=progress, on_comparison=on_comparison,
+                  train_overrides={"log_every": s.log_every},
+                  eval_options={"splice": cfg.splice, "n_windows": s.eval_windows, "probe_file": cfg.probe_file or None})
+    defs, seeds = main_variants(s)
+    run_experiment(store, cfg.out, seeds=s.seeds, variants=tuple(defs), definitions=defs, seeds_of=seeds,
+                   **_shared(s, d_in), **common)
+    dirs = [cfg.out / RUNS / f"{v}-s{i}" for v in defs for i in range(seeds[v])]
+    groups = {"main study": (cfg.out, dirs)}
+    if cfg.stress:
+        sdefs = stress_variants(s, d_in)
+        # No splice or probing: the stress table is about the training dynamics.
+        run_experiment(store, cfg.out / STRESS, seeds=1, variants=tuple(sdefs), definitions=sdefs,
+                       **_shared(s, d_in), **{**common, "eval_options": {"splice": False}})
+        groups["stress regimes"] = (cfg.out / STRESS, [cfg.out / STRESS / RUNS / f"{v}-s0" for v in sdefs])
+    path = cfg.out / SUMMARY
+    text = [f"# Study: {cfg.model} {hook}, {s.n_tokens:,} tokens, d_sae {s.d_sae_mult} x {d_in}\n"]
+    for title, (root, run_dirs) in groups.items():
+        text.append(f"## {title} ({root / REPORT / 'report.md'})\n")
+        text.append(summary_table(run_dirs))
+    path.write_text("\n".join(text))
+    return path
+
+
+# -- the summary: mean +- std over seeds per variant ------------------------------------------
+_COLS = [("explained_variance", "EV", ".4f"), ("mse", "MSE", ".4g"), ("l0", "L0", ".1f"),
+         ("dead_fraction", "dead", ".3f"), ("ce_loss_score", "CE score", ".4f"), ("kl_div_with_sae", "KL", ".4g"),
+         ("probe_top1", "probe top-1", ".3f"), ("mean_sq_corr_coactive", "mean R² co-active", ".4g"),
+         ("frac_coactive_abs_corr_gt_0_5", "share abs(R) > 0.5", ".4f"), ("decoder_redundancy", "dec. redundancy", ".4f"),
+         ("nonfinite_events", "NaN/Inf", ".0f"), ("rollbacks", "rollbacks", ".0f"),
+         ("sigma_min_eig_min", "min eig Σ", ".3g"), ("sigma_condition_max", "max cond Σ", ".3g"),
+         ("step_s", "s/step", ".3g")]
+
+
+def run_numbers(run_dir: Path) -> dict[str, float]:
+    """One run's final, decorrelation and stability numbers (NaN where not measured)."""
+    from trainer.report.compare import final_metrics
+    from trainer.report.runs import load_run
+    from trainer.report.stability import stability
+
+    run = load_run(run_dir)
+    out = dict(final_metrics(run))
+    decor = (run.eval or {}).get("eval_result_metrics", {}).get("decorrelation", {})
+    for k in ("mean_sq_corr_coactive", "frac_coactive_abs_corr_gt_0_5", "decoder_redundancy"):
+        out[k] = float(decor[k]) if decor.get(k) is not None else math.nan
+    out.update(stability(run.records, run.counters()))
+    summ = run.summary or {}
+    out["step_s"] = summ["wall_s"] / summ["steps"] if summ.get("steps") else math.nan
+    return out
+
+
+def _variant(run_dir: Path) -> str:
+    return run_dir.name.rsplit("-s", 1)[0]
+
+
+def summary_table(run_dirs: list[Path]) -> str:
+    """Markdown: one row per variant, ``mean +- std`` (sample std) over its finished seeds."""
+    by: dict[str, list[dict[str, float]]] = {}
+    for d in run_dirs:
+        if (d / "summary.json").exists():
+            by.setdefault(_variant(d), []).append(run_numbers(d))
+    head = "| variant | seeds | " + " | ".join(h for _, h, _ in _COLS) + " |"
+    lines = [head, "|" + "---|" * (len(_COLS) + 2)]
+    for v, rows in by.items():
+        cells = []
+        for key, _, spec in _COLS:
+            xs = np.array([r[key] for r in rows], dtype=np.float64)
+            xs = xs[~np.isnan(xs)]
+            if not len(xs):
+                cells.append("")
+            elif len(xs) == 1 or not np.isfinite(xs).all():
+                cells.append(format(float(xs.mean()) if np.isfinite(xs).all() else float(xs.max()), spec))
+            else:
+                cells.append(f"{format(float(xs.mean()), spec)} ± {format(float(xs.std(ddof=1)), spec)}")
+        lines.append(f"| {v} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def preset(name: str, **overrides: Any) -> StudyScale:
+    """A preset by name, with fields replaced (``--seeds``)."""
+    if name not in SCALES:
+        raise ActcacheError(f"--scale {name!r}: use one of {', '.join(SCALES)}")
+    return replace(SCALES[name], **{k: v for k, v in overrides.items() if v is not None})
