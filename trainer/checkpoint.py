@@ -126,13 +126,19 @@ def save_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    if ckpt_dir.exists():
+    swap_dir(tmp, ckpt_dir)
+
+
+def swap_dir(tmp: Path, target: Path) -> None:
+    """Put the finished directory ``tmp`` at ``target`` by renames. A kill mid-swap leaves the
+    previous ``target`` whole in ``target.old`` (``find_checkpoint`` falls back to it)."""
+    old = target.with_name(target.name + ".old")
+    if target.exists():
         if old.exists():
             shutil.rmtree(old)
-        os.replace(ckpt_dir, old)
-    os.replace(tmp, ckpt_dir)
-    _fsync_dir(ckpt_dir.parent)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from actcache.errors import ActcacheError
-from trainer.checkpoint import new_temp_dir
+from trainer.checkpoint import new_temp_dir, swap_dir
 from trainer.features.assets import INDEX_JS, STYLE_CSS
 
 FEATURES_JSON = "features.json"
@@ -134,16 +133,6 @@ def latent_html(lat: dict[str, Any], data: dict[str, Any], pages: set[int]) -> s
     return _page(f"latent {i}", body, "../style.css")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def check_out_dir(out: Path) -> None:
     """A previous site is replaced; anything else that is not empty is refused."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / FEATURES_JSON).exists())):
@@ -167,7 +156,7 @@ def write_site(data: dict[str, Any], out: str | Path) -> Path:
         for lat in data["latents"]:
             if lat["page"]:
                 (tmp / lat["page"]).write_text(latent_html(lat, data, pages))
-        _swap_in(tmp, out)
+        swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
