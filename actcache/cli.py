@@ -72,6 +72,7 @@ def extract(
     exclude_bos: Annotated[bool, typer.Option(help="Leave BOS rows out of the store.")] = _D.exclude_bos,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted store (same parameters).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    writer_threads: Annotated[int, typer.Option(help="Threads encoding and writing chunks; 0 = one per core, at most 4.")] = _D.writer_threads,
     workers: Annotated[int, typer.Option(help="Extract on a dask LocalCluster of N worker processes.")] = 0,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler to extract on.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
@@ -83,7 +84,8 @@ def extract(
                         dataset=dataset, text_field=text_field, gguf_file=gguf_file, context_size=context_size,
                         n_tokens=n_tokens, batch_size=batch_size, dtype=dtype, compute_dtype=compute_dtype,
                         device=device, codec=codec,
-                        chunk_rows=chunk_rows, seed=seed, prepend_bos=prepend_bos, exclude_bos=exclude_bos)
+                        chunk_rows=chunk_rows, seed=seed, prepend_bos=prepend_bos, exclude_bos=exclude_bos,
+                        writer_threads=writer_threads)
     progress = None if quiet else RichProgress()
     try:
         path = run_extract(cfg, resume=resume, overwrite=overwrite, workers=workers, scheduler=scheduler, progress=progress)

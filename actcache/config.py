@@ -47,9 +47,11 @@ class ExtractConfig:
     """Leave the BOS rows out of the store."""
     queue_depth: int = 2
     """Computed chunks waiting for the background writer; bounds peak RAM."""
+    writer_threads: int = 0
+    """Threads encoding and writing chunks in parallel; 0 = one per core, at most 4."""
 
     # Fields that may change between an interrupted run and its --resume.
-    RUNTIME_FIELDS = ("out", "device", "batch_size", "queue_depth")
+    RUNTIME_FIELDS = ("out", "device", "batch_size", "queue_depth", "writer_threads")
 
     def n_windows(self) -> int | None:
         if self.n_tokens is None:

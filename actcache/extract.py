@@ -81,6 +81,8 @@ def _validate(cfg: ExtractConfig, distributed: bool) -> tuple[list[HookSpec], St
     for name in ("context_size", "batch_size", "chunk_rows", "queue_depth"):
         if getattr(cfg, name) < 1:
             raise ActcacheError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.writer_threads < 0:
+        raise ActcacheError(f"--writer-threads must be >= 0 (0: one per core, at most 4), got {cfg.writer_threads}")
     if cfg.context_size < 2:  # a window is BOS + at least one corpus token
         raise ActcacheError(f"--context-size {cfg.context_size} is too small: use at least 2")
     if cfg.n_tokens is not None and cfg.n_tokens < 1:
@@ -310,7 +312,7 @@ def _run(path: StoreLocation, cfg: ExtractConfig, specs: list[HookSpec], mode: s
 
         with _StopOnSignal() as stop:
             run_chunks(writer, lm.model, specs, pending, batch_size=cfg.batch_size,
-                       queue_depth=cfg.queue_depth, should_stop=stop.requested,
+                       queue_depth=cfg.queue_depth, writer_threads=cfg.writer_threads, should_stop=stop.requested,
                        on_written=(lambda c, rows: progress.advance(rows)) if progress else None)
     if not writer.group.attrs.get("complete"):
         writer.finalize()

@@ -41,7 +41,8 @@ def _work(store: str, cfg: dict[str, Any], chunks: list[int], threads: int) -> i
     specs = parse_hooks(list(c.hooks))
     lm = _worker_model(c.model, c.gguf_file, c.dtype, c.compute_dtype, c.device, max(s.layer for s in specs) + 1)
     writer = StoreWriter(store)
-    run_chunks(writer, lm.model, specs, chunks, batch_size=c.batch_size, queue_depth=c.queue_depth)
+    run_chunks(writer, lm.model, specs, chunks, batch_size=c.batch_size, queue_depth=c.queue_depth,
+               writer_threads=c.writer_threads)
     return sum(writer.layout.chunk_rows_range(i)[1] - writer.layout.chunk_rows_range(i)[0] for i in chunks)
 
 

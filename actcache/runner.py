@@ -1,12 +1,19 @@
-"""Compute store chunks: forward passes on the main thread, writes on a background thread.
+"""Compute store chunks: forward passes on the main thread, writes on background threads.
 
-The queue between them is bounded, so peak memory is about ``queue_depth + 2`` chunks of
-activations whatever ``n_tokens`` is, and the forward pass never waits on compression or
-disk unless the writer falls a whole queue behind.
+The queue between them is bounded, so peak memory is about ``queue_depth + writer_threads + 1``
+chunks of activations whatever ``n_tokens`` is, and the forward pass never waits on compression
+or disk unless the writers fall a whole queue behind.
+
+Several writer threads scale with cores because the heavy work (zstd / blosc encoding, the
+statistics' numpy reductions, file writes) releases the GIL. Each thread writes whole chunks,
+each in the commit order of ``StoreWriter.write_chunk`` (data, statistics, manifest entry), so
+chunks may commit out of order but never one before its own data: ``--resume`` stays exact, and
+the bytes of every object do not depend on the number of threads.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Callable
@@ -24,16 +31,25 @@ ChunkCallback = Callable[[int, int], None]  # (chunk index, rows written)
 _DONE = object()
 
 
-class BackgroundWriter:
-    """A thread draining a bounded queue of computed chunks into the store."""
+def default_writer_threads() -> int:
+    """Writer threads when none are asked for: one per core, up to 4 (the forward pass needs the rest)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
-    def __init__(self, writer: StoreWriter, depth: int, on_written: ChunkCallback | None = None):
+
+class BackgroundWriter:
+    """Threads draining a bounded queue of computed chunks into the store, one whole chunk each."""
+
+    def __init__(self, writer: StoreWriter, depth: int, on_written: ChunkCallback | None = None,
+                 threads: int = 1):
         self._writer = writer
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._on_written = on_written
+        self._callback_lock = threading.Lock()  # progress bars are not thread-safe
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="actcache-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"actcache-writer-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
 
     def _loop(self) -> None:
         while True:
@@ -46,7 +62,8 @@ class BackgroundWriter:
             try:
                 self._writer.write_chunk(chunk, acts)
                 if self._on_written:
-                    self._on_written(chunk, rows)
+                    with self._callback_lock:
+                        self._on_written(chunk, rows)
             except BaseException as e:  # re-raised on the main thread
                 self._error = e
 
@@ -55,9 +72,11 @@ class BackgroundWriter:
         self._queue.put((chunk, acts, rows))
 
     def close(self) -> None:
-        """Write everything queued, stop the thread, surface any write error."""
-        self._queue.put(_DONE)
-        self._thread.join()
+        """Write everything queued, stop the threads, surface any write error."""
+        for _ in self._threads:
+            self._queue.put(_DONE)
+        for t in self._threads:
+            t.join()
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
@@ -117,14 +136,16 @@ def run_chunks(
     *,
     batch_size: int,
     queue_depth: int = 2,
+    writer_threads: int = 0,
     on_written: ChunkCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> None:
-    """Compute and write ``chunks``; ``should_stop`` is polled between chunks, and on a stop
-    (or an interrupt) the chunks already queued are still written before KeyboardInterrupt."""
+    """Compute and write ``chunks`` (``writer_threads`` 0: ``default_writer_threads()``);
+    ``should_stop`` is polled between chunks, and on a stop (or an interrupt) the chunks already
+    queued are still written before KeyboardInterrupt."""
     device = next(model.parameters()).device
     lay = writer.layout
-    bg = BackgroundWriter(writer, queue_depth, on_written)
+    bg = BackgroundWriter(writer, queue_depth, on_written, writer_threads or default_writer_threads())
     try:
         with ResidualCapture(model, specs) as cap:
             for c in chunks:

@@ -8,7 +8,8 @@ temp file + rename; object stores: one PUT per object); each store chunk is comp
 own windows only, so it can be recomputed identically; and a chunk's manifest entry (its own
 one-byte object) is written only after its data and statistics. After a crash, chunks without a
 manifest entry are simply written again. ``complete`` and the statistics land in one last
-``zarr.json`` write. See docs/store-format.md for ``file://`` URLs, which are not atomic.
+``zarr.json`` write. ``write_chunk`` may run on several threads at once, one chunk each (see
+``runner``): chunks touch disjoint objects, so the bytes written do not depend on the order. See docs/store-format.md for ``file://`` URLs, which are not atomic.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ def with_checksum(compressors: Any) -> tuple:
 _SMALL_ARRAYS = with_checksum((ZstdCodec(level=0),))
 
 
+def _writing(array: zarr.Array) -> zarr.Array:
+    """``array`` without zarr's empty-chunk check. That check compares every chunk with the fill
+    value on zarr's single event-loop thread, costing more than zstd itself and serialising
+    concurrent writers; activation chunks are never all zero, and one that was would just be
+    stored as an object rather than left absent (it reads back the same)."""
+    return array.with_config({"write_empty_chunks": True})
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -72,8 +81,10 @@ class StoreWriter:
         self.layout = S.Layout.from_dict(self.attrs["layout"])
         self.hooks: list[str] = list(self.attrs["hooks"])
         self.logical_dtype: str = self.attrs["dtype"]
-        self._arrays = {h: S.open_array(self.group, h, self.location) for h in self.hooks}
-        self._manifest = S.open_array(self.group, S.MANIFEST, self.location)
+        self._arrays = {h: _writing(S.open_array(self.group, h, self.location)) for h in self.hooks}
+        self._stats = {h: {name: _writing(S.open_array(self.group, S.stats_array(h, name), self.location))
+                           for name in ("sum", "norms")} for h in self.hooks}
+        self._manifest = _writing(S.open_array(self.group, S.MANIFEST, self.location))
         self._store: S.ActivationStore | None = None
 
     @classmethod
@@ -168,9 +179,8 @@ class StoreWriter:
             self._arrays[h][r0:r1] = a
             x = to_float32(a, self.logical_dtype)
             sq = np.einsum("ij,ij->i", x, x)
-            stats = self.group[f"{S.STATS}/{h}"]
-            stats["sum"][chunk] = x.sum(axis=0, dtype=np.float64)
-            stats["norms"][chunk] = [sq.sum(dtype=np.float64), np.sqrt(sq).sum(dtype=np.float64)]
+            self._stats[h]["sum"][chunk] = x.sum(axis=0, dtype=np.float64)
+            self._stats[h]["norms"][chunk] = [sq.sum(dtype=np.float64), np.sqrt(sq).sum(dtype=np.float64)]
         self._manifest[chunk] = 1
 
     def finalize(self) -> dict[str, Any]:
