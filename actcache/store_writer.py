@@ -15,6 +15,7 @@ manifest entry are simply written again. ``complete`` and the statistics land in
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from actcache import store as S
-from actcache.dtypes import storage_dtype, to_float32
+from actcache.dtypes import storage_dtype
 from actcache.errors import ActcacheError, StoreCorruptError
 from actcache.urls import StoreLocation
 
@@ -64,6 +65,26 @@ def _writing(array: zarr.Array) -> zarr.Array:
     concurrent writers; activation chunks are never all zero, and one that was would just be
     stored as an object rather than left absent (it reads back the same)."""
     return array.with_config({"write_empty_chunks": True})
+
+
+_scratch = threading.local()
+
+
+def _float32_view(a: np.ndarray, logical: str) -> np.ndarray:
+    """``actcache.dtypes.to_float32(a, logical)``, bit for bit, in a buffer this thread reuses for every chunk.
+
+    A fresh chunk-sized array per chunk costs page faults that the kernel serialises across
+    threads, which kept concurrent writers from scaling."""
+    if a.dtype == np.float32:
+        return a
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.shape != a.shape:
+        buf = _scratch.buf = np.empty(a.shape, np.float32)
+    if logical == "bfloat16":  # bfloat16 is the top half of a float32
+        np.left_shift(a, 16, out=buf.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(buf, a, casting="same_kind")  # float16 -> float32 is exact
+    return buf
 
 
 def _now() -> str:
@@ -177,7 +198,7 @@ class StoreWriter:
             if a.shape != (r1 - r0, self._arrays[h].shape[1]):
                 raise ValueError(f"chunk {chunk} of {h}: shape {a.shape}, expected {(r1 - r0, self._arrays[h].shape[1])}")
             self._arrays[h][r0:r1] = a
-            x = to_float32(a, self.logical_dtype)
+            x = _float32_view(a, self.logical_dtype)
             sq = np.einsum("ij,ij->i", x, x)
             self._stats[h]["sum"][chunk] = x.sum(axis=0, dtype=np.float64)
             self._stats[h]["norms"][chunk] = [sq.sum(dtype=np.float64), np.sqrt(sq).sum(dtype=np.float64)]

@@ -177,6 +177,7 @@ def profile_memory(
     extract_batch: Annotated[int, typer.Option(help="Windows per extraction forward pass.")] = 8,
     extract_batches: Annotated[int, typer.Option(help="Forward passes an extraction measurement runs.")] = 2,
     queue_depth: Annotated[int, typer.Option(help="Chunks queued for the store writer.")] = 2,
+    writer_threads: Annotated[int, typer.Option(help="Extraction writer threads; 0 = actcache's default (one per core, at most 4).")] = 0,
     extract_dtype: Annotated[str, typer.Option(help="Storage dtype of the activations: bfloat16, float16 or float32.")] = "bfloat16",
     extract_compute_dtype: Annotated[str, typer.Option(help="Dtype the model runs in: auto (as actcache extract picks it), bfloat16, float16 or float32.")] = "auto",
 ) -> None:
@@ -211,7 +212,8 @@ def profile_memory(
             extract_dtype = opts["extract_dtype"]
         erows = [plan.extract_row(ExtractSpec(
             model=extract_model, hook_layer=hook_layer, context_size=context_size, batch=extract_batch,
-            chunk_rows=chunk_rows, queue_depth=queue_depth, dtype=check_logical(extract_dtype), device=dev,
+            chunk_rows=chunk_rows, queue_depth=queue_depth, writer_threads=writer_threads,
+            dtype=check_logical(extract_dtype), device=dev,
             compute_dtype=extract_compute_dtype if extract_compute_dtype == "auto" else check_logical(extract_compute_dtype),
         ), limit, extract_batches)] if extract else []
         env = {**PIN_MALLOC, **{k: v for k, v in os.environ.items() if k in PIN_MALLOC}} if pin_malloc else {}

@@ -9,8 +9,10 @@ Activations (inference mode, one batch of ``batch x context`` tokens, ``t`` toke
 dtype ``w`` bytes): residual stream, block input and normed input (3 t d w), the causal and
 sliding-window masks (eager attention), then the larger of the MLP (activation, up and their
 product: 3 t I w) and attention (q, repeated k/v, 2 score matrices, fp32 softmax). The chunk
-being filled plus ``queue_depth`` queued and one being written: ``queue_depth + 2`` chunks of
-``chunk_rows x d_model`` in the storage dtype (``actcache.runner``).
+being filled, ``queue_depth`` queued and one being written by each writer thread:
+``queue_depth + writer_threads + 1`` chunks of ``chunk_rows x d_model`` in the storage dtype
+(``actcache.runner``), plus, per writer thread, the float32 chunk its statistics are computed from
+(reused across chunks; none for a float32 store).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from actcache import models
 from actcache.errors import ActcacheError
+from actcache.runner import default_writer_threads
 
 PRESETS = ("gemma-2-2b",)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -34,6 +37,7 @@ class ExtractSpec:
     batch: int = 8  # windows per forward pass
     chunk_rows: int = 4096
     queue_depth: int = 2
+    writer_threads: int = 0  # 0: actcache's default (one per core, at most 4)
     dtype: str = "bfloat16"  # storage dtype
     compute_dtype: str = "auto"
     device: str = "cpu"
@@ -60,7 +64,7 @@ class ExtractEstimate:
     weights: int
     activations: int
     cast: int  # a batch converted to the storage dtype
-    writer_queue: int  # queue_depth + 2 chunks
+    writer_queue: int  # queue_depth + writer_threads + 1 chunks, and each thread's float32 statistics buffer
     total: int
 
 
@@ -135,7 +139,9 @@ def estimate_extraction(spec: ExtractSpec, shape: ModelShape) -> ExtractEstimate
     weights = shape.kept_params * w
     acts = activation_bytes(shape, spec.batch, spec.context_size, w)
     cast = spec.batch * spec.context_size * shape.d_model * s if cdt != spec.dtype else 0
-    queue = (spec.queue_depth + 2) * rows * shape.d_model * s
+    threads = spec.writer_threads or default_writer_threads()
+    chunk = rows * shape.d_model
+    queue = (spec.queue_depth + threads + 1) * chunk * s + (threads * chunk * 4 if spec.dtype != "float32" else 0)
     return ExtractEstimate(compute_dtype=cdt, chunk_rows=rows, weights=weights, activations=acts, cast=cast,
                            writer_queue=queue, total=weights + acts + cast + queue)
 

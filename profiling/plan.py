@@ -260,6 +260,8 @@ def extract_row(spec: ExtractSpec, budget: int, n_batches: int) -> ExtractRow:
                          ("chunk_rows", "--chunk-rows"), ("queue_depth", "--queue-depth")):
         if getattr(spec, name) < 1:
             raise ActcacheError(f"{option} {getattr(spec, name)} must be >= 1")
+    if spec.writer_threads < 0:
+        raise ActcacheError(f"--writer-threads {spec.writer_threads} must be >= 0 (0: one per core, at most 4)")
     from profiling.gpu import cuda_need
 
     shape = model_shape(model_config(spec.model), spec.hook_layer)

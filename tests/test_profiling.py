@@ -240,9 +240,10 @@ def test_extraction_counts_the_weights_load_model_keeps():
     _truncate(model, 3)  # what load_model(keep_layers=3) does
     assert shape.kept_params == sum(p.numel() for p in model.parameters())
     est = estimate_extraction(ExtractSpec(model="unused", hook_layer=2, compute_dtype="float32", chunk_rows=640,
-                                          context_size=128), shape)
+                                          context_size=128, writer_threads=2), shape)
     assert est.weights == 4 * shape.kept_params and est.chunk_rows == 640
-    assert est.writer_queue == 4 * 640 * 64 * 2  # queue_depth + 2 chunks of bf16 rows
+    # queue_depth 2 + 2 writer threads + 1 chunks of bf16 rows, and each thread's float32 statistics chunk
+    assert est.writer_queue == 5 * 640 * 64 * 2 + 2 * 640 * 64 * 4
 
 
 def test_extraction_measurement_runs_actcache_code(measured):
