@@ -37,6 +37,7 @@ class ChunkReader:
         self._default_keys = getattr(enc, "name", None) == "default" and getattr(enc, "separator", None) == "/"
         self.uses_memmap: bool = memmap and store.location.is_local and self._default_keys and \
             _uncompressed(self.array, self.layout.chunk_rows, self.d_in)  # memmap: local paths only, never URLs
+        self._crc_bytes = 4 if has_checksum(self.array) else 0  # format 2: each chunk's data, then its crc32c
 
     def chunk_len(self, chunk: int) -> int:
         start, stop = self.layout.chunk_rows_range(chunk)
@@ -60,7 +61,7 @@ class ChunkReader:
     def _memmap(self, path: Path, chunk: int, rows: int) -> np.ndarray:
         dtype = storage_dtype(self.logical).newbyteorder("<")
         full = (self.layout.chunk_rows, self.d_in)  # zarr stores edge chunks padded to full size
-        crc = 4 if has_checksum(self.array) else 0  # format 2: the data, then its crc32c
+        crc = self._crc_bytes
         expected = full[0] * full[1] * dtype.itemsize + crc
         if path.stat().st_size != expected:
             raise OSError(f"{path} has {path.stat().st_size} bytes, expected {expected}")
