@@ -188,3 +188,50 @@ def test_several_sources_in_one_eval(small_store, tmp_path):
     assert r["eval_config"]["probe_file"] == f"{PROBE_CODE},{path}"
     with pytest.raises(ActcacheError, match="test set of one --probe-file"):
         evaluate_run(run, splice=False, probe_file=[PROBE_CODE, path], probe_test_file=path, device="cpu")
+
+
+def test_pooled_features_match_one_text_at_a_time_in_float64(small_store, tmp_path):
+    """Right-padded batches + index_add pooling == each text alone through a float64 model."""
+    from actcache.hooks import parse_hook
+    from actcache.models import load_model
+    from actcache.store import open_store
+    from trainer.evaluation.loading import load_run
+    from trainer.evaluation.probing import pool, token_activations
+
+    store = open_store(small_store)
+    run = load_run(perfect_run(tmp_path / "run", small_store, TINY_HOOK), device=torch.device("cpu"))
+    loaded = load_model(store.attrs["model"]["id"], dtype=torch.float64, device=torch.device("cpu"))
+    spec = parse_hook(TINY_HOOK)
+    texts = ["a", "the email header", "asyncio event loop coroutine task " * 5, "x y z"]
+    tokens = token_activations(loaded.model, loaded.tokenizer, spec, texts, max_tokens=16, prepend_bos=True,
+                               batch_texts=3)
+    acts, latents = pool(tokens, run.sae.double(), run.k)
+    assert tokens.acts.dtype == torch.float32 and torch.isfinite(acts).all() and torch.isfinite(latents).all()
+    for i, t in enumerate(texts):
+        alone = token_activations(loaded.model, loaded.tokenizer, spec, [t], max_tokens=16, prepend_bos=True)
+        assert alone.acts.shape[0] == int((tokens.text == i).sum()) <= 15  # BOS dropped, truncated
+        ref = alone.acts.double().mean(0)
+        torch.testing.assert_close(acts[i].double(), ref, rtol=1e-5, atol=1e-5)
+        ref_z = run.sae.encode(alone.acts.double(), run.k).mean(0)
+        torch.testing.assert_close(latents[i].double(), ref_z, rtol=1e-5, atol=1e-5)
+
+
+def test_second_eval_reuses_the_forward_pass(small_store, tmp_path, monkeypatch):
+    """Runs of one store probed on the same texts share one forward pass, with identical results."""
+    import trainer.evaluation.run as run_mod
+
+    words = {"x": "asyncio event loop coroutine task", "y": "email message header mime part"}
+    path = _write(tmp_path / "w.jsonl", words, 10)
+    run_a = perfect_run(tmp_path / "a", small_store, TINY_HOOK)
+    run_b = perfect_run(tmp_path / "b", small_store, TINY_HOOK)
+    calls = []
+    real = run_mod.token_activations
+    monkeypatch.setattr(run_mod, "token_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_mod.clear_probe_cache()
+    ra = evaluate_run(run_a, splice=False, probe_file=path, device="cpu")
+    rb = evaluate_run(run_b, splice=False, probe_file=path, device="cpu")
+    assert len(calls) == 1
+    assert ra["eval_result_metrics"]["sparse_probing"] == rb["eval_result_metrics"]["sparse_probing"]
+    run_mod.clear_probe_cache()
+    fresh = evaluate_run(run_b, splice=False, probe_file=path, device="cpu")
+    assert len(calls) == 2 and fresh["eval_result_details"] == rb["eval_result_details"]

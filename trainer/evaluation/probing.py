@@ -12,6 +12,7 @@ the noise of the test sample, which says which differences between two probes me
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import math
@@ -26,10 +27,21 @@ from trainer.saes.base import SAE
 KS = (1, 2, 5, 10, 20, 50)
 
 
+@dataclass(frozen=True)
+class TokenActivations:
+    """Every non-padding token's hook activation (float32, on the CPU) and the text it is from.
+
+    Independent of the SAE, so one forward pass serves every run evaluated on the same texts."""
+
+    acts: torch.Tensor  # (n_tokens, d_in)
+    text: torch.Tensor  # (n_tokens,) int64: index into the texts
+    n_texts: int
+
+
 @torch.no_grad()
-def pooled_features(model: torch.nn.Module, tokenizer: Any, spec: Any, sae: SAE, k: int | None, texts: Sequence[str],
-                    *, max_tokens: int, prepend_bos: bool, batch_texts: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-pooled hook activations ``(n, d_in)`` and SAE latents ``(n, d_sae)``, float32 on the CPU.
+def token_activations(model: torch.nn.Module, tokenizer: Any, spec: Any, texts: Sequence[str], *, max_tokens: int,
+                      prepend_bos: bool, batch_texts: int = 16) -> TokenActivations:
+    """Run ``texts`` through the model up to the hook (BOS excluded from the result).
 
     Batches are right-padded: in a causal model a token never attends to the padding after it."""
     from actcache.capture import ResidualCapture
@@ -39,9 +51,8 @@ def pooled_features(model: torch.nn.Module, tokenizer: Any, spec: Any, sae: SAE,
     body = max_tokens - (bos is not None)
     encoded = [ids[:body] or [pad] for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
     device = next(model.parameters()).device
-    acts = torch.zeros(len(texts), sae.cfg.d_in)
-    latents = torch.zeros(len(texts), sae.cfg.d_sae)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths pad little
+    parts, owners = [], []
     with ResidualCapture(model, [spec]) as cap:
         for b in range(0, len(order), batch_texts):
             rows = order[b:b + batch_texts]
@@ -53,14 +64,32 @@ def pooled_features(model: torch.nn.Module, tokenizer: Any, spec: Any, sae: SAE,
                 mask[j, :len(encoded[i])] = True
             if bos is not None:
                 ids = torch.cat([torch.full((len(rows), 1), bos, dtype=torch.long), ids], dim=1)
-            h = cap.run(ids.to(device))[spec.name][:, 1 if bos is not None else 0:].float()
-            m = mask.to(device)
-            z = torch.zeros(*m.shape, sae.cfg.d_sae, device=device)
-            z[m] = sae.encode(h[m].to(sae.W_dec.dtype), k).float()
-            n = m.sum(1, keepdim=True).float()
-            acts[rows] = ((h * m[..., None]).sum(1) / n).cpu()
-            latents[rows] = (z.sum(1) / n).cpu()
-    return acts, latents
+            h = cap.run(ids.to(device))[spec.name][:, 1 if bos is not None else 0:]
+            parts.append(h[mask.to(device)].float().cpu())
+            owners.append(torch.tensor(rows, dtype=torch.long)[:, None].expand(-1, width)[mask])
+    return TokenActivations(torch.cat(parts), torch.cat(owners), len(texts))
+
+
+@torch.no_grad()
+def pool(tokens: TokenActivations, sae: SAE, k: int | None, *, batch_rows: int = 4096
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled hook activations ``(n, d_in)`` and SAE latents ``(n, d_sae)``, float32 on the CPU."""
+    device = sae.W_dec.device
+    count = torch.bincount(tokens.text, minlength=tokens.n_texts).float()[:, None]
+    acts = torch.zeros(tokens.n_texts, sae.cfg.d_in).index_add_(0, tokens.text, tokens.acts)
+    latents = torch.zeros(tokens.n_texts, sae.cfg.d_sae)
+    for b in range(0, len(tokens.text), batch_rows):
+        x = tokens.acts[b:b + batch_rows].to(device, sae.W_dec.dtype)
+        latents.index_add_(0, tokens.text[b:b + batch_rows], sae.encode(x, k).float().cpu())
+    return acts / count, latents / count
+
+
+def pooled_features(model: torch.nn.Module, tokenizer: Any, spec: Any, sae: SAE, k: int | None, texts: Sequence[str],
+                    *, max_tokens: int, prepend_bos: bool, batch_texts: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled hook activations ``(n, d_in)`` and SAE latents ``(n, d_sae)``, float32 on the CPU."""
+    tokens = token_activations(model, tokenizer, spec, texts, max_tokens=max_tokens, prepend_bos=prepend_bos,
+                               batch_texts=batch_texts)
+    return pool(tokens, sae, k)
 
 
 def top_k_by_mean_diff(x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from trainer.evaluation.data import EvalData, select_split
 from trainer.evaluation.decorrelation import DecorrelationMetrics, decorrelation_metrics
 from trainer.evaluation.loading import TrainedRun, load_run
 from trainer.evaluation.probe_data import ProbeTask, load_labelled, make_split_tasks, make_tasks
-from trainer.evaluation.probing import KS, mean_over_tasks, pooled_features, sparse_probing
+from trainer.evaluation.probing import KS, TokenActivations, mean_over_tasks, pool, sparse_probing, token_activations
 from trainer.evaluation.reconstruction import ReconstructionMetrics, evaluate
 from trainer.evaluation.splice import SpliceMetrics, splice_metrics
 
@@ -111,12 +112,32 @@ def _probe_tasks(cfg: dict[str, Any], warnings: list[str]) -> tuple[list[str], l
     return texts, tasks
 
 
-def _probe(run: TrainedRun, data: EvalData, loaded, spec, texts: list[str], tasks: list[ProbeTask]
+# The last probe texts' hook activations: `sae experiment` and `sae study` evaluate many SAEs of
+# one store on the same texts, and the model's forward pass is most of probing's cost.
+_TOKEN_ACTS: dict[tuple, TokenActivations] = {}
+
+
+def clear_probe_cache() -> None:
+    """Forget the cached probe activations (their memory: tokens x d_in float32)."""
+    _TOKEN_ACTS.clear()
+
+
+def _probe_tokens(data: EvalData, loaded, spec, texts: list[str], device: torch.device) -> TokenActivations:
+    meta = data.store.attrs.get("model", {})
+    max_tokens, bos = int(data.store.attrs["context_size"]), bool(data.store.attrs.get("prepend_bos", True))
+    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    key = (meta.get("id"), meta.get("gguf_file"), loaded.config_hash, spec.name, str(device), max_tokens, bos, digest)
+    if key not in _TOKEN_ACTS:
+        _TOKEN_ACTS.clear()
+        _TOKEN_ACTS[key] = token_activations(loaded.model, loaded.tokenizer, spec, texts, max_tokens=max_tokens,
+                                             prepend_bos=bos)
+    return _TOKEN_ACTS[key]
+
+
+def _probe(run: TrainedRun, data: EvalData, loaded, spec, texts: list[str], tasks: list[ProbeTask], device: torch.device
            ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """Mean over all tasks, mean per source (the task names' prefix), and per task."""
-    acts, latents = pooled_features(loaded.model, loaded.tokenizer, spec, run.sae, run.k, texts,
-                                    max_tokens=int(data.store.attrs["context_size"]),
-                                    prepend_bos=bool(data.store.attrs.get("prepend_bos", True)))
+    acts, latents = pool(_probe_tokens(data, loaded, spec, texts, device), run.sae, run.k)
     mean, details = sparse_probing({"llm": acts, "sae": latents}, tasks, KS)
     by_source: dict[str, list[dict[str, Any]]] = {}
     for d in details:
@@ -168,7 +189,7 @@ def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split:
             spl = splice_metrics(loaded.model, spec, run.sae, run.k, data.windows(n_windows),
                                  first_position=data.store.layout.first_position, batch_windows=batch_windows)
         if probe:
-            probe_mean, probe_by_source, probe_details = _probe(run, data, loaded, spec, *probe)
+            probe_mean, probe_by_source, probe_details = _probe(run, data, loaded, spec, *probe, dev)
     metrics = _metrics(rec, dec, spl)
     if probe_mean is not None:
         metrics["sparse_probing"] = probe_mean

@@ -11,6 +11,7 @@ from rich.table import Table as RichTable
 from actcache.cli_support import console, fail
 from actcache.errors import ActcacheError
 from trainer.report.experiment import DEFAULT_VARIANTS, VARIANTS
+from trainer.report.study import PROBES
 
 
 def _print_tables(tables) -> None:
@@ -100,7 +101,7 @@ def study(
     dataset: Annotated[str, typer.Option(help="Corpus for actcache extract; default: docstrings of the installed packages, written to OUT/corpus.jsonl.")] = "packages-docstrings",
     seeds: Annotated[int, typer.Option(help="Seeds of the main variants; 0 = the scale's (3).")] = 0,
     stress: Annotated[bool, typer.Option(help="Also run the eps 1e-6 vs eps 0 stress regimes (OUT/stress/).")] = True,
-    probe_file: Annotated[str, typer.Option(help="sae eval: labelled texts for sparse probing; empty = none.")] = "embedded:stdlib-packages",
+    probe_file: Annotated[str, typer.Option(help="sae eval: labelled texts for sparse probing (comma-separated); empty = none.")] = PROBES,
     splice: Annotated[bool, typer.Option(help="sae eval: CE loss and KL with the SAE spliced into the model.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (extraction and training).")] = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,

@@ -33,7 +33,8 @@ STRESS = "stress"
 STORE = "store.zarr"
 CORPUS = "corpus.jsonl"
 SUMMARY = "study.md"
-PACKAGES_CORPUS = "packages-docstrings"  # the study's own corpus: docstrings of the installed packages
+PACKAGES_CORPUS = "packages-docstrings"
+PROBES = "embedded:stdlib-packages,embedded:code-languages"  # two labelled task families (issue 11 section 5)  # the study's own corpus: docstrings of the installed packages
 
 # Middle residual layer of the models the study knows (num_hidden_layers // 2); others are read
 # from their transformers config.
@@ -88,7 +89,7 @@ class StudyConfig:
     device: str = "auto"
     extract_dtype: str = "bfloat16"
     stress: bool = False
-    probe_file: str = "embedded:stdlib-packages"
+    probe_file: str = PROBES
     splice: bool = True
 
 
