@@ -110,8 +110,10 @@ def run(a) -> list[str]:
             "Both stores of a codec hold the same rows; \"with\" is what `actcache extract` writes (zarr's `crc32c` "
             "codec last in every array's chain: 4 bytes per chunk, checked on every read), \"without\" leaves the "
             "codec out (format 1). Loader: `ActivationLoader(...).batches()` for one epoch, construction included; "
-            "for codec none both are memory-mapped, \"with\" checking each chunk's crc32c (google-crc32c) before using "
-            "its rows. CPU-time ratio: CPU seconds without over with (all threads). Wall times swing with other jobs' "
+            "for codec none both are memory-mapped, \"with\" computing each chunk's crc32c (google-crc32c) on a checker "
+            "thread while the chunk is copied, and verifying it before the group is handed out (the crc holds the GIL, "
+            "numpy's copy does not, so the two overlap on 2 cores). Codecs blosc-lz4 and zstd: zarr checks the crc "
+            "of the compressed bytes in its codec pipeline. CPU-time ratio: CPU seconds without over with (all threads). Wall times swing with other jobs' "
             "load (load average in the header); the ratios compare runs alternated side by side.",
             "",
         ]

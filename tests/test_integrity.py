@@ -400,3 +400,26 @@ def test_store_files_follow_the_umask(tmp_path, tiny_model_dir):
     for p in [out, *out.rglob("*")]:
         want = 0o750 if p.is_dir() else 0o640
         assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last-row", "padding"])
+def test_memory_mapped_check_covers_every_byte(tmp_path, tiny_model_dir, where):
+    """The memory-mapped path checks each chunk on the checker thread beside its copy: the rows are
+    zarr's, and a flip anywhere (an edge chunk's padding included) is caught."""
+    from trainer.loader import ActivationLoader, LoaderConfig
+
+    out = extract(small_config(tmp_path / "raw.zarr", codec="none", hooks=(HOOK,), n_tokens=32 * 22))
+    cfg = LoaderConfig(batch_size=64, heldout_chunks=0, shuffle_buffer_mb=0.001, seed=0)
+    mm = ActivationLoader(out, HOOK, cfg)
+    plain = ActivationLoader(out, HOOK, LoaderConfig(**{**cfg.__dict__, "memmap": False}))
+    assert mm.uses_memmap and mm.n_rows == 704
+    for a, b in zip(mm.batches(n_batches=11), plain.batches(n_batches=11), strict=True):
+        assert torch.equal(a, b)
+    arr = zarr.open_group(str(out), mode="r")[HOOK]
+    path = out / S.chunk_key(arr, HOOK, 5)  # the edge chunk: 64 rows, stored padded to 128
+    data = bytearray(path.read_bytes())
+    offset = {"first": 0, "middle": len(data) // 2, "last-row": 64 * 128 - 1, "padding": 100 * 128}[where]
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreCorruptError, match=f"{HOOK} chunk 5 is corrupted .crc32c checksum mismatch"):
+        list(ActivationLoader(out, HOOK, cfg).batches(n_batches=12))

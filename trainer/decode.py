@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import time
 import weakref
-from pathlib import Path
-from typing import Any, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import google_crc32c  # the library zarr's crc32c codec uses
 
 import numpy as np
 import torch
@@ -23,6 +26,16 @@ from actcache.errors import ActcacheError
 from actcache.store import ActivationStore, has_checksum
 
 _WAIT_S = 0.001  # poll period while a buffer's last reader finishes
+_CHECKER: ThreadPoolExecutor | None = None
+
+
+def _checker() -> ThreadPoolExecutor:
+    """The one thread that checksums memory-mapped chunks: google-crc32c holds the GIL, so a second
+    would not run in parallel, but numpy's copies release it, so one overlaps with the copying."""
+    global _CHECKER
+    if _CHECKER is None:
+        _CHECKER = ThreadPoolExecutor(1, thread_name_prefix="actcache-crc32c")
+    return _CHECKER
 
 
 class ChunkReader:
@@ -38,6 +51,7 @@ class ChunkReader:
         self.uses_memmap: bool = memmap and store.location.is_local and self._default_keys and \
             _uncompressed(self.array, self.layout.chunk_rows, self.d_in)  # memmap: local paths only, never URLs
         self._crc_bytes = 4 if has_checksum(self.array) else 0  # format 2: each chunk's data, then its crc32c
+        self._dtype = storage_dtype(self.logical).newbyteorder("<")
 
     def chunk_len(self, chunk: int) -> int:
         start, stop = self.layout.chunk_rows_range(chunk)
@@ -46,40 +60,68 @@ class ChunkReader:
     def read(self, chunk: int) -> np.ndarray:
         """Chunk ``chunk`` in the storage dtype; ActcacheError naming hook and chunk if it is unreadable."""
         start, stop = self.layout.chunk_rows_range(chunk)
+        with self._reading(chunk):
+            if self.uses_memmap:
+                raw = self._memmap_raw(chunk)
+                if self._crc_bytes:
+                    self.store.check_crc32c(self.hook, chunk, raw)  # StoreCorruptError: never decoded
+                return self._rows(raw, stop - start)
+            return self.store.read_storage_chunk(self.hook, chunk)  # checksum checked: StoreCorruptError names it
+
+    @contextmanager
+    def _reading(self, chunk: int) -> Iterator[None]:
+        """A missing chunk or any read error -> ActcacheError naming hook and chunk."""
         try:
             if self._default_keys and not self.store.chunk_exists(self.hook, chunk):  # local path or URL
                 raise OSError(f"{self.store.chunk_key(self.hook, chunk)} is missing")  # zarr would return fill values
-            if self.uses_memmap:
-                return self._memmap(self.store.path / self.hook / "c" / str(chunk) / "0", chunk, stop - start)
-            return self.store.read_storage_chunk(self.hook, chunk)  # checksum checked: StoreCorruptError names it
+            yield
         except ActcacheError:
             raise
         except Exception as err:
             raise ActcacheError(f"chunk {chunk} of {self.hook} in {self.store.path} is unreadable ({err}): "
                                 f"check the store with actcache verify and re-extract it") from err
 
-    def _memmap(self, path: Path, chunk: int, rows: int) -> np.ndarray:
-        dtype = storage_dtype(self.logical).newbyteorder("<")
-        full = (self.layout.chunk_rows, self.d_in)  # zarr stores edge chunks padded to full size
-        crc = self._crc_bytes
-        expected = full[0] * full[1] * dtype.itemsize + crc
-        if path.stat().st_size != expected:
+    def _memmap_raw(self, chunk: int) -> np.ndarray:
+        """The chunk object's bytes (data, then the crc32c trailer in format 2), memory-mapped."""
+        path = self.store.path / self.hook / "c" / str(chunk) / "0"
+        expected = self.layout.chunk_rows * self.d_in * self._dtype.itemsize + self._crc_bytes
+        if path.stat().st_size != expected:  # zarr stores edge chunks padded to full size
             raise OSError(f"{path} has {path.stat().st_size} bytes, expected {expected}")
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        if crc:
-            self.store.check_crc32c(self.hook, chunk, raw)  # StoreCorruptError: never decoded
-        return raw[:expected - crc].view(dtype).reshape(full)[:rows]
+        return np.memmap(path, dtype=np.uint8, mode="r")
+
+    def _rows(self, raw: np.ndarray, rows: int) -> np.ndarray:
+        return raw[:len(raw) - self._crc_bytes].view(self._dtype).reshape(self.layout.chunk_rows, self.d_in)[:rows]
+
+    def _mapped_checked(self, chunk: int) -> tuple[np.ndarray, Future]:
+        """A memory-mapped chunk object and its crc32c being computed on the checker thread."""
+        with self._reading(chunk):
+            raw = self._memmap_raw(chunk)
+        return raw, _checker().submit(google_crc32c.value, raw[:-self._crc_bytes])
+
+    def _verify(self, chunk: int, raw: np.ndarray, crc: Future) -> None:
+        if crc.result() != int.from_bytes(bytes(raw[-self._crc_bytes:]), "little"):
+            raise self.store.corrupt(self.hook, chunk, ValueError("checksum mismatch"))
 
     def decode_into(self, out: np.ndarray, chunks: list[int], dest: np.ndarray | None, scale: float) -> None:
         """Float32 rows of ``chunks`` (in order) into ``out``: row i of their concatenation goes to
         ``out[dest[i]]`` (``dest`` None: to ``out[i]``), times ``scale``. Exact for every stored dtype."""
         bf16 = self.logical == "bfloat16"
         target = out.view(np.uint32) if bf16 else out  # bf16: the bits widen into the low half first
+        checked = self.uses_memmap and self._crc_bytes > 0
         a = 0
         for c in chunks:
-            x = self.read(c)
+            if checked:
+                # The chunk's crc32c runs on the checker thread while this one copies the same bytes
+                # (each reads what the other just pulled into the shared L3). Verified right after
+                # the copy: a group with a damaged chunk raises here and never reaches the trainer.
+                raw, crc = self._mapped_checked(c)
+                x = self._rows(raw, self.chunk_len(c))
+            else:
+                x = self.read(c)
             m = len(x)
             target[slice(a, a + m) if dest is None else dest[a:a + m]] = x  # the one copy, casting as it goes
+            if checked:
+                self._verify(c, raw, crc)
             a += m
         if bf16:
             np.left_shift(target, 16, out=target)  # in place: bf16 bits << 16 are the float32 bits
@@ -160,7 +202,7 @@ def _uncompressed(array: Any, chunk_rows: int, d_in: int) -> bool:
     try:
         ser = array.serializer
         little = isinstance(ser, BytesCodec) and (ser.endian is None or ser.endian.value == "little")
-        comp = tuple(array.compressors)  # none, or crc32c alone: a 4-byte trailer, checked by _memmap
+        comp = tuple(array.compressors)  # none, or crc32c alone: a 4-byte trailer, checked beside the copy (decode_into)
         raw = not comp or (len(comp) == 1 and isinstance(comp[0], Crc32cCodec))
         return little and raw and not array.filters and \
             tuple(array.chunks) == (chunk_rows, d_in)
