@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ from actcache.errors import ActcacheError
 from actcache.store import open_store
 from trainer import artifacts as A
 from trainer.cli import app
-from trainer.report.experiment import RUNS
-from trainer.report.study import (CORPUS, SCALES, STORE, STRESS, SUMMARY, StudyConfig, build_corpus, main_variants,
+from trainer.report.experiment import REPORT, RUNS
+from trainer.report.study import (CORPUS, SCALES, STORE, STRESS, SUMMARY, SWEEP_PLOT, StudyConfig, build_corpus, main_variants,
                                   middle_hook, preset, run_study, stress_variants)
 
 TINY = "embedded:tiny-gemma2"
@@ -98,6 +99,15 @@ def test_small_study_end_to_end_then_rerun_skips_everything(tmp_path):
     mean, std = (float(x) for x in row[3].split("±"))  # mean ± sample std over the seeds
     assert row[2].strip() == str(scale.seeds) and mean == pytest.approx(sum(evs) / len(evs), abs=1e-4)
     assert std == pytest.approx(float(np.std(evs, ddof=1)), abs=1e-4)
+
+    # The sweep: one row per lambda_max from 0 (topk-cosine) through the main dyncorr, and its plot.
+    lam_rows = [line.split("|") for line in md.splitlines() if re.match(r"\| [0-9.e+-]+ \| \d+ \| ", line)]
+    assert [r[1].strip() for r in lam_rows] == ["0", "0.01", "0.1", "1", "3", "10"]
+    main = next(r for r in lam_rows if r[1].strip() == "1")
+    evs = [json.loads(A.run_paths(tmp_path / RUNS / f"dyncorr-s{i}").eval.read_text())["eval_result_metrics"]
+           ["reconstruction_quality"]["explained_variance"] for i in range(scale.seeds)]
+    assert main[2].strip() == "3" and float(main[3].split("±")[0]) == pytest.approx(np.mean(evs), abs=1e-4)
+    assert (tmp_path / REPORT / SWEEP_PLOT).stat().st_size > 0 and f"]({REPORT}/{SWEEP_PLOT})" in md
 
     # Re-run: the store is kept, no run is trained or evaluated again.
     mtimes = {n: (tmp_path / RUNS / n / A.WEIGHTS).stat().st_mtime_ns for n in names}

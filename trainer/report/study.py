@@ -228,6 +228,12 @@ def run_study(cfg: StudyConfig, *, echo: Callable[[str], None], progress: Progre
     for title, (root, run_dirs) in groups.items():
         text.append(f"## {title} ({root / REPORT / 'report.md'})\n")
         text.append(summary_table(run_dirs))
+        if title == "main study":
+            points = sweep_points(cfg.out, s)
+            plot = plot_sweep(points, reference=_finished(cfg.out / RUNS, "topk", s.seeds),
+                              path=cfg.out / REPORT / SWEEP_PLOT)
+            text.append("## the penalty's strength: lambda_max from 0 (topk-cosine) up\n")
+            text.append(sweep_table(points) + (f"\n![sweep]({plot.relative_to(cfg.out)})\n" if plot else ""))
     path.write_text("\n".join(text))
     return path
 
@@ -284,6 +290,98 @@ def summary_table(run_dirs: list[Path]) -> str:
                 cells.append(f"{format(float(xs.mean()), spec)} ± {format(float(xs.std(ddof=1)), spec)}")
         lines.append(f"| {v} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# -- the penalty sweep: one curve from lambda 0 (topk-cosine) through the main dyncorr to the sweep --
+SWEEP_PLOT = "sweep.png"
+
+
+def _finished(runs: Path, variant: str, n: int) -> list[Path]:
+    return [d for d in (runs / f"{variant}-s{i}" for i in range(n)) if (d / "summary.json").exists()]
+
+
+def sweep_points(out: Path, scale: StudyScale) -> list[tuple[float, list[dict[str, float]]]]:
+    """``(lambda_max, [run numbers per finished seed])`` in increasing lambda: lambda 0 is
+    ``topk-cosine``, ``scale.lambda_max`` the main ``dyncorr`` (eps 1e-6), the rest the sweep."""
+    runs = out / RUNS
+    by = {0.0: _finished(runs, "topk-cosine", scale.seeds), scale.lambda_max: _finished(runs, "dyncorr", scale.seeds)}
+    for lam in scale.lambda_sweep:
+        by.setdefault(lam, []).extend(_finished(runs, f"dyncorr-lam{lam:g}", scale.sweep_seeds))
+    return [(lam, [run_numbers(d) for d in dirs]) for lam, dirs in sorted(by.items()) if dirs]
+
+
+_SWEEP_COLS = [("explained_variance", "EV", ".4f"), ("dead_fraction", "dead", ".3f"),
+               ("mean_sq_corr_coactive", "mean R² co-active", ".4g"),
+               ("frac_coactive_abs_corr_gt_0_5", "share abs(R) > 0.5", ".4f"),
+               ("decoder_redundancy", "dec. redundancy", ".4f"), ("ce_loss_score", "CE score", ".4f"),
+               ("probe_top1", "probe top-1", ".3f")]
+
+
+def _mean_std(xs: list[float], spec: str) -> str:
+    a = np.array([x for x in xs if not math.isnan(x)], dtype=np.float64)
+    if not len(a):
+        return ""
+    if len(a) == 1:
+        return format(float(a[0]), spec)
+    return f"{format(float(a.mean()), spec)} ± {format(float(a.std(ddof=1)), spec)}"
+
+
+def sweep_table(points: list[tuple[float, list[dict[str, float]]]]) -> str:
+    """Markdown: one row per lambda_max, mean +- std over its seeds."""
+    lines = ["| lambda_max | seeds | " + " | ".join(h for _, h, _ in _SWEEP_COLS) + " |",
+             "|" + "---|" * (len(_SWEEP_COLS) + 2)]
+    for lam, rows in points:
+        cells = [_mean_std([r[k] for r in rows], spec) for k, _, spec in _SWEEP_COLS]
+        lines.append(f"| {lam:g} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(points: list[tuple[float, list[dict[str, float]]]], *, reference: list[Path], path: Path
+               ) -> Path | None:
+    """Two panels: held-out mean R² against lambda_max (lambda 0 drawn at the left edge), and
+    the Pareto view, EV against mean R², one marker per run, labelled with its lambda; constant-k
+    TopK (``reference``) as a grey star. None without points."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    pts = [(lam, r["mean_sq_corr_coactive"], r["explained_variance"]) for lam, rows in points for r in rows
+           if np.isfinite(r["mean_sq_corr_coactive"]) and np.isfinite(r["explained_variance"])]
+    if not pts:
+        return None
+    positive = sorted({lam for lam, _, _ in pts if lam > 0})
+    zero_at = positive[0] / 10 if positive else 1.0  # lambda 0 on a log axis: one decade left of the first
+    fig = Figure(figsize=(10, 4.2), dpi=110)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for lam, r2, ev in pts:
+        x = lam if lam > 0 else zero_at
+        ax1.scatter([x], [r2], color="C0", s=22)
+        ax2.scatter([r2], [ev], color="C0", s=22)
+        ax2.annotate(f"{lam:g}", (r2, ev), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    means = [(lam if lam > 0 else zero_at, float(np.nanmean([r["mean_sq_corr_coactive"] for r in rows])))
+             for lam, rows in points]
+    ax1.plot(*zip(*means), color="C0", alpha=0.6)
+    ref = [run_numbers(d) for d in reference]
+    if ref:
+        ax1.axhline(float(np.nanmean([r["mean_sq_corr_coactive"] for r in ref])), color="grey", ls=":", lw=1)
+        ax2.scatter([r["mean_sq_corr_coactive"] for r in ref], [r["explained_variance"] for r in ref], color="grey",
+                    marker="*", s=60, label="topk, constant k")
+    ax2.xaxis.set_major_locator(MaxNLocator(5))
+    ax1.set_xscale("log")
+    ax1.set_xticks([zero_at, *positive], ["0", *(f"{lam:g}" for lam in positive)])
+    ax1.set_xlabel("lambda_max")
+    ax1.set_ylabel("held-out mean R² over co-active pairs")
+    ax1.set_title("decorrelation vs penalty strength (dotted: topk, mean)")
+    ax2.set_xlabel("held-out mean R² over co-active pairs")
+    ax2.set_ylabel("held-out explained variance")
+    ax2.set_title("reconstruction vs decorrelation (labels: lambda_max)")
+    if ref:
+        ax2.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
 
 
 def preset(name: str, **overrides: Any) -> StudyScale:
