@@ -111,6 +111,8 @@ def train(
     normalize: Annotated[str, typer.Option(help="none or expected_average_only_in.")] = _L.normalize,
     heldout_chunks: Annotated[int, typer.Option(help="Last store chunks kept out of training, for evaluation.")] = _L.heldout_chunks,
     shuffle_buffer_mb: Annotated[float, typer.Option(help="RAM for the shuffle buffer.")] = _L.shuffle_buffer_mb,
+    max_norm_ratio: Annotated[float, typer.Option(help="Drop rows with norm > this x the batch's median (massive "
+                                                       "activations, e.g. 10); 0 = keep all.")] = _T.max_norm_ratio,
     log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = _T.log_every,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = _T.checkpoint_every,
     config: Annotated[Optional[list[Path]], typer.Option(

@@ -169,6 +169,8 @@ class TrainConfig:
     """Fraction of steps of linear warm-up of the baseline's L1 coefficient."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 = off)."""
+    max_norm_ratio: float = 0.0
+    """Drop rows whose norm exceeds this multiple of the batch's median row norm (massive activations, e.g. 10); 0 = keep all."""
     seed: int = 0
     """Seed of initialisation and data order."""
     device: str = "auto"
@@ -190,6 +192,8 @@ class TrainConfig:
             (not (math.isfinite(self.lr) and self.lr > 0), f"--lr {self.lr} must be a positive finite number (e.g. 3e-4)"),
             *(fraction(name, getattr(self, name)) for name in ("lr_warmup_frac", "lr_min_ratio", "penalty_warmup_frac")),
             non_negative("grad_clip", self.grad_clip, "0 = off"),
+            (not (self.max_norm_ratio == 0 or (math.isfinite(self.max_norm_ratio) and self.max_norm_ratio > 1)),
+             f"--max-norm-ratio {self.max_norm_ratio} must be 0 (off) or a finite multiple > 1 of the median norm (e.g. 10)"),
             (self.seed < 0, f"--seed {self.seed} must be >= 0"),
             (not _DEVICE.fullmatch(self.device), f"--device {self.device!r}: use auto, cpu, cuda or cuda:N"),
         ])

@@ -44,7 +44,7 @@ def step_record(sae: SAE, out: SAEOutput, means: dict[str, float], ev: float, ct
                            "grad_norm": float(out.extras["grad_norm"]), "lr": float(out.extras["lr"]),
                            "k": ctx.k, "lambda": ctx.lam, "sparsity_coef": ctx.sparsity_coef,
                            "tokens_per_s": state["tokens"] / max(state["wall_s"], 1e-9),
-                           **{c: state[c] for c in _COUNTERS}}
+                           **{c: state[c] for c in _COUNTERS}, "rows_dropped": state.get("rows_dropped", 0)}
     for name, field in _PENALTY.items():
         if name in out.extras:
             rec[field] = float(out.extras[name])

@@ -32,6 +32,7 @@ from trainer.config import RunConfig, absolute_store
 from trainer.distributed import LOCAL, Collective, session
 from trainer.evaluation.reconstruction import evaluate
 from trainer.export import export_saelens, folded_weights, saelens_cfg, write_weights
+from trainer.rows import drop_norm_outliers
 from trainer.loader import ActivationLoader
 from trainer.metrics import append_record, batch_means, step_record
 from trainer.saes import ARCHS, SAE, SAEOutput, StepContext, build_sae
@@ -119,7 +120,8 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
         self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(EIG_BLOCK, cfg.sae.d_sae)].to(self.device)
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
-                                      "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0}
+                                      "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0,
+                                      "rows_dropped": 0}
         self.loader_state: dict[str, Any] | None = None  # this rank's position in the last checkpoint
         # Only now, with every input checked and the SAE and optimiser built, is anything written.
         self.paths, has_ckpt = self._prepare_run_dir(resume, overwrite)
@@ -159,6 +161,7 @@ class Trainer:
     def _restore(self, *, data_position: bool = True) -> None:
         ckpt = find_checkpoint(self.paths.checkpoint)
         self.state = load_checkpoint(ckpt, model=self.sae, optimizer=self.opt, device=self.device)
+        self.state.setdefault("rows_dropped", 0)  # checkpoints from before max_norm_ratio
         loader_state = self.state.pop("loader")
         ranks = self.state.pop("loader_ranks", [loader_state])
         if len(ranks) != self.dp.world_size:
@@ -198,6 +201,8 @@ class Trainer:
     def train_on(self, x: torch.Tensor) -> None:
         """Everything one batch does: b_dec from the first one, the step (or a rollback), log, checkpoint."""
         st = self.state
+        x, dropped = drop_norm_outliers(x, self.cfg.train.max_norm_ratio)
+        st["rows_dropped"] += dropped
         if st["step"] == 0 and st["tokens"] == 0:
             self.sae.init_b_dec(self.dp.gather_rows(x))  # from the global batch
             self._checkpoint()  # a rollback target exists from the start
@@ -269,7 +274,7 @@ class Trainer:
         if st["rollbacks"] >= _MAX_ROLLBACKS:
             raise ActcacheError(f"training diverged: {st['rollbacks']} rollbacks without recovering; "
                                 "lower --lr, or check the store with actcache verify")
-        kept = {k: st[k] for k in ("nonfinite_events", "skipped_steps", "rollbacks", "tokens", "wall_s")}
+        kept = {k: st[k] for k in ("nonfinite_events", "skipped_steps", "rollbacks", "tokens", "wall_s", "rows_dropped")}
         lr_scale = st["lr_scale"] / 2
         self._restore(data_position=False)
         self.state.update(kept, lr_scale=lr_scale, nonfinite_in_row=0)
@@ -312,7 +317,9 @@ class Trainer:
 
     def _export(self) -> dict[str, Any]:
         heldout = ActivationLoader(self.store, self.hook, self.cfg.loader, device=self.device, split="heldout")
-        metrics = evaluate(self.sae, heldout.batches(), k=self._final_k() if self.cfg.sae.arch != "baseline" else None)
+        ratio = self.cfg.train.max_norm_ratio
+        metrics = evaluate(self.sae, (drop_norm_outliers(b, ratio)[0] for b in heldout.batches()),
+                           k=self._final_k() if self.cfg.sae.arch != "baseline" else None)
         attrs = self.store.attrs
         # SAELens' metadata keys (trainer/export.py), then ours.
         metadata = {"model_name": attrs["model"]["id"], "hook_name": self.hook, "hook_head_index": None,
@@ -325,7 +332,7 @@ class Trainer:
         export_saelens(self.paths.weights, self.paths.saelens)
         summary = {"arch": self.cfg.sae.arch, "steps": self.state["step"], "tokens": self.state["tokens"],
                    "wall_s": self.state["wall_s"], "heldout": metrics.to_dict(),
-                   **{k: self.state[k] for k in ("nonfinite_events", "skipped_steps", "rollbacks")}}
+                   **{k: self.state[k] for k in ("nonfinite_events", "skipped_steps", "rollbacks", "rows_dropped")}}
         atomic_write_text(self.paths.summary, json.dumps(summary, indent=2))
         return summary
 
@@ -334,4 +341,6 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
           progress: Progress | None = None) -> dict[str, Any]:
     """Train one SAE (data parallel when launched by torchrun); returns the summary (also in ``summary.json``)."""
     with session(cfg.train.device) as dp:
+        if dp.world_size > 1 and cfg.train.max_norm_ratio:  # ranks would hold different row counts
+            raise ActcacheError("--max-norm-ratio is not supported with torchrun yet: train on one process, or use 0")
         return Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, dp=dp).fit()

@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from trainer.evaluation.probe_data import ProbeTask, load_labelled, make_split_t
 from trainer.evaluation.probing import KS, TokenActivations, mean_over_tasks, pool, sparse_probing, token_activations
 from trainer.evaluation.reconstruction import ReconstructionMetrics, evaluate
 from trainer.evaluation.splice import SpliceMetrics, splice_metrics
+from trainer.rows import drop_norm_outliers
 
 log = logging.getLogger(__name__)
 EVAL_TYPE = "actcache-core"
@@ -177,8 +178,18 @@ def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split:
     warnings = list(data.warnings)
     probe = _probe_tasks(cfg, warnings) if probe_sources(probe_file) else None
     t0 = time.perf_counter()
-    rec = evaluate(run.sae, (x.to(dev) for x in data.batches(max_rows=max_rows)), k=run.k)
-    dec = decorrelation_metrics(run.sae, (x.to(dev) for x in data.batches(max_rows=max_rows)), run.k)
+    ratio = run.cfg.train.max_norm_ratio  # the rows training left out are left out here too
+    dropped = [0]
+
+    def kept() -> Iterator[torch.Tensor]:
+        for x in data.batches(max_rows=max_rows):
+            x, n = drop_norm_outliers(x, ratio)
+            dropped[0] += n
+            yield x.to(dev)
+
+    rec = evaluate(run.sae, kept(), k=run.k)
+    rows_excluded = dropped[0]
+    dec = decorrelation_metrics(run.sae, kept(), run.k)
     spl, probe_mean, probe_by_source, probe_details = None, None, None, []
     if splice or probe:
         from actcache.hooks import parse_hook
@@ -187,10 +198,12 @@ def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split:
         loaded = _load_store_model(data.store, dev, warnings)
         if splice:
             spl = splice_metrics(loaded.model, spec, run.sae, run.k, data.windows(n_windows),
-                                 first_position=data.store.layout.first_position, batch_windows=batch_windows)
+                                 first_position=data.store.layout.first_position, batch_windows=batch_windows,
+                                 max_norm_ratio=ratio)
         if probe:
             probe_mean, probe_by_source, probe_details = _probe(run, data, loaded, spec, *probe, dev)
     metrics = _metrics(rec, dec, spl)
+    metrics["token_stats"]["rows_excluded_max_norm_ratio"] = rows_excluded
     if probe_mean is not None:
         metrics["sparse_probing"] = probe_mean
         metrics["sparse_probing_by_source"] = probe_by_source
@@ -200,7 +213,8 @@ def evaluate_run(run_dir: str | Path, *, store: str | Path | None = None, split:
                         "probe_file": ",".join(probe_sources(probe_file)) or None,
                         "run_dir": str(run.paths.root), "store": str(data.store.path), "hook": data.hook,
                         "chunks": [data.chunks.start, data.chunks.stop], "k": run.k, "device": str(dev),
-                        "model": data.store.attrs.get("model", {}).get("id"), "probe_ks": list(KS)},
+                        "model": data.store.attrs.get("model", {}).get("id"), "probe_ks": list(KS),
+                        "max_norm_ratio": ratio},
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": metrics,

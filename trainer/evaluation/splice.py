@@ -6,7 +6,9 @@ reconstruction, and with it zero-ablated. ``hook_resid_post`` of block L is the 
 block L, replaced by a forward hook on that block (for the last block this is before the
 final norm, as TransformerLens defines it); ``hook_resid_pre`` of L is the input of block L,
 replaced by a forward pre-hook. Only the positions the store holds are replaced: with
-``exclude_bos`` the BOS row keeps its clean value (the SAE never saw one).
+``exclude_bos`` the BOS row keeps its clean value (the SAE never saw one), and so do the rows
+a run trained with ``max_norm_ratio`` left out (``trainer.rows``), in both the spliced and the
+zero-ablated pass.
 
 ``ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean)`` (SAEBench): 1 = the SAE
 loses nothing, 0 = as bad as deleting the residual. KL is ``KL(p_clean || p_x)`` per
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 from actcache.hooks import HookSpec
 from actcache.models import decoder_layers
+from trainer.rows import norm_outliers
 from trainer.saes.base import SAE
 
 Replace = Callable[[torch.Tensor], torch.Tensor]
@@ -68,21 +71,30 @@ def replaced_residual(model: torch.nn.Module, spec: HookSpec, fn: Replace) -> It
         handle.remove()
 
 
-def sae_replacement(sae: SAE, k: int | None, first_position: int) -> Replace:
+def _keep_outliers(out: torch.Tensor, h: torch.Tensor, first_position: int, max_norm_ratio: float) -> torch.Tensor:
+    """Rows the SAE was not trained on (``trainer.rows``: norm > ratio x the median) keep their clean value."""
+    if max_norm_ratio:
+        x = h[:, first_position:]
+        mask = norm_outliers(x, max_norm_ratio)
+        out[:, first_position:][mask] = x[mask]
+    return out
+
+
+def sae_replacement(sae: SAE, k: int | None, first_position: int, max_norm_ratio: float = 0.0) -> Replace:
     def fn(h: torch.Tensor) -> torch.Tensor:
         x = h[:, first_position:]
         flat = x.reshape(-1, x.shape[-1]).to(sae.W_dec.dtype)
         out = h.clone()
         out[:, first_position:] = sae.decode(sae.encode(flat, k)).reshape(x.shape).to(h.dtype)
-        return out
+        return _keep_outliers(out, h, first_position, max_norm_ratio)
     return fn
 
 
-def zero_replacement(first_position: int) -> Replace:
+def zero_replacement(first_position: int, max_norm_ratio: float = 0.0) -> Replace:
     def fn(h: torch.Tensor) -> torch.Tensor:
         out = h.clone()
         out[:, first_position:] = 0
-        return out
+        return _keep_outliers(out, h, first_position, max_norm_ratio)
     return fn
 
 
@@ -98,12 +110,13 @@ def _score(zero: float, spliced: float, clean: float) -> float:
 
 @torch.inference_mode()
 def splice_metrics(model: torch.nn.Module, spec: HookSpec, sae: SAE, k: int | None, windows: torch.Tensor, *,
-                   first_position: int, batch_windows: int = 4) -> SpliceMetrics:
+                   first_position: int, batch_windows: int = 4, max_norm_ratio: float = 0.0) -> SpliceMetrics:
     """CE clean / spliced / zero-ablated and KL to the clean logits over ``windows`` ``(n, T)``."""
     device = next(model.parameters()).device
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n_pred = 0
-    variants = {"sae": sae_replacement(sae, k, first_position), "zero": zero_replacement(first_position)}
+    variants = {"sae": sae_replacement(sae, k, first_position, max_norm_ratio),
+                "zero": zero_replacement(first_position, max_norm_ratio)}
     for i in range(0, len(windows), batch_windows):
         ids = windows[i:i + batch_windows].to(device)
         target = ids[:, 1:].unsqueeze(-1)

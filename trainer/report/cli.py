@@ -103,6 +103,8 @@ def study(
     stress: Annotated[bool, typer.Option(help="Also run the eps 1e-6 vs eps 0 stress regimes (OUT/stress/).")] = True,
     probe_file: Annotated[str, typer.Option(help="sae eval: labelled texts for sparse probing (comma-separated); empty = none.")] = PROBES,
     splice: Annotated[bool, typer.Option(help="sae eval: CE loss and KL with the SAE spliced into the model.")] = True,
+    exclude_bos: Annotated[bool, typer.Option(help="Leave BOS rows out of the store (attention sinks: most of the variance at middle layers).")] = True,
+    max_norm_ratio: Annotated[float, typer.Option(help="Every run drops rows with norm > this x the batch median (massive activations); 0 = keep all.")] = 10.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (extraction and training).")] = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -115,7 +117,8 @@ def study(
 
     try:
         cfg = StudyConfig(out=out, model=model, hook=hook, dataset=dataset, device=device, stress=stress,
-                          probe_file=probe_file, splice=splice, scale=preset(scale, seeds=seeds or None))
+                          probe_file=probe_file, splice=splice, exclude_bos=exclude_bos, max_norm_ratio=max_norm_ratio,
+                          scale=preset(scale, seeds=seeds or None))
         path = run_study(cfg, echo=lambda m: console.print(m, highlight=False),
                          progress=None if quiet else _progress_factory(), on_comparison=lambda c: _print_tables(c.tables))
     except ActcacheError as e:

@@ -91,6 +91,10 @@ class StudyConfig:
     stress: bool = False
     probe_file: str = PROBES
     splice: bool = True
+    # Massive activations (trainer/rows.py): at SmolLM2-135M's blocks.15 the BOS rows hold 97% of
+    # the variance, and a few first-token rows most of the rest; the study leaves both out.
+    exclude_bos: bool = True
+    max_norm_ratio: float = 10.0
 
 
 def middle_hook(model: str) -> str:
@@ -146,8 +150,9 @@ def ensure_store(cfg: StudyConfig, hook: str, echo: Callable[[str], None]) -> Pa
         dataset = str(build_corpus(cfg.out / CORPUS, 8 * cfg.scale.n_tokens))
     xc = ExtractConfig(model=cfg.model, hooks=(hook,), out=str(path), dataset=dataset, context_size=cfg.scale.context_size,
                        n_tokens=cfg.scale.n_tokens, batch_size=cfg.scale.extract_batch, dtype=cfg.extract_dtype,
-                       device=cfg.device, chunk_rows=cfg.scale.chunk_rows)
+                       device=cfg.device, chunk_rows=cfg.scale.chunk_rows, exclude_bos=cfg.exclude_bos)
     if path.exists():
+        _check_same_extraction(path, xc)
         try:
             open_store(path)
             echo(f"store {path}: complete, kept")
@@ -159,6 +164,22 @@ def ensure_store(cfg: StudyConfig, hook: str, echo: Callable[[str], None]) -> Pa
     echo(f"extracting {cfg.scale.n_tokens:,} tokens of {cfg.model} at {hook} into {path}")
     extract(xc)
     return path
+
+
+def _check_same_extraction(path: Path, xc: Any) -> None:
+    """A store left by an earlier study with other settings is an error, never silently reused."""
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # not readable as a group: extract's resume reports it
+        return
+    was = attrs.get("extract_config", {})
+    diff = [f"{k} {was.get(k)!r} (now {getattr(xc, k)!r})" for k in ("model", "hooks", "context_size", "exclude_bos")
+            if k in was and (list(was[k]) if k == "hooks" else was[k]) != (list(getattr(xc, k)) if k == "hooks"
+                                                                            else getattr(xc, k))]
+    if diff:
+        raise ActcacheError(f"{path} was extracted with {', '.join(diff)}: delete it or pass another --out")
 
 
 def main_variants(scale: StudyScale) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
@@ -210,7 +231,7 @@ def run_study(cfg: StudyConfig, *, echo: Callable[[str], None], progress: Progre
     s = cfg.scale
     # Epochs are generous: n_tokens 0 means one pass over the train split, the budget is that pass.
     common = dict(hook=hook, device=cfg.device, echo=echo, progress=progress, on_comparison=on_comparison,
-                  train_overrides={"log_every": s.log_every},
+                  train_overrides={"log_every": s.log_every, "max_norm_ratio": cfg.max_norm_ratio},
                   eval_options={"splice": cfg.splice, "n_windows": s.eval_windows, "probe_file": cfg.probe_file or None})
     defs, seeds = main_variants(s)
     run_experiment(store, cfg.out, seeds=s.seeds, variants=tuple(defs), definitions=defs, seeds_of=seeds,
