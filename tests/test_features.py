@@ -218,3 +218,23 @@ def test_bad_input_is_one_line_error(planted_run, tmp_path):
         assert res.exit_code == 2, (args, res.output)
         assert msg in res.output and "Traceback" not in res.output, (args, res.output)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_rows_the_run_left_out_fire_no_latent(tmp_path):
+    """A run trained with --max-norm-ratio: its massive rows give no example, count or maximum."""
+    x = planted()
+    x[5] = -1.0
+    x[5, 0] = 5e4  # latent 0's largest activation by far, on a row 5e4 / median norm out
+    store = write_store(tmp_path / "p.zarr", x, rows_per_window=RPW, windows_per_chunk=WPC)
+    eye = torch.eye(D)
+    run = make_run(tmp_path / "run", store, HOOK, eye, eye)
+    cfg = json.loads(A.run_paths(run).config.read_text())
+    kept = build_features(run, FeaturesConfig(split="all", latents=2, examples=3, logits=False))
+    assert kept["latents"][0]["max_activation"] == pytest.approx(5e4) and kept["rows_excluded_max_norm_ratio"] == 0
+    atomic_write_text(A.run_paths(run).config, json.dumps({**cfg, "max_norm_ratio": 10.0}))
+    data = build_features(run, FeaturesConfig(split="all", latents=2, examples=3, logits=False))
+    assert data["rows_excluded_max_norm_ratio"] == 1
+    lat = data["latents"][0]
+    z0 = np.maximum(np.delete(x[:, 0], 5), 0)
+    assert lat["max_activation"] == pytest.approx(float(z0.max())) and lat["n_fired"] == int((z0 > 0).sum())
+    assert all((e["window"], e["position"]) != (0, 5) for e in lat["examples"])

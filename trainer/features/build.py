@@ -19,6 +19,7 @@ from trainer.evaluation.loading import TrainedRun, load_run
 from trainer.features.logits import load_head, logit_effects, unembedding
 from trainer.features.neighbours import sigma_correlations, sigma_statistics, top_neighbours
 from trainer.features.scan import FeatureScan, LatentSummary, histogram_edges
+from trainer.rows import norm_outliers
 
 log = logging.getLogger(__name__)
 FORMAT = {"name": "actcache-features", "version": 1}
@@ -72,9 +73,15 @@ def scan_split(run: TrainedRun, data: EvalData, cfg: FeaturesConfig, shown: np.n
                             f"{len(shown) * d_sae * 8 / 2**30:.1f} GiB: pass a smaller --latents")
     dev = run.sae.W_dec.device
     scan = FeatureScan(d_sae, cfg.examples, torch.as_tensor(shown), device=dev)
+    ratio, excluded = run.cfg.train.max_norm_ratio, 0
     for first, x in _rows(data, cfg.batch_rows, cfg.max_rows):
-        scan.update(run.sae.encode(x.to(dev), run.k), first)
-    return scan.summary()
+        z = run.sae.encode(x.to(dev), run.k)
+        if ratio:  # rows the run never trained on (massive activations) fire no latent here
+            out = norm_outliers(x, ratio).to(dev)
+            z[out] = 0
+            excluded += int(out.sum())
+        scan.update(z, first)
+    return replace(scan.summary(), rows_excluded=excluded)
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,7 @@ def build_features(run_dir: str | Path, cfg: FeaturesConfig) -> dict[str, Any]:
         "d_in": run.sae.cfg.d_in, "d_sae": d_sae, "k": run.k,
         "store": str(data.store.path), "hook": data.hook, "split": data.split,
         "chunks": [data.chunks.start, data.chunks.stop], "n_rows": summary.n_rows,
+        "rows_excluded_max_norm_ratio": summary.rows_excluded,
         "model": data.store.attrs.get("model", {}).get("id"),
         "examples_per_latent": cfg.examples, "context": {"before": cfg.before, "after": cfg.after},
         "histogram_edges": histogram_edges(), "logit_effects_note": logit_note,

@@ -39,6 +39,7 @@ class LatentSummary:
     hist: np.ndarray  # (d_sae, HIST_BINS) int64
     shown: np.ndarray  # (n_shown,) int64: latents with co-activation sums
     coactivation: np.ndarray  # (n_shown, d_sae) float64: Pearson correlation of z_i (i shown) with every z_j
+    rows_excluded: int = 0  # rows whose latents were zeroed: the run's max_norm_ratio outliers (trainer.rows)
 
     @property
     def frequency(self) -> np.ndarray:
