@@ -56,7 +56,7 @@ def _harness_class():
 
     from trainer import schedules as sch
     from trainer.saes import build_sae
-    from trainer.train import EIG_BLOCK, Trainer, make_optimizer
+    from trainer.train import EIG_BLOCK, Trainer, initial_state, make_optimizer
 
     class StepHarness(Trainer):
         """``Trainer`` minus the store, loader and run dir: the same objects ``Trainer.__init__``
@@ -76,8 +76,7 @@ def _harness_class():
             self.opt = make_optimizer(self.sae, cfg.train.lr)
             g = torch.Generator().manual_seed(cfg.train.seed + 1)
             self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(EIG_BLOCK, cfg.sae.d_sae)].to(device)
-            self.state = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
-                          "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0}
+            self.state = initial_state()
             self.loader_state = None
             self._stop = False
 

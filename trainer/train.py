@@ -119,9 +119,7 @@ class Trainer:
         self.opt = make_optimizer(self.sae, cfg.train.lr)
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
         self.eig_block = torch.randperm(cfg.sae.d_sae, generator=g)[: min(EIG_BLOCK, cfg.sae.d_sae)].to(self.device)
-        self.state: dict[str, Any] = {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0,
-                                      "skipped_steps": 0, "rollbacks": 0, "nonfinite_in_row": 0, "wall_s": 0.0,
-                                      "rows_dropped": 0}
+        self.state: dict[str, Any] = initial_state()
         self.loader_state: dict[str, Any] | None = None  # this rank's position in the last checkpoint
         # Only now, with every input checked and the SAE and optimiser built, is anything written.
         self.paths, has_ckpt = self._prepare_run_dir(resume, overwrite)
@@ -335,6 +333,12 @@ class Trainer:
                    **{k: self.state[k] for k in ("nonfinite_events", "skipped_steps", "rollbacks", "rows_dropped")}}
         atomic_write_text(self.paths.summary, json.dumps(summary, indent=2))
         return summary
+
+
+def initial_state() -> dict[str, Any]:
+    """A fresh run's counters (the checkpointed ``state``)."""
+    return {"step": 0, "tokens": 0, "lr_scale": 1.0, "nonfinite_events": 0, "skipped_steps": 0, "rollbacks": 0,
+            "nonfinite_in_row": 0, "wall_s": 0.0, "rows_dropped": 0}
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
