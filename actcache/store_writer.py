@@ -91,6 +91,51 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class ChunkEncoder:
+    """One array's chunks (chunked along rows) encoded by its own zarr codecs on the calling thread and
+    written with the local store's atomic put: the same bytes as ``array[rows] = a``, without
+    zarr's one event-loop thread, which would run every writer thread's checksum and copies one
+    after another (docs/benchmarks.md, the writer section). Local stores only; None elsewhere."""
+
+    def __init__(self, array: zarr.Array, name: str, store: Any):
+        from zarr.core.array_spec import ArrayConfig, ArraySpec
+        from zarr.core.buffer import default_buffer_prototype
+
+        self.array, self.name, self.store = array, name, store
+        self.prototype = default_buffer_prototype()
+        meta = array.metadata
+        self.chunk_shape = tuple(meta.chunk_grid.chunk_shape)
+        self.dtype = meta.data_type.to_native_dtype()
+        self.spec = ArraySpec(shape=self.chunk_shape, dtype=meta.data_type, fill_value=meta.fill_value,
+                              config=ArrayConfig(order="C", write_empty_chunks=True), prototype=self.prototype)
+        self.codecs = tuple(meta.codecs)
+
+    @classmethod
+    def for_array(cls, array: zarr.Array, name: str, location: StoreLocation) -> "ChunkEncoder | None":
+        meta = array.metadata
+        # Chunked along rows only (chunk c = rows of c), and codecs with zarr's synchronous encoder.
+        if location.local is None or getattr(meta, "zarr_format", 3) != 3 or \
+                tuple(meta.chunk_grid.chunk_shape[1:]) != tuple(meta.shape[1:]) or \
+                not all(hasattr(c, "_encode_sync") for c in meta.codecs):
+            return None
+        return cls(array, name, zarr.storage.LocalStore(location.local))
+
+    def encode(self, a: np.ndarray) -> Any:
+        """The chunk object's bytes: ``a`` padded with the fill value to the chunk shape (as zarr
+        stores an edge chunk), then every codec of the array in order."""
+        if a.shape != self.chunk_shape:
+            full = np.full(self.chunk_shape, self.spec.fill_value, dtype=self.dtype)
+            full[:a.shape[0]] = a
+            a = full
+        data: Any = self.prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(a, dtype=self.dtype))
+        for codec in self.codecs:
+            data = codec._encode_sync(data, self.spec)
+        return data
+
+    def put(self, chunk: int, a: np.ndarray) -> None:
+        self.store.set_sync(S.chunk_key(self.array, self.name, chunk), self.encode(a))
+
+
 class StoreWriter:
     """Write access to a store being extracted (one process or many dask workers)."""
 
@@ -107,6 +152,12 @@ class StoreWriter:
                            for name in ("sum", "norms")} for h in self.hooks}
         self._manifest = _writing(S.open_array(self.group, S.MANIFEST, self.location))
         self._store: S.ActivationStore | None = None
+        # name -> encoder, for every array write_chunk writes (None: through zarr's array API).
+        self._encoders = {h: ChunkEncoder.for_array(self._arrays[h], h, self.location) for h in self.hooks}
+        for h in self.hooks:
+            for name, arr in self._stats[h].items():
+                self._encoders[S.stats_array(h, name)] = ChunkEncoder.for_array(arr, S.stats_array(h, name), self.location)
+        self._encoders[S.MANIFEST] = ChunkEncoder.for_array(self._manifest, S.MANIFEST, self.location)
 
     @classmethod
     def create(
@@ -197,12 +248,23 @@ class StoreWriter:
             a = acts[h]
             if a.shape != (r1 - r0, self._arrays[h].shape[1]):
                 raise ValueError(f"chunk {chunk} of {h}: shape {a.shape}, expected {(r1 - r0, self._arrays[h].shape[1])}")
-            self._arrays[h][r0:r1] = a
+            self._put(h, self._arrays[h], chunk, a, slice(r0, r1))
             x = _float32_view(a, self.logical_dtype)
             sq = np.einsum("ij,ij->i", x, x)
-            self._stats[h]["sum"][chunk] = x.sum(axis=0, dtype=np.float64)
-            self._stats[h]["norms"][chunk] = [sq.sum(dtype=np.float64), np.sqrt(sq).sum(dtype=np.float64)]
-        self._manifest[chunk] = 1
+            self._put(S.stats_array(h, "sum"), self._stats[h]["sum"], chunk, x.sum(axis=0, dtype=np.float64)[None],
+                      slice(chunk, chunk + 1))
+            norms = np.array([[sq.sum(dtype=np.float64), np.sqrt(sq).sum(dtype=np.float64)]])
+            self._put(S.stats_array(h, "norms"), self._stats[h]["norms"], chunk, norms, slice(chunk, chunk + 1))
+        self._put(S.MANIFEST, self._manifest, chunk, np.ones(1, np.uint8), slice(chunk, chunk + 1))
+
+    def _put(self, name: str, array: zarr.Array, chunk: int, value: np.ndarray, rows: slice) -> None:
+        """Zarr chunk ``chunk`` of ``array`` (``rows`` of it): encoded on this thread when the
+        store is local, else through zarr's array API."""
+        enc = self._encoders[name]
+        if enc is not None:
+            enc.put(chunk, value)
+        else:
+            array[rows] = value
 
     def finalize(self) -> dict[str, Any]:
         """Check every chunk is committed, reduce per-chunk statistics, mark complete."""

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zarr
 import pytest
 
 from actcache import store as S
@@ -75,21 +76,21 @@ def test_each_manifest_entry_follows_its_own_data_and_statistics(tmp_path):
     x = _data(1)
     w = _new_store(tmp_path / "s.zarr", "zstd")
     reader = S.ActivationStore(tmp_path / "s.zarr", require_complete=False)
-    manifest, seen, errors, lock = w._manifest, [], [], threading.Lock()
+    enc = w._encoders[S.MANIFEST]  # local store: the manifest entry is written by its chunk encoder
+    put, seen, errors, lock = enc.put, [], [], threading.Lock()
 
-    class CheckedManifest:
-        def __setitem__(self, c, value):
-            r0, r1 = c * CHUNK_ROWS, (c + 1) * CHUNK_ROWS
-            ok = (np.array_equal(reader.read_rows(HOOK, r0, r1), x[r0:r1])
-                  and np.array_equal(reader.read(S.stats_array(HOOK, "sum"), c, c + 1)[0],
-                                     x[r0:r1].sum(axis=0, dtype=np.float64)))
-            with lock:
-                seen.append(c)
-                if not ok:
-                    errors.append(c)
-            manifest[c] = value
+    def checked_put(c, value):
+        r0, r1 = c * CHUNK_ROWS, (c + 1) * CHUNK_ROWS
+        ok = (np.array_equal(reader.read_rows(HOOK, r0, r1), x[r0:r1])
+              and np.array_equal(reader.read(S.stats_array(HOOK, "sum"), c, c + 1)[0],
+                                 x[r0:r1].sum(axis=0, dtype=np.float64)))
+        with lock:
+            seen.append(c)
+            if not ok:
+                errors.append(c)
+        put(c, value)
 
-    w._manifest = CheckedManifest()
+    enc.put = checked_put
     _write(w, x, threads=4)
     assert sorted(seen) == list(range(N_CHUNKS))
     assert errors == []
@@ -147,3 +148,52 @@ def test_queue_stays_bounded_while_writers_are_busy(tmp_path):
     p.join(timeout=10)
     bg.close()
     assert len(accepted) == N_CHUNKS
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc-lz4", "none"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_direct_encoding_writes_zarrs_own_bytes(tmp_path, codec, dtype):
+    """The writer threads encode chunks with the array's own zarr codecs (ChunkEncoder): every
+    chunk object, the padded edge chunk included, is byte for byte what ``array[rows] = a`` writes."""
+    from actcache.dtypes import storage_dtype
+    from actcache.store_writer import ChunkEncoder, compressors_for, with_checksum
+
+    sdt = storage_dtype(dtype)
+    x = (_data(3)[:5 * CHUNK_ROWS - 7] * 100).astype(np.float32)  # the last chunk is an edge chunk
+    a = x.view(np.uint32).__rshift__(16).astype(np.uint16) if dtype == "bfloat16" else x.astype(sdt)
+    paths = {}
+    for how in ("zarr", "direct"):
+        g = zarr.open_group(str(tmp_path / f"{how}.zarr"), mode="w")
+        arr = g.create_array(HOOK, shape=a.shape, chunks=(CHUNK_ROWS, D), dtype=sdt, fill_value=0,
+                             compressors=with_checksum(compressors_for(codec, sdt.itemsize)))
+        enc = ChunkEncoder.for_array(arr, HOOK, S.StoreLocation(tmp_path / f"{how}.zarr")) if how == "direct" else None
+        assert how == "zarr" or enc is not None
+        for c in range(5):
+            rows = a[c * CHUNK_ROWS:(c + 1) * CHUNK_ROWS]
+            if enc is None:
+                arr.with_config({"write_empty_chunks": True})[c * CHUNK_ROWS:c * CHUNK_ROWS + len(rows)] = rows
+            else:
+                enc.put(c, rows)
+        paths[how] = tmp_path / f"{how}.zarr" / HOOK / "c"
+    files = sorted(p.relative_to(paths["zarr"]) for p in paths["zarr"].rglob("*") if p.is_file())
+    assert len(files) == 5
+    for f in files:
+        assert (paths["direct"] / f).read_bytes() == (paths["zarr"] / f).read_bytes(), f
+    back = zarr.open_group(str(tmp_path / "direct.zarr"), mode="r")[HOOK][:]
+    assert np.array_equal(back, a)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc-lz4", "none"])
+def test_whole_store_matches_zarrs_own_write_path(tmp_path, codec):
+    """Activations, statistics and manifest through the chunk encoders, or all through zarr's
+    array API: the same objects, byte for byte."""
+    x = _data(5)
+    for how in ("zarr", "direct"):
+        w = _new_store(tmp_path / f"{how}.zarr", codec)
+        if how == "zarr":
+            w._encoders = {name: None for name in w._encoders}
+        else:
+            assert all(enc is not None for enc in w._encoders.values())
+        _write(w, x, 2)
+        w.finalize()
+    assert _objects(tmp_path / "direct.zarr") == _objects(tmp_path / "zarr.zarr")
