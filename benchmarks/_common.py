@@ -233,13 +233,24 @@ tr = Trainer(cfg, overwrite=True)
 X = _load_batches()
 tr.sae.init_b_dec(X[0])
 DEAD_AFTER = float(tr.cfg.sae.dead_after_tokens)
+MM = {}
 def prepare(cmd):
     # Force the same latents dead on every step (0 of them: none), as the SAELens side does.
     m = _dead_mask(cmd.get("dead_frac", 0.0))
     tr.sae.tokens_since_fired.copy_(torch.where(m, DEAD_AFTER, 0.0).to(tr.sae.tokens_since_fired.dtype))
+    if cmd.get("time_matmul"):
+        # The step's one dense operation alone, on the same batch, just before the (timed) step:
+        # the floor a step could reach. Untimed by _serve; reported as "mm" by step().
+        sae, x = tr.sae, X[cmd["i"] % len(X)]
+        with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=DEV.type == "cuda"):
+            _sync()
+            t0 = time.perf_counter()
+            torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.t())
+            _sync()
+            MM["mm"] = time.perf_counter() - t0
 def step(i):
     out = tr._step(X[i % len(X)])
-    return {"skipped": out is None, "loss": None if out is None else float(out.loss)}
+    return {"skipped": out is None, "loss": None if out is None else float(out.loss), **MM}
 _serve({"arch": P["arch"], "params": sum(p.numel() for p in tr.sae.parameters()),
         "torch": torch.__version__})
 '''

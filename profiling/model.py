@@ -14,12 +14,12 @@ grid):
 * ``forward.*``: baseline keeps ``z`` (B x d_sae, saved by ReLU) while ``(z > 0).sum(-1)`` casts
   the bool mask to a B x d_sae int64 copy (13 B d_sae bytes live). TopK: ``pre`` (B x d_sae)
   and ``pre_dead`` (its dense (B, n_dead) index_select, float32) in ``_TopKEncode.forward``,
-  which saves x_c, val, idx and the CSR pattern (argsort ``order``, ``crow``); AuxK:
+  which saves x_c, val, idx and the by-latent CSR pattern (``order``, ``crow``, ``cols``); AuxK:
   ``aux_topk``'s ``zeros_like`` and scattered (B, n_dead) code, ``W_dec.index_select(0,
   dead_idx)`` (n_dead x d_in); ``gather`` saves pre_dead, ``mm`` the code and the rows.
 * ``penalty.*`` (dyncorr, ``trainer/saes/corr_penalty.py``): on CPU the fused kernels
   (``fused_pairs.py``) pack the P = B k (k-1) / 2 row pairs as one int64 each (``key << shift |
-  b, p, q``), sorted in place slice by slice (numpy arrays: RSS only), then U-long vectors for
+  b, p, q``), radix-sorted slice by slice through a second buffer (numpy arrays: RSS only), then U-long vectors for
   the U distinct pairs (keys, sums, M gathered, R, rr). Elsewhere ``unique_pairs``
   (``torch.unique``: int32 keys when d_sae^2 fits, their sorted copy, an int64 permutation and
   a temporary of its size, then the inverse), the (B, k, k) outer product gathered at pos, and
@@ -29,8 +29,10 @@ grid):
   ``a`` gathered to the P row pairs and scattered into a (B, k, k) matrix. AuxK
   first (its nodes are the newest): the code's and the rows' gradients, index_select's
   backward (``zeros(d_sae, d_in).index_add``), gather's (two (B, n_dead)); then ``pow``'s
-  backward (3 B x d_in), embedding_bag's dense W_dec gradient summed with AuxK's (3 d_sae x
-  d_in at the sum), ``_TopKEncode.backward``: ``sparse.mm``'s zeros and result (W_enc.grad).
+  backward (3 B x d_in), the decoder's W_dec gradient (on CPU ``sparse.mm`` with the by-latent
+  pattern; elsewhere embedding_bag's dense backward) summed with AuxK's (3 d_sae x d_in at the
+  sum), ``_TopKEncode.backward``: ``sparse.mm``'s zeros and result (W_enc.grad); b_dec's share
+  through x - b_dec is ``grad_b @ W_enc`` (no B x d_in gradient of x).
 * ``optimizer``: Adam as ``trainer.train.make_optimizer`` builds it: fused (no temporaries), per
   tensor (``denom`` of the previous parameter alive while the next one's ``sqrt`` and quotient
   are built: 3 d_sae x d_in) or foreach (one copy of all parameters). ``project_decoder_grad``
@@ -193,12 +195,13 @@ def _fused(s: TrainSpec) -> bool:
 
 
 def _scratch_bytes(s: TrainSpec) -> int:
-    """``fused_pairs._SCRATCH``: the packed row pairs (P int64), R and rr (U each), every one
-    allocated with 1/8 headroom and kept between steps (given back after the backward)."""
+    """``fused_pairs._SCRATCH``: the packed row pairs and the radix sort's second buffer (P int64
+    each), R and rr (U each), every one allocated with 1/8 headroom and kept between steps
+    (given back after the backward)."""
     if not _fused(s):
         return 0
     P, U, c = n_pairs(s.batch_size, s.k), unique_pairs(s), COV_DTYPES[s.cov_dtype]
-    return 8 * (P + P // 8) + 2 * c * (U + U // 8)
+    return 2 * 8 * (P + P // 8) + 2 * c * (U + U // 8)
 
 
 def _grads(nd_buffers: int, s: TrainSpec) -> dict[str, int]:
@@ -227,7 +230,7 @@ def _baseline_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
 def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     """TopK/dyncorr phases, and what is alive once the forward (before the penalty) is done.
 
-    ``_TopKEncode.forward`` saves x_c, val, idx, the CSR pattern (argsort ``order``, ``crow``) and
+    ``_TopKEncode.forward`` saves x_c, val, idx, the CSR pattern (``order``, ``crow``, ``cols``) and
     returns ``pre_dead``, the (B, n_dead) float32 index_select of the pre-activations; AuxK
     (``aux_topk``) scatters its top ``ka`` into a fresh dense (B, n_dead) code and decodes it with
     ``W_dec.index_select(0, dead_idx)`` (n_dead x d_in): ``gather`` saves pre_dead, ``mm`` the code
@@ -237,8 +240,8 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
     a = 2 if bf16 else 4
     Bd, Bnd, nD = 4 * B * d, 4 * B * nd, 4 * nd * d  # float32 (B, d_in), (B, n_dead), (n_dead, d_in)
     casts = {"activations": 2 * (n * d + B * d + n)} if bf16 else {}  # autocast's bf16 W_enc, x_c, b_enc
-    # x_c; val (float32), idx, order (int64); crow; dead_idx; pre_dead (float32, (B, n_dead)).
-    enc = {"saved": Bd + 20 * B * k + 8 * (n + 1) + 8 * nd + Bnd}
+    # x_c; val (float32), idx, order, cols (int64); crow; dead_idx; pre_dead (float32, (B, n_dead)).
+    enc = {"saved": Bd + 28 * B * k + 8 * (n + 1) + 8 * nd + Bnd}
     dec = _merge(enc, {"saved": Bd, "activations": Bd})  # err (saved by pow); x_hat
     # pos (int64), ReLU'd values; the dense code and W_dec's dead rows, saved by mm (autocast: bf16 copies).
     aux = {"saved": 12 * B * ka + (Bnd + nD) * a // 4}
@@ -268,8 +271,8 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
         "backward.mse": _merge(dec, {"activations": 3 * Bd}, _grads(1 if nd else 0, s)),  # pow's backward
         # embedding_bag's dense W_dec gradient, summed with AuxK's (3 d_sae x d_in at the sum).
         "backward.decode": _merge(enc, {"saved": Bd}, _grads(3 if nd else 1, s)),
-        # W_dec.grad, sparse.mm's zeros and result (W_enc.grad); g, cols, the CSR values.
-        "backward.encode": _merge(enc, {"saved": Bd, "activations": Bd + 20 * B * k}, _grads(3, s)),
+        # W_dec.grad, sparse.mm's zeros and result (W_enc.grad); g and the CSR values.
+        "backward.encode": _merge(enc, {"saved": Bd, "activations": 12 * B * k}, _grads(3, s)),
     })
     return phases, _merge(after, casts)
 

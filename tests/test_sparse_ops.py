@@ -1,9 +1,10 @@
 """The sparse TopK encoder/decoder give the same values and gradients as dense autograd (float64)."""
 
+import pytest
 import torch
 from torch.nn import functional as F
 
-from trainer.saes.sparse_ops import aux_topk, densify, sparse_decode, topk_encode
+from trainer.saes.sparse_ops import ByLatent, aux_topk, densify, sparse_decode, topk_encode
 
 
 def _dense_reference(x_c, w, b, k, dead, k_aux, W_dec, b_dec):
@@ -17,10 +18,14 @@ def _dense_reference(x_c, w, b, k, dead, k_aux, W_dec, b_dec):
     return out
 
 
-def test_values_and_gradients_match_dense_autograd_float64():
+@pytest.mark.parametrize("x_grad", [False, True], ids=["data-x", "x-needs-grad"])
+@pytest.mark.parametrize("by_latent", [True, False], ids=["by-latent-decode", "embedding-bag-decode"])
+def test_values_and_gradients_match_dense_autograd_float64(x_grad, by_latent):
+    """Both of b_dec's routes (through the decoder and through x - b_dec, which is grad_b @ W_enc
+    when x is data) and both decoder backwards, against dense autograd."""
     g = torch.Generator().manual_seed(0)
     B, d_in, d_sae, k, k_aux = 16, 12, 40, 5, 7
-    x_c = torch.randn(B, d_in, dtype=torch.float64, generator=g)
+    x = torch.randn(B, d_in, dtype=torch.float64, generator=g)
     w = torch.randn(d_sae, d_in, dtype=torch.float64, generator=g)
     b = torch.randn(d_sae, dtype=torch.float64, generator=g) * 0.1
     W_dec = torch.randn(d_sae, d_in, dtype=torch.float64, generator=g)
@@ -31,32 +36,50 @@ def test_values_and_gradients_match_dense_autograd_float64():
     aux_target = torch.randn(B, d_in, dtype=torch.float64, generator=g)
 
     def run(sparse: bool):
-        leaves = [t.clone().requires_grad_(True) for t in (x_c, w, b, W_dec, b_dec)]
-        xc_, w_, b_, Wd_, bd_ = leaves
+        leaves = [t.clone().requires_grad_(True) for t in (w, b, W_dec, b_dec)]
+        w_, b_, Wd_, bd_ = leaves
+        x_ = x.clone().requires_grad_(x_grad)
         if sparse:
             dead_idx = dead.nonzero().squeeze(1)
-            val, idx, pre_dead = topk_encode(xc_, w_, b_, k, dead_idx)
-            x_hat = sparse_decode(idx, val, Wd_, bd_)
+            val, idx, pre_dead, sel = topk_encode(x_, bd_, w_, b_, k, dead_idx)
+            x_hat = sparse_decode(idx, val, Wd_, bd_, sel if by_latent else None)
             e_hat = aux_topk(pre_dead, k_aux) @ Wd_.index_select(0, dead_idx)
             z = densify(idx, val, d_sae)
         else:
-            ref = _dense_reference(xc_, w_, b_, k, dead, k_aux, Wd_, bd_)
+            ref = _dense_reference(x_ - bd_, w_, b_, k, dead, k_aux, Wd_, bd_)
             x_hat, z, e_hat = ref["x_hat"], ref["z"], ref["aux"] @ Wd_
         loss = ((x_hat - target) ** 2).sum() + ((e_hat - aux_target) ** 2).sum() + z.abs().sum()
         loss.backward()
-        return loss.detach(), [t.grad for t in leaves]
+        return loss.detach(), [t.grad for t in leaves] + ([x_.grad] if x_grad else [])
 
     ls, gs = run(True)
     ld, gd = run(False)
     torch.testing.assert_close(ls, ld, rtol=1e-12, atol=0)
+    assert len(gs) == len(gd) == 4 + x_grad
     for a, r in zip(gs, gd):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
+def test_by_latent_sample_is_the_sampled_product():
+    """ByLatent.sample: (a @ b.T) at every selected (latent, row), back in the (B, k) order."""
+    g = torch.Generator().manual_seed(3)
+    B, k, d_sae, d_in = 9, 4, 30, 7
+    idx = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(B)])
+    a = torch.randn(d_sae, d_in, dtype=torch.float64, generator=g)
+    b = torch.randn(B, d_in, dtype=torch.float64, generator=g)
+    sel = ByLatent.build(idx, d_sae)
+    ref = (a @ b.t())[idx, torch.arange(B)[:, None]]
+    torch.testing.assert_close(sel.sample(a, b), ref, rtol=1e-13, atol=0)
+    v = torch.randn(B, k, dtype=torch.float64, generator=g)
+    dense = torch.zeros(d_sae, B, dtype=torch.float64)
+    dense[idx, torch.arange(B)[:, None]] = v
+    torch.testing.assert_close(sel.csr(v).to_dense(), dense, rtol=0, atol=0)
+
+
 def test_no_dead_latents_gives_empty_aux():
     x = torch.randn(4, 6)
-    val, idx, pre_dead = topk_encode(x, torch.randn(10, 6), torch.zeros(10), 3, torch.zeros(0, dtype=torch.int64))
+    val, idx, pre_dead, _ = topk_encode(x, torch.zeros(6), torch.randn(10, 6), torch.zeros(10), 3, torch.zeros(0, dtype=torch.int64))
     assert val.shape == idx.shape == (4, 3) and pre_dead.shape == (4, 0)
     assert (val >= 0).all()
 
@@ -67,7 +90,7 @@ def test_unused_outputs_still_give_exact_gradients():
     x_c = torch.randn(9, 5, dtype=torch.float64, generator=g)
     w = torch.randn(20, 5, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.zeros(20, dtype=torch.float64, requires_grad=True)
-    val, idx, pre_dead = topk_encode(x_c, w, b, 4, torch.arange(0, 20, 2))
+    val, idx, pre_dead, _ = topk_encode(x_c, torch.zeros(5, dtype=torch.float64), w, b, 4, torch.arange(0, 20, 2))
     (val ** 2).sum().backward()
     w2, b2 = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
     pre = x_c @ w2.t() + b2
@@ -83,8 +106,8 @@ def test_bf16_autocast_hands_over_weight_dtype():
     b = torch.zeros(16, requires_grad=True)
     W_dec = torch.randn(16, 6, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        val, idx, pre_dead = topk_encode(x_c, w, b, 3, torch.tensor([1, 5, 7]))
-        x_hat = sparse_decode(idx, val, W_dec, torch.zeros(6))
+        val, idx, pre_dead, sel = topk_encode(x_c, torch.zeros(6), w, b, 3, torch.tensor([1, 5, 7]))
+        x_hat = sparse_decode(idx, val, W_dec, torch.zeros(6), sel)
         e_hat = aux_topk(pre_dead, 2) @ W_dec.index_select(0, torch.tensor([1, 5, 7]))
     assert val.dtype == pre_dead.dtype == torch.float32
     (x_hat.float().pow(2).sum() + e_hat.float().pow(2).sum()).backward()

@@ -9,10 +9,8 @@ the tests hold this one to.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 import weakref
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numba
 import numpy as np
@@ -69,11 +67,6 @@ class _Scratch:
 _SCRATCH = _Scratch()
 
 
-@lru_cache(maxsize=1)
-def _sorter(n_threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="pair-sort")
-
-
 def add_distinct(flat: Tensor, keys: Tensor, values: Tensor, scale: float) -> bool:
     """``flat[keys] += scale * values`` in parallel on CPU, for distinct int64 ``keys`` (the
     penalty's moments); False (nothing done) where the kernel does not apply."""
@@ -121,11 +114,11 @@ class FusedPairs:
         s_np = s.to(torch.int64).numpy()
         bucket_of = kern.plan_buckets(s_np, d, n_buckets)
         n = B * k * (k - 1) // 2
-        scratch = {"packed": _SCRATCH.take("packed", n, np.int64)}
+        scratch = {name: _SCRATCH.take(name, n, np.int64) for name in ("packed", "sort_tmp")}
         packed = scratch["packed"][:n]
         bounds = kern.pack_pairs(s_np, d, kb, shift, bucket_of, n_buckets, packed)
-        # numpy's sort releases the GIL: the slices sort in parallel, and a slice holds whole runs.
-        list(_sorter(threads).map(lambda t: packed[bounds[t]:bounds[t + 1]].sort(), range(n_buckets)))
+        base, span_bits = kern.slice_spans(bucket_of, d, n_buckets)
+        kern.radix_sort_slices(packed, scratch["sort_tmp"][:n], shift, bounds, base, span_bits, kern.DIGIT_BITS)
         uoff = kern.count_runs(packed, shift, bounds)
         return cls(packed, bounds, uoff, vs.contiguous().view(-1).numpy(), k, d, kb, shift, scratch)
 

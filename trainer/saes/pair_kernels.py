@@ -3,7 +3,7 @@
 The penalty's cost is a handful of passes over the n = B k (k - 1) / 2 row pairs of a batch:
 build their keys, merge the duplicates, sum the products, form ``R``, scatter the gradient back.
 As separate torch / numpy ops each pass re-reads 30-70 MB arrays on one core; fused here they
-read them once, in parallel. The merge itself stays numpy's SIMD sort, one slice per thread.
+read them once, in parallel. The merge is a radix sort on the key bits, one slice per thread.
 
 Layout. A row pair ``(b, p, q)`` (positions ``p < q`` of the sorted row ``b``) is packed as
 ``key << shift | b << 2 kb | p << kb | q``, ``key = lo * d_sae + hi`` and ``kb`` the bits of
@@ -11,6 +11,12 @@ Layout. A row pair ``(b, p, q)`` (positions ``p < q`` of the sorted row ``b``) i
 ``n_buckets`` slices by the bucket of their ``lo`` latent (:func:`plan_buckets` cuts the latents
 so the slices hold about as many pairs each): every key lives in one slice, so the slices are
 sorted independently and every later pass runs slice by slice in parallel, no run crossing two.
+
+Sorting. A slice's keys span ``(its latents as lo) x d_sae`` values, ~25 bits at d_sae 16384:
+two or three stable counting passes on 13-bit digits of ``key - base`` (:func:`radix_sort_slices`)
+sort it in ~1/4 of numpy's comparison sort (measured 50 vs 225 ms on 8.3M pairs, 2 threads). A
+stable sort on the key alone gives the very order of sorting the whole int64: within a slice
+``pack_pairs`` writes the pairs in ascending ``(b, p, q)``, which is the order of their low bits.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["backward_pass", "correlations", "count_runs", "pack_pairs", "plan_buckets", "run_sums", "scatter_distinct"]
+__all__ = ["backward_pass", "correlations", "count_runs", "pack_pairs", "plan_buckets", "radix_sort_slices",
+           "run_sums", "scatter_distinct", "slice_spans"]
+
+DIGIT_BITS = 13
 
 
 def plan_buckets(s: np.ndarray, d: int, n_buckets: int) -> np.ndarray:
@@ -67,6 +76,46 @@ def pack_pairs(s: np.ndarray, d: int, kb: int, shift: int, bucket_of: np.ndarray
     start = np.cumsum(cnt, axis=0) - cnt + bounds[:-1]  # row b's first slot in each slice
     _pack(s, d, kb, shift, bucket_of, start, out)
     return bounds
+
+
+def slice_spans(bucket_of: np.ndarray, d: int, n_buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice: ``base`` (its smallest possible key, first lo latent x d) and the bits of its
+    key span, for :func:`radix_sort_slices`."""
+    first = np.searchsorted(bucket_of, np.arange(n_buckets + 1), side="left")
+    width = np.maximum((first[1:] - first[:-1]) * d - 1, 1)
+    return first[:-1] * d, np.array([int(w).bit_length() for w in width], dtype=np.int64)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def radix_sort_slices(pk, tmp, shift, bounds, base, span_bits, digit_bits):
+    """Sort each slice of ``pk`` by ``pk >> shift`` (stable LSD counting passes over
+    ``digit_bits``-bit digits of ``key - base``); ``tmp`` is scratch of ``pk``'s size."""
+    nd = 1 << digit_bits
+    mask = nd - 1
+    for t in prange(bounds.size - 1):
+        lo, hi = bounds[t], bounds[t + 1]
+        src, dst = pk, tmp
+        passes = (span_bits[t] + digit_bits - 1) // digit_bits
+        cnt = np.empty(nd, dtype=np.int64)
+        for ps in range(passes):
+            sh = ps * digit_bits
+            cnt[:] = 0
+            for e in range(lo, hi):
+                cnt[(((src[e] >> shift) - base[t]) >> sh) & mask] += 1
+            acc = lo
+            for c in range(nd):
+                n = cnt[c]
+                cnt[c] = acc
+                acc += n
+            for e in range(lo, hi):
+                x = src[e]
+                dgt = (((x >> shift) - base[t]) >> sh) & mask
+                dst[cnt[dgt]] = x
+                cnt[dgt] += 1
+            src, dst = dst, src
+        if passes % 2 == 1:
+            for e in range(lo, hi):
+                pk[e] = tmp[e]
 
 
 @njit(cache=True, parallel=True, nogil=True)

@@ -19,6 +19,7 @@ sparse kernels (which need matching dtypes) and the optimiser see one dtype.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -27,9 +28,45 @@ from torch.nn import functional as F
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
+@dataclass(frozen=True)
+class ByLatent:
+    """A TopK selection ``idx`` (B, k) laid out as the CSR pattern of the (d_sae x B) matrix
+    whose row ``j`` lists the batch rows where latent ``j`` was selected. The encoder's weight
+    gradient and, on CPU, the decoder's backward are products with it. It carries no gradient,
+    so the forward builds it once for every backward."""
+
+    order: torch.Tensor  # (B k,) flat positions in idx, grouped by latent, ascending within a latent
+    crow: torch.Tensor  # (d_sae + 1,) each latent's first entry in order
+    cols: torch.Tensor  # (B k,) the batch row of each entry
+    shape: tuple[int, int]  # (d_sae, B)
+
+    @classmethod
+    def build(cls, idx: torch.Tensor, d_sae: int) -> ByLatent:
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=idx.device)
+        torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
+        cols = torch.div(order, idx.shape[1], rounding_mode="floor")
+        return cls(order, crow, cols, (d_sae, idx.shape[0]))
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """The pattern with ``values`` (B, k), each at its entry's place."""
+        return torch.sparse_csr_tensor(self.crow, self.cols, values.reshape(-1).index_select(0, self.order),
+                                       self.shape, check_invariants=False)
+
+    def sample(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(a @ b.T)[idx[r, p], r]`` for every entry, as (B, k): one dot product per entry
+        (``sampled_addmm``), read latent by latent so each row of ``a`` is read once."""
+        pattern = torch.sparse_csr_tensor(self.crow, self.cols, a.new_zeros(self.order.numel()), self.shape,
+                                          check_invariants=False)
+        got = torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
+        return torch.empty_like(got).index_copy_(0, self.order, got).view(self.shape[1], -1)
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_c, weight, bias, k: int, dead_idx: torch.Tensor | None):
+    def forward(ctx, x, b_dec, weight, bias, k: int, dead_idx: torch.Tensor | None, box: list):
+        x_c = x - b_dec
         pre = torch.addmm(bias, x_c, weight.t())  # autocast applies here (bf16 on CUDA)
         val, idx = torch.topk(pre, k, dim=-1, sorted=False)
         val = F.relu(val).to(weight.dtype)
@@ -38,21 +75,18 @@ class _TopKEncode(torch.autograd.Function):
         else:
             dead_idx = None
             pre_dead = val.new_zeros(val.shape[0], 0)
-        # CSR layout of the (d_sae x B) selection matrix: the pattern carries no gradient, so it is
-        # built here once; the backward only gathers the gradient values into it.
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=idx.device)
-        torch.cumsum(torch.bincount(flat, minlength=weight.shape[0]), 0, out=crow[1:])
+        del pre
+        sel = ByLatent.build(idx, weight.shape[0])
+        box.append(sel)
         ctx.k = k
-        ctx.save_for_backward(x_c, weight, idx, val, order, crow, dead_idx)
+        ctx.save_for_backward(x_c, weight, idx, val, sel.order, sel.crow, sel.cols, dead_idx)
         ctx.mark_non_differentiable(idx)
         ctx.set_materialize_grads(False)  # an unused output (no AuxK term) costs no dense matmul
         return val, idx, pre_dead
 
     @staticmethod
     def backward(ctx, grad_val, grad_idx, grad_pre_dead):
-        x_c, weight, idx, val, order, crow, dead_idx = ctx.saved_tensors
+        x_c, weight, idx, val, order, crow, cols, dead_idx = ctx.saved_tensors
         dt = weight.dtype
         # ReLU: no gradient where the selected pre-activation was <= 0.
         g = torch.zeros_like(val) if grad_val is None else grad_val.to(dt)
@@ -60,34 +94,40 @@ class _TopKEncode(torch.autograd.Function):
         g_dead = None
         if dead_idx is not None and grad_pre_dead is not None:
             g_dead = grad_pre_dead.to(dt)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        need_x, need_b_dec, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad_b_dec = grad_w = grad_b = None
+        if need_x:
             grad_x = F.embedding_bag(idx, weight, per_sample_weights=g, mode="sum")
             if g_dead is not None:
                 grad_x = grad_x.addmm_(g_dead, weight.index_select(0, dead_idx))
             grad_x = grad_x.to(x_c.dtype)
-        if ctx.needs_input_grad[1]:
-            cols = torch.div(order, ctx.k, rounding_mode="floor")  # the batch row of each entry
-            csr = torch.sparse_csr_tensor(crow, cols, g.reshape(-1).index_select(0, order),
-                                          (weight.shape[0], x_c.shape[0]), check_invariants=False)
-            grad_w = torch.sparse.mm(csr, x_c.to(dt))
+        if need_w:
+            sel = ByLatent(order, crow, cols, (weight.shape[0], x_c.shape[0]))
+            grad_w = torch.sparse.mm(sel.csr(g), x_c.to(dt))
             if g_dead is not None:
                 grad_w.index_add_(0, dead_idx, g_dead.t() @ x_c.to(dt))
-        if ctx.needs_input_grad[2]:
+        if need_b or need_b_dec:
             grad_b = torch.zeros(weight.shape[0], dtype=dt, device=g.device).index_add_(
                 0, idx.reshape(-1), g.reshape(-1))
             if g_dead is not None:
                 grad_b.index_add_(0, dead_idx, g_dead.sum(0))
-        return grad_x, grad_w, grad_b, None, None
+        if need_b_dec:
+            # x_c = x - b_dec: b_dec's gradient is minus the sum over rows of x_c's, which is
+            # grad_b @ W; one (d_sae) x (d_sae, d_in) product instead of the (B, d_in) gradient.
+            grad_b_dec = (-grad_x.sum(0) if grad_x is not None else -(grad_b @ weight)).to(x_c.dtype)
+        return grad_x, grad_b_dec, grad_w, grad_b if need_b else None, None, None, None
 
 
-def topk_encode(x_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
-                dead_idx: torch.Tensor | None = None):
-    """``val, idx`` of ``TopK_k(ReLU(x_c @ weight.T + bias))``, plus ``pre_dead``: the dense
+def topk_encode(x: torch.Tensor, b_dec: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
+                dead_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ByLatent]:
+    """``val, idx`` of ``TopK_k(ReLU((x - b_dec) @ weight.T + bias))``, ``pre_dead``: the dense
     ``(B, n_dead)`` pre-activations of the latents ``dead_idx`` (``(B, 0)`` when None or empty),
-    for AuxK. Gradients flow to ``x_c``, ``weight`` and ``bias`` through ``val`` and ``pre_dead``;
-    through ``val`` they touch only the selected latents."""
-    return _TopKEncode.apply(x_c, weight, bias, k, dead_idx)
+    for AuxK, and the selection :class:`ByLatent`. Gradients flow to ``x``, ``b_dec``, ``weight``
+    and ``bias`` through ``val`` and ``pre_dead``; through ``val`` they touch only the selected
+    latents."""
+    box: list[ByLatent] = []
+    val, idx, pre_dead = _TopKEncode.apply(x, b_dec, weight, bias, k, dead_idx, box)
+    return val, idx, pre_dead, box[0]
 
 
 def aux_topk(pre_dead: torch.Tensor, k_aux: int) -> torch.Tensor:
@@ -96,10 +136,37 @@ def aux_topk(pre_dead: torch.Tensor, k_aux: int) -> torch.Tensor:
     return torch.zeros_like(pre_dead).scatter(1, pos, F.relu(pre_dead.gather(1, pos)))
 
 
-def sparse_decode(idx: torch.Tensor, val: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
-    """``sum_p val[b, p] * W_dec[idx[b, p]] + b_dec`` without forming the dense z."""
+class _SparseDecode(torch.autograd.Function):
+    """``sum_p val[b, p] W_dec[idx[b, p]]`` with a backward read latent by latent (CPU): both
+    gradients are products with the :class:`ByLatent` pattern, so each decoder row is read
+    once per step instead of once per entry (``embedding_bag``'s backward)."""
+
+    @staticmethod
+    def forward(ctx, val, W_dec, idx, order, crow, cols):
+        ctx.save_for_backward(val, W_dec, order, crow, cols)
+        ctx.mark_non_differentiable(idx)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        val, W_dec, order, crow, cols = ctx.saved_tensors
+        sel = ByLatent(order, crow, cols, (W_dec.shape[0], val.shape[0]))
+        grad_out = grad_out.contiguous()
+        grad_val = sel.sample(W_dec, grad_out) if ctx.needs_input_grad[0] else None
+        grad_w = torch.sparse.mm(sel.csr(val), grad_out) if ctx.needs_input_grad[1] else None
+        return grad_val, grad_w, None, None, None, None
+
+
+def sparse_decode(idx: torch.Tensor, val: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+                  sel: ByLatent | None = None) -> torch.Tensor:
+    """``sum_p val[b, p] * W_dec[idx[b, p]] + b_dec`` without forming the dense z. With the
+    selection's :class:`ByLatent` (from :func:`topk_encode`) the CPU backward reads latent by
+    latent; on a GPU ``embedding_bag``'s own backward (atomic adds) is the fast one."""
     # embedding_bag needs val in W_dec's dtype (under autocast val may arrive in bf16).
-    return F.embedding_bag(idx, W_dec, per_sample_weights=val.to(W_dec.dtype), mode="sum") + b_dec
+    val = val.to(W_dec.dtype)
+    if sel is not None and W_dec.device.type == "cpu":
+        return _SparseDecode.apply(val, W_dec, idx, sel.order, sel.crow, sel.cols) + b_dec
+    return F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum") + b_dec
 
 
 def densify(idx: torch.Tensor, val: torch.Tensor, d_sae: int) -> torch.Tensor:

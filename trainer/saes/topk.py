@@ -15,7 +15,7 @@ class TopKSAE(SAE):
         return self.cfg.k
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        val, idx, _ = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, k or self.cfg.k)
+        val, idx, _, _ = topk_encode(x, self.b_dec, self.W_enc, self.b_enc, k or self.cfg.k)
         return densify(idx, val, self.cfg.d_sae)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> SAEOutput:
@@ -23,8 +23,8 @@ class TopKSAE(SAE):
         dead_idx = None
         if self.training and self.cfg.k_aux > 0:
             dead_idx = self.dead_mask().nonzero().squeeze(1)
-        val, idx, pre_dead = topk_encode(x - self.b_dec, self.W_enc, self.b_enc, k, dead_idx)
-        x_hat = sparse_decode(idx, val, self.W_dec, self.b_dec)
+        val, idx, pre_dead, sel = topk_encode(x, self.b_dec, self.W_enc, self.b_enc, k, dead_idx)
+        x_hat = sparse_decode(idx, val, self.W_dec, self.b_dec, sel)
         err = x - x_hat
         # Scale-free loss: fraction of variance unexplained (sparsify / OpenAI).
         total_var = self.dp.batch_total_var(x).clamp(min=1e-12)  # global batch's (data parallel)
