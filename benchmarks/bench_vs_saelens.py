@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{sl.get('threads')} threads, autocast {'on (bf16)' if device.type == 'cuda' else 'off'}. "
                 f"Ours: torch {torch.__version__}, {ours_threads} threads. Float32 weights on both; one untimed "
                 f"warm-up step per setup and scenario, then the median of {a.repeats} rotated rounds. "
-                "\"encoder matmul alone\": the step's one dense operation (``(x - b_dec) @ W_enc.T + b_enc``), "
+                "\"encoder matmul alone\": the step's one dense operation (`(x - b_dec) @ W_enc.T + b_enc`), "
                 "timed in our process just before each of its steps, on the same batch.",
                 "",
             ]
