@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,6 +194,36 @@ def test_fused_pairs_equal_torch_unique(d, B, k, hot):
             a, b = int(fp.bounds[t]), int(fp.bounds[t + 1])
             if t and a < fp.packed.size and b > a:
                 assert int(lo[a]) > int(lo[a - 1])
+
+
+@pytest.mark.parametrize("digit_bits", [3, 4, 13])
+def test_radix_sort_slices_is_the_full_sort(digit_bits):
+    """The per-slice radix sort on the key bits gives exactly numpy's sort of the whole packed
+    int64 (ties in key keep the ascending low bits they were written in), for one pass, an odd
+    and an even number of passes, and empty and one-element slices."""
+    from trainer.saes import pair_kernels as kern
+
+    rng = np.random.default_rng(digit_bits)
+    d, shift, sizes = 40, 10, [0, 1, 500, 3000, 7]
+    lo_cuts = [0, 3, 5, 12, 30, 40]  # each slice owns the lo latents [cut_t, cut_t+1)
+    parts = []
+    for t, n in enumerate(sizes):
+        lo = rng.integers(lo_cuts[t], lo_cuts[t + 1], n) if n else np.zeros(0, np.int64)
+        key = lo * d + rng.integers(0, d, n)
+        parts.append(np.sort((key << shift) | rng.integers(0, 1 << shift, n)) if n else key)
+    # within a slice, written in ascending low bits per key (as pack_pairs does), keys shuffled
+    shuffled = []
+    for a in parts:
+        keys, inv = np.unique(a >> shift, return_inverse=True)
+        rank = rng.permutation(keys.size)[inv]  # keys in random order, each key's pairs by low bits
+        shuffled.append(a[np.lexsort((a & ((1 << shift) - 1), rank))])
+    pk = np.concatenate(shuffled).astype(np.int64)
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    bucket_of = np.repeat(np.arange(len(sizes)), np.diff(lo_cuts)).astype(np.int64)
+    base, span = kern.slice_spans(bucket_of, d, len(sizes))
+    expect = np.concatenate([np.sort(pk[bounds[t]:bounds[t + 1]]) for t in range(len(sizes))])
+    kern.radix_sort_slices(pk, np.empty_like(pk), shift, bounds, base, span, digit_bits)
+    assert np.array_equal(pk, expect)
 
 
 def test_penalty_same_through_either_merge(monkeypatch):
