@@ -118,7 +118,7 @@ class FusedPairs:
         packed = scratch["packed"][:n]
         bounds = kern.pack_pairs(s_np, d, kb, shift, bucket_of, n_buckets, packed)
         base, span_bits = kern.slice_spans(bucket_of, d, n_buckets)
-        kern.radix_sort_slices(packed, scratch["sort_tmp"][:n], shift, bounds, base, span_bits, kern.DIGIT_BITS)
+        kern.radix_sort_slices(packed, scratch["sort_tmp"][:n], shift, bounds, base, span_bits, kern.MAX_DIGIT_BITS)
         uoff = kern.count_runs(packed, shift, bounds)
         return cls(packed, bounds, uoff, vs.contiguous().view(-1).numpy(), k, d, kb, shift, scratch)
 

@@ -13,8 +13,8 @@ so the slices hold about as many pairs each): every key lives in one slice, so t
 sorted independently and every later pass runs slice by slice in parallel, no run crossing two.
 
 Sorting. A slice's keys span ``(its latents as lo) x d_sae`` values, ~25 bits at d_sae 16384:
-two or three stable counting passes on 13-bit digits of ``key - base`` (:func:`radix_sort_slices`)
-sort it in ~1/4 of numpy's comparison sort (measured 50 vs 225 ms on 8.3M pairs, 2 threads). A
+two or three stable counting passes on digits of at most 13 bits of ``key - base``
+(:func:`radix_sort_slices`) sort it in ~1/4 of numpy's comparison sort (measured 50 vs 225 ms on 8.3M pairs, 2 threads). A
 stable sort on the key alone gives the very order of sorting the whole int64: within a slice
 ``pack_pairs`` writes the pairs in ascending ``(b, p, q)``, which is the order of their low bits.
 """
@@ -27,7 +27,7 @@ from numba import njit, prange
 __all__ = ["backward_pass", "correlations", "count_runs", "pack_pairs", "plan_buckets", "radix_sort_slices",
            "run_sums", "scatter_distinct", "slice_spans"]
 
-DIGIT_BITS = 13
+MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
 
 
 def plan_buckets(s: np.ndarray, d: int, n_buckets: int) -> np.ndarray:
@@ -87,15 +87,17 @@ def slice_spans(bucket_of: np.ndarray, d: int, n_buckets: int) -> tuple[np.ndarr
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def radix_sort_slices(pk, tmp, shift, bounds, base, span_bits, digit_bits):
-    """Sort each slice of ``pk`` by ``pk >> shift`` (stable LSD counting passes over
-    ``digit_bits``-bit digits of ``key - base``); ``tmp`` is scratch of ``pk``'s size."""
-    nd = 1 << digit_bits
-    mask = nd - 1
+def radix_sort_slices(pk, tmp, shift, bounds, base, span_bits, max_digit_bits):
+    """Sort each slice of ``pk`` by ``pk >> shift`` (stable LSD counting passes over digits of
+    ``key - base``: as few passes as ``max_digit_bits`` allows, the bits shared out evenly, so
+    the counts stay small); ``tmp`` is scratch of ``pk``'s size."""
     for t in prange(bounds.size - 1):
         lo, hi = bounds[t], bounds[t + 1]
         src, dst = pk, tmp
-        passes = (span_bits[t] + digit_bits - 1) // digit_bits
+        passes = (span_bits[t] + max_digit_bits - 1) // max_digit_bits
+        digit_bits = (span_bits[t] + passes - 1) // passes
+        nd = 1 << digit_bits
+        mask = nd - 1
         cnt = np.empty(nd, dtype=np.int64)
         for ps in range(passes):
             sh = ps * digit_bits
