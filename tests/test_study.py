@@ -18,7 +18,7 @@ from trainer import artifacts as A
 from trainer.cli import app
 from trainer.report.experiment import REPORT, RUNS
 from trainer.report.study import (CORPUS, SCALES, STORE, STRESS, SUMMARY, SWEEP_PLOT, StudyConfig, build_corpus, main_variants,
-                                  middle_hook, preset, run_study, stress_variants)
+                                  middle_hook, preset, probe_table, run_study, stress_variants)
 
 TINY = "embedded:tiny-gemma2"
 runner = CliRunner()
@@ -131,3 +131,34 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_preset_overrides():
     assert preset("small", seeds=5).seeds == 5 and preset("small", seeds=None).seeds == SCALES["small"].seeds
     assert not math.isnan(preset("full").lr)
+
+
+def _probed_run(root, name, tasks):
+    d = root / name
+    d.mkdir(parents=True)
+    details = [{"dataset_name": t, "n_train": 80, "n_test": n, **{f"{p}_{k}": v for p, accs in by.items()
+                                                                    for k, v in accs.items()}}
+               for t, n, by in tasks]
+    A.run_paths(d).eval.write_text(json.dumps({"eval_result_details": details}))
+    return d
+
+
+def test_probe_table_per_task_mean_std_and_binomial_se(tmp_path):
+    acc = lambda top1, top5, top20, all_: {"top_1_test_accuracy": top1, "top_5_test_accuracy": top5,  # noqa: E731
+                                          "top_20_test_accuracy": top20, "test_accuracy": all_}
+    llm = acc(0.70, 0.80, 0.90, 0.95)
+    runs = [_probed_run(tmp_path, "topk-s0", [("pkgs", 100, {"llm": llm, "sae": acc(0.60, 0.7, 0.8, 0.9)}),
+                                              ("langs", 400, {"llm": llm, "sae": acc(0.5, 0.5, 0.5, 0.5)})]),
+            _probed_run(tmp_path, "topk-s1", [("pkgs", 100, {"llm": llm, "sae": acc(0.64, 0.7, 0.8, None)}),
+                                              ("langs", 400, {"llm": llm, "sae": acc(0.7, 0.5, 0.5, 0.5)})]),
+            tmp_path / "dyncorr-s0"]  # not evaluated: no row
+    rows = [r.split("|")[1:-1] for r in probe_table(runs).splitlines()[2:]]
+    cells = {(r[0].strip(), r[1].strip()): [c.strip() for c in r[2:]] for r in rows}
+    assert set(cells) == {("pkgs", "llm (raw activations)"), ("pkgs", "topk"), ("langs", "llm (raw activations)"),
+                          ("langs", "topk")}
+    assert cells[("pkgs", "topk")][:4] == ["2", "100", f"0.620 ± {np.std([0.60, 0.64], ddof=1):.3f}", "0.700 ± 0.000"]
+    assert cells[("pkgs", "topk")][5] == "0.900"  # one seed measured it: no spread to show
+    assert cells[("pkgs", "topk")][6] == f"{math.sqrt(0.62 * 0.38 / 100):.3f}"
+    assert cells[("langs", "llm (raw activations)")][:3] == ["1", "400", "0.700"]
+    assert cells[("langs", "llm (raw activations)")][6] == f"{math.sqrt(0.7 * 0.3 / 400):.3f}"
+    assert probe_table([tmp_path / "dyncorr-s0"]) == ""

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from actcache.errors import ActcacheError
+from trainer import artifacts as A
 from trainer.report.experiment import REPORT, RUNS, VARIANTS, ProgressFactory, run_experiment
 
 STRESS = "stress"
@@ -255,6 +256,10 @@ def run_study(cfg: StudyConfig, *, echo: Callable[[str], None], progress: Progre
                               path=cfg.out / REPORT / SWEEP_PLOT)
             text.append("## the penalty's strength: lambda_max from 0 (topk-cosine) up\n")
             text.append(sweep_table(points) + (f"\n![sweep]({plot.relative_to(cfg.out)})\n" if plot else ""))
+            probes = probe_table(run_dirs)
+            if probes:
+                text.append("## sparse probing per task (SAE latents vs the raw activations)\n")
+                text.append(probes)
     path.write_text("\n".join(text))
     return path
 
@@ -310,6 +315,51 @@ def summary_table(run_dirs: list[Path]) -> str:
             else:
                 cells.append(f"{format(float(xs.mean()), spec)} ± {format(float(xs.std(ddof=1)), spec)}")
         lines.append(f"| {v} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- sparse probing, per task: the raw activations beside each variant's SAE -------------------
+PROBE_KS = (1, 5, 20)
+
+
+def _probe_details(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-task probing results of the run's ``eval.json`` ([] when not evaluated or not probed)."""
+    path = A.run_paths(run_dir).eval
+    if not path.exists():
+        return []
+    return list(json.loads(path.read_text()).get("eval_result_details") or [])
+
+
+def probe_table(run_dirs: list[Path], ks: tuple[int, ...] = PROBE_KS) -> str:
+    """Markdown: per probing task, one row for the raw activations (``llm``; the same texts and
+    model in every run) and one per variant's SAE latents, top-k accuracy as ``mean +- std`` over
+    the variant's seeds, and the binomial standard error of one run's top-1 accuracy on the
+    task's test texts, ``sqrt(a (1 - a) / n)``: differences below ~2 SE are test-set noise. ""
+    when no run was probed."""
+    by_task: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    n_test: dict[str, int] = {}
+    for d in run_dirs:
+        for det in _probe_details(d):
+            task = det["dataset_name"]
+            n_test[task] = det["n_test"]
+            by_task.setdefault(task, {}).setdefault(_variant(d), []).append(det)
+    if not by_task:
+        return ""
+    cols = [f"top-{k}" for k in ks] + ["all latents"]
+    keys = [f"_top_{k}_test_accuracy" for k in ks] + ["_test_accuracy"]
+    lines = ["| task | features | runs | n test | " + " | ".join(cols) + " | SE of one run's top-1 |",
+             "|" + "---|" * (len(cols) + 5)]
+    for task, variants in by_task.items():
+        first = next(iter(variants.values()))
+        rows = [("llm (raw activations)", "llm", first[:1])] + [(v, "sae", dets) for v, dets in variants.items()]
+        for label, prefix, dets in rows:
+            cells = [_mean_std([math.nan if x.get(prefix + key) is None else float(x[prefix + key]) for x in dets],
+                               ".3f") for key in keys]
+            top1 = [float(x[f"{prefix}_top_{ks[0]}_test_accuracy"]) for x in dets
+                    if x.get(f"{prefix}_top_{ks[0]}_test_accuracy") is not None]
+            se = math.sqrt(np.mean(top1) * (1 - np.mean(top1)) / n_test[task]) if top1 and n_test[task] else math.nan
+            lines.append(f"| {task} | {label} | {len(dets)} | {n_test[task]} | " + " | ".join(cells)
+                         + f" | {'' if math.isnan(se) else format(se, '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
