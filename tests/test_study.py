@@ -3,6 +3,7 @@ then a re-run that redoes nothing; the variant plan; the corpus; one-line errors
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -12,13 +13,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from actcache.corpus import iter_documents
 from actcache.errors import ActcacheError
 from actcache.store import open_store
 from trainer import artifacts as A
 from trainer.cli import app
-from trainer.report.experiment import REPORT, RUNS
-from trainer.report.study import (CORPUS, SCALES, STORE, STRESS, SUMMARY, SWEEP_PLOT, StudyConfig, build_corpus, main_variants,
-                                  middle_hook, preset, probe_table, run_study, stress_variants)
+from trainer.report.experiment import REPORT, RUNS, evaluate_again
+from trainer.report.study import (CORPUS, HELDOUT_CORPUS, HELDOUT_STORE, SCALES, STORE, STRESS, SUMMARY, SWEEP_PLOT,
+                                  StudyConfig, build_corpus, main_variants, middle_hook, preset, probe_table, run_study,
+                                  stress_variants)
 
 TINY = "embedded:tiny-gemma2"
 runner = CliRunner()
@@ -70,6 +73,13 @@ def test_small_study_end_to_end_then_rerun_skips_everything(tmp_path):
     summary = run_study(cfg, echo=said.append)
     st = open_store(tmp_path / STORE)
     assert st.hooks == ["blocks.2.hook_resid_post"] and st.n_rows >= scale.n_tokens - scale.context_size
+    # Evaluation rows come from documents the training store never read.
+    held = open_store(tmp_path / HELDOUT_STORE)
+    assert held.hooks == st.hooks and held.n_rows >= scale.heldout_tokens - scale.context_size
+    n_read = st.attrs["dataset"]["n_documents_read"]
+    unseen = list(itertools.islice(iter_documents(cfg.dataset), n_read, n_read + 3))
+    first = [json.loads(line)["text"] for line in (tmp_path / HELDOUT_CORPUS).read_text().splitlines()[:3]]
+    assert first == unseen and held.attrs["dataset"]["path"] == str(tmp_path / HELDOUT_CORPUS)
     defs, seeds = main_variants(scale)
     names = [f"{v}-s{i}" for v in defs for i in range(seeds[v])]
     assert sorted(p.name for p in (tmp_path / RUNS).iterdir()) == sorted(names)
@@ -78,7 +88,10 @@ def test_small_study_end_to_end_then_rerun_skips_everything(tmp_path):
         paths = A.run_paths(tmp_path / RUNS / n)
         c = json.loads(paths.config.read_text())
         assert c["d_sae"] == 8 * st.d_model and c["store"] == str(tmp_path / STORE)
-        ev = json.loads(paths.eval.read_text())["eval_result_metrics"]
+        ev_all = json.loads(paths.eval.read_text())
+        assert ev_all["eval_config"]["split"] == "all"
+        assert Path(ev_all["eval_config"]["store"]).resolve() == (tmp_path / HELDOUT_STORE).resolve()
+        ev = ev_all["eval_result_metrics"]
         ev_ = ev["reconstruction_quality"]["explained_variance"]
         assert math.isfinite(ev_) and ev_ <= 1 and (ev_ > 0 or c["arch"] == "baseline")  # the L1 baseline is not sparse-trained here
         assert 0 <= ev["decorrelation"]["mean_sq_corr_coactive"] <= 1  # measured for every arch
@@ -162,3 +175,15 @@ def test_probe_table_per_task_mean_std_and_binomial_se(tmp_path):
     assert cells[("langs", "llm (raw activations)")][:3] == ["1", "400", "0.700"]
     assert cells[("langs", "llm (raw activations)")][6] == f"{math.sqrt(0.7 * 0.3 / 400):.3f}"
     assert probe_table([tmp_path / "dyncorr-s0"]) == ""
+
+
+def test_a_run_is_evaluated_again_only_on_another_store_or_split(tmp_path):
+    ev = tmp_path / "eval.json"
+    opts = {"store": str(tmp_path / "heldout.zarr"), "split": "all"}
+    assert evaluate_again(ev, opts) == ""  # never evaluated
+    ev.write_text(json.dumps({"eval_config": {"store": str(tmp_path / "store.zarr"), "split": "heldout"}}))
+    assert "again: on" in evaluate_again(ev, opts)
+    ev.write_text(json.dumps({"eval_config": {"store": str(tmp_path / "x" / ".." / "heldout.zarr"), "split": "all"}}))
+    assert evaluate_again(ev, opts) is None
+    ev.write_text("{")
+    assert "damaged" in evaluate_again(ev, opts)

@@ -83,6 +83,19 @@ def _state(cfg: RunConfig, hooks: list[str], d_model: int) -> str:
     return "done" if paths.summary.exists() else "resume"
 
 
+def evaluate_again(path: Path, opts: dict[str, Any]) -> str | None:
+    """None when ``eval.json`` exists for the same store and split; else why it is (re)made."""
+    if not path.exists():
+        return ""
+    try:
+        was = json.loads(path.read_text()).get("eval_config", {})
+    except ValueError:
+        return " (its eval.json is damaged)"
+    want = (str(Path(opts["store"]).resolve()), opts.get("split", "heldout"))
+    had = (str(Path(was.get("store", "")).resolve()), was.get("split", "heldout"))
+    return None if had == want else f" (again: on {want[0]} {want[1]}, was {had[0]} {had[1]})"
+
+
 def run_experiment(store: str | Path, out: str | Path, *, seeds: int = 1, variants: tuple[str, ...] = DEFAULT_VARIANTS,
                    n_tokens: int = 0, epochs: int = 1, d_sae: int = 0, batch_size: int = 4096, lr: float = 3e-4,
                    k_start: int = 128, k_end: int = 32, lambda_max: float = 1.0, sparsity_penalty: float = 0.04,
@@ -133,10 +146,14 @@ def run_experiment(store: str | Path, out: str | Path, *, seeds: int = 1, varian
     if evaluate:
         from trainer.evaluation import evaluate_run
 
+        opts = {"store": str(store), "device": device, **(eval_options or {})}
         for d in run_dirs:
-            if d.name not in diverged and not A.run_paths(d).eval.exists():
-                echo(f"eval {d.name}")
-                evaluate_run(d, store=store, device=device, **(eval_options or {}))
+            if d.name in diverged:
+                continue
+            why = evaluate_again(A.run_paths(d).eval, opts)
+            if why is not None:
+                echo(f"eval {d.name}{why}")
+                evaluate_run(d, **opts)
     result = compare(run_dirs, out / REPORT)
     if on_comparison:
         on_comparison(result)

@@ -17,6 +17,7 @@ unfinished ones. ``OUT/study.md`` summarises every variant as mean +- std over i
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,8 @@ STRESS = "stress"
 STORE = "store.zarr"
 CORPUS = "corpus.jsonl"
 SUMMARY = "study.md"
+HELDOUT_STORE = "heldout.zarr"
+HELDOUT_CORPUS = "heldout-corpus.jsonl"
 PACKAGES_CORPUS = "packages-docstrings"
 PROBES = "embedded:stdlib-packages,embedded:code-languages"  # two labelled task families (issue 11 section 5)  # the study's own corpus: docstrings of the installed packages
 
@@ -63,7 +66,10 @@ class StudyScale:
     stress_tokens: int  # training tokens of a stress run (the dying regime: 4x)
     extract_batch: int
     log_every: int
-    chunk_rows: int = 4096  # store chunk; one chunk is held out
+    chunk_rows: int = 4096  # store chunk
+    # Evaluation rows: a separate store from documents the training store never read. (The
+    # training store's own held-out chunk is its last, an edge chunk: 254 rows at the full scale.)
+    heldout_tokens: int = 131_072
 
 
 SCALES: dict[str, StudyScale] = {
@@ -76,7 +82,7 @@ SCALES: dict[str, StudyScale] = {
     "small": StudyScale(n_tokens=4096, context_size=64, d_sae_mult=8, batch_size=256, lr=3e-3, k_start=16,
                         k_end=4, lambda_max=1.0, lambda_sweep=(0.01, 0.1, 3.0, 10.0), seeds=3, sweep_seeds=1,
                         dead_after_tokens=1024, eval_windows=2, stress_tokens=1024, extract_batch=16, log_every=4,
-                        chunk_rows=1024),
+                        chunk_rows=1024, heldout_tokens=1024),
 }
 
 
@@ -139,18 +145,44 @@ def build_corpus(path: Path, max_chars: int, docs: Callable[[], Iterator[str]] =
 
 
 def ensure_store(cfg: StudyConfig, hook: str, echo: Callable[[str], None]) -> Path:
-    """The study's store: kept when complete, resumed when interrupted, else extracted."""
-    from actcache.config import ExtractConfig
-    from actcache.extract import extract
-    from actcache.store import open_store
-
-    path = cfg.out / STORE
+    """The study's training store: kept when complete, resumed when interrupted, else extracted."""
     dataset = cfg.dataset
     if dataset == PACKAGES_CORPUS:
         # ~4 characters per token in English-heavy text; 2x margin so the corpus never runs short.
         dataset = str(build_corpus(cfg.out / CORPUS, 8 * cfg.scale.n_tokens))
+    return _extracted(cfg, hook, cfg.out / STORE, dataset, cfg.scale.n_tokens, echo)
+
+
+def ensure_heldout_store(cfg: StudyConfig, hook: str, train_store: Path, echo: Callable[[str], None]) -> Path:
+    """The evaluation store: ``heldout_tokens`` from the documents of the training dataset that
+    the training store never read (after its ``n_documents_read``), written to
+    ``OUT/heldout-corpus.jsonl`` and extracted with the same settings."""
+    from actcache.corpus import iter_documents
+    from actcache.store import open_store
+
+    src = open_store(train_store).attrs.get("dataset", {})
+    n_read = int(src.get("n_documents_read") or 0)
+    dataset = src.get("path") or cfg.dataset
+    if not n_read:
+        raise ActcacheError(f"{train_store} does not record how many documents it read: re-extract it "
+                            "with this version, or delete it")
+    corpus = build_corpus(cfg.out / HELDOUT_CORPUS, 8 * cfg.scale.heldout_tokens,
+                          lambda: itertools.islice(iter_documents(dataset, src.get("text_field") or "text"), n_read, None))
+    if corpus.stat().st_size == 0:
+        raise ActcacheError(f"the dataset {dataset} has no documents after the {n_read:,} the training store read: "
+                            "pass a larger --dataset for a held-out evaluation")
+    return _extracted(cfg, hook, cfg.out / HELDOUT_STORE, str(corpus), cfg.scale.heldout_tokens, echo)
+
+
+def _extracted(cfg: StudyConfig, hook: str, path: Path, dataset: str, n_tokens: int,
+               echo: Callable[[str], None]) -> Path:
+    """Kept when complete, resumed when interrupted, else extracted."""
+    from actcache.config import ExtractConfig
+    from actcache.extract import extract
+    from actcache.store import open_store
+
     xc = ExtractConfig(model=cfg.model, hooks=(hook,), out=str(path), dataset=dataset, context_size=cfg.scale.context_size,
-                       n_tokens=cfg.scale.n_tokens, batch_size=cfg.scale.extract_batch, dtype=cfg.extract_dtype,
+                       n_tokens=n_tokens, batch_size=cfg.scale.extract_batch, dtype=cfg.extract_dtype,
                        device=cfg.device, chunk_rows=cfg.scale.chunk_rows, exclude_bos=cfg.exclude_bos)
     if path.exists():
         _check_same_extraction(path, xc)
@@ -162,7 +194,7 @@ def ensure_store(cfg: StudyConfig, hook: str, echo: Callable[[str], None]) -> Pa
             echo(f"store {path}: resuming the extraction")
             extract(xc, resume=True)
             return path
-    echo(f"extracting {cfg.scale.n_tokens:,} tokens of {cfg.model} at {hook} into {path}")
+    echo(f"extracting {n_tokens:,} tokens of {cfg.model} at {hook} into {path}")
     extract(xc)
     return path
 
@@ -228,12 +260,15 @@ def run_study(cfg: StudyConfig, *, echo: Callable[[str], None], progress: Progre
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "study.json").write_text(json.dumps({**asdict(cfg), "out": str(cfg.out)}, indent=2, default=str))
     store = ensure_store(cfg, hook, echo)
+    heldout = ensure_heldout_store(cfg, hook, store, echo)
     d_in = open_store(store).d_model
     s = cfg.scale
+    on_heldout = {"store": str(heldout), "split": "all"}
     # Epochs are generous: n_tokens 0 means one pass over the train split, the budget is that pass.
     common = dict(hook=hook, device=cfg.device, echo=echo, progress=progress, on_comparison=on_comparison,
                   train_overrides={"log_every": s.log_every, "max_norm_ratio": cfg.max_norm_ratio},
-                  eval_options={"splice": cfg.splice, "n_windows": s.eval_windows, "probe_file": cfg.probe_file or None})
+                  eval_options={"splice": cfg.splice, "n_windows": s.eval_windows, "probe_file": cfg.probe_file or None,
+                                **on_heldout})
     defs, seeds = main_variants(s)
     run_experiment(store, cfg.out, seeds=s.seeds, variants=tuple(defs), definitions=defs, seeds_of=seeds,
                    **_shared(s, d_in), **common)
@@ -243,7 +278,7 @@ def run_study(cfg: StudyConfig, *, echo: Callable[[str], None], progress: Progre
         sdefs = stress_variants(s, d_in)
         # No splice or probing: the stress table is about the training dynamics.
         run_experiment(store, cfg.out / STRESS, seeds=1, variants=tuple(sdefs), definitions=sdefs,
-                       **_shared(s, d_in), **{**common, "eval_options": {"splice": False}})
+                       **_shared(s, d_in), **{**common, "eval_options": {"splice": False, **on_heldout}})
         groups["stress regimes"] = (cfg.out / STRESS, [cfg.out / STRESS / RUNS / f"{v}-s0" for v in sdefs])
     path = cfg.out / SUMMARY
     text = [f"# Study: {cfg.model} {hook}, {s.n_tokens:,} tokens, d_sae {s.d_sae_mult} x {d_in}\n"]
