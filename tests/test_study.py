@@ -185,5 +185,6 @@ def test_a_run_is_evaluated_again_only_on_another_store_or_split(tmp_path):
     assert "again: on" in evaluate_again(ev, opts)
     ev.write_text(json.dumps({"eval_config": {"store": str(tmp_path / "x" / ".." / "heldout.zarr"), "split": "all"}}))
     assert evaluate_again(ev, opts) is None
+    assert "max_rows 4096" in evaluate_again(ev, {**opts, "max_rows": 4096})  # a row cap is another evaluation
     ev.write_text("{")
     assert "damaged" in evaluate_again(ev, opts)

@@ -84,16 +84,17 @@ def _state(cfg: RunConfig, hooks: list[str], d_model: int) -> str:
 
 
 def evaluate_again(path: Path, opts: dict[str, Any]) -> str | None:
-    """None when ``eval.json`` exists for the same store and split; else why it is (re)made."""
+    """None when ``eval.json`` exists for the same store, split and row cap; else why it is (re)made."""
     if not path.exists():
         return ""
     try:
         was = json.loads(path.read_text()).get("eval_config", {})
     except ValueError:
         return " (its eval.json is damaged)"
-    want = (str(Path(opts["store"]).resolve()), opts.get("split", "heldout"))
-    had = (str(Path(was.get("store", "")).resolve()), was.get("split", "heldout"))
-    return None if had == want else f" (again: on {want[0]} {want[1]}, was {had[0]} {had[1]})"
+    want = (str(Path(opts["store"]).resolve()), opts.get("split", "heldout"), opts.get("max_rows", 0))
+    had = (str(Path(was.get("store", "")).resolve()), was.get("split", "heldout"), was.get("max_rows", 0))
+    return None if had == want else (f" (again: on {want[0]} {want[1]} max_rows {want[2]}, was {had[0]} {had[1]} "
+                                     f"max_rows {had[2]})")
 
 
 def run_experiment(store: str | Path, out: str | Path, *, seeds: int = 1, variants: tuple[str, ...] = DEFAULT_VARIANTS,
