@@ -166,7 +166,9 @@ def ensure_heldout_store(cfg: StudyConfig, hook: str, train_store: Path, echo: C
 
     src = open_store(train_store).attrs.get("dataset", {})
     n_read = int(src.get("n_documents_read") or 0)
-    dataset = src.get("path") or cfg.dataset
+    # The study's own corpus is found under OUT (the store records the path as it was given,
+    # relative to wherever the study was started).
+    dataset = str(cfg.out / CORPUS) if cfg.dataset == PACKAGES_CORPUS else (src.get("path") or cfg.dataset)
     if not n_read:
         raise ActcacheError(f"{train_store} does not record how many documents it read: re-extract it "
                             "with this version, or delete it")

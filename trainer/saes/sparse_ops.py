@@ -4,9 +4,10 @@ A TopK SAE's forward needs one dense matmul (all pre-activations, to pick the to
 autograd then also makes the backward dense: ``B x d_sae`` gradients and two more
 ``B x d_sae x d_in`` matmuls, although only ``B x k`` entries are non-zero. Here the
 encoder's weight gradient is a CSR-times-dense product (``O(B k d_in)``; the CSR pattern is
-built once in the forward, so no ``coalesce`` sort in the backward) and the decoder is an
-``embedding_bag`` (a weighted sum of k decoder rows per token), as sparsify does with a fused
-kernel. AuxK differs: ``k_aux`` (~d_in / 2) is a large fraction of the dead latents, so their
+built once in the forward, :class:`ByLatent`, so no ``coalesce`` sort in the backward) and the
+decoder is an ``embedding_bag`` (a weighted sum of k decoder rows per token), as sparsify does
+with a fused kernel; on CPU its backward reuses the by-latent pattern (``sampled_addmm`` and
+``sparse.mm``) so each decoder row is read once per step, not once per entry. AuxK differs: ``k_aux`` (~d_in / 2) is a large fraction of the dead latents, so their
 pre-activations travel as a dense ``(B, n_dead)`` block and are decoded with a dense slice of
 ``W_dec`` (BLAS matmuls instead of gathering k_aux rows per token). All exact: tests compare
 against dense autograd in float64.
@@ -78,7 +79,6 @@ class _TopKEncode(torch.autograd.Function):
         del pre
         sel = ByLatent.build(idx, weight.shape[0])
         box.append(sel)
-        ctx.k = k
         ctx.save_for_backward(x_c, weight, idx, val, sel.order, sel.crow, sel.cols, dead_idx)
         ctx.mark_non_differentiable(idx)
         ctx.set_materialize_grads(False)  # an unused output (no AuxK term) costs no dense matmul
