@@ -222,8 +222,10 @@ def _serve(info):
 # Our trainer: a real ``Trainer`` on a small store of the same width, whose ``_step`` (forward,
 # backward, decoder-gradient projection, clip, Adam, decoder renormalisation, after_step) is
 # called on the batches from the .npy file.
-OURS_WORKER = WORKER_PRELUDE + r'''
+# `import trainer` first, as the `sae` command does: it sets torch's allocator up before torch loads.
+OURS_WORKER = "import trainer\n" + WORKER_PRELUDE + r'''
 sys.path.insert(0, P["repo"])
+from trainer.hugepages import huge_pages_requested
 from trainer.config import RunConfig
 from trainer.train import Trainer
 cfg = RunConfig.from_flat({"store": P["store"], "out": P["out"], "arch": P["arch"], "d_sae": P["d_sae"],
@@ -252,7 +254,7 @@ def step(i):
     out = tr._step(X[i % len(X)])
     return {"skipped": out is None, "loss": None if out is None else float(out.loss), **MM}
 _serve({"arch": P["arch"], "params": sum(p.numel() for p in tr.sae.parameters()),
-        "torch": torch.__version__})
+        "torch": torch.__version__, "huge_pages": huge_pages_requested()})
 '''
 
 
@@ -268,6 +270,9 @@ class StepWorker:
         self._err = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".stderr", delete=False)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
+        # Each side runs with its own library's allocator setting, not one this process inherited:
+        # importing `trainer` asks torch for huge pages (trainer/hugepages.py), SAELens does not.
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
         self.proc = subprocess.Popen([python, "-c", source, json.dumps(params)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True, env=env, cwd=str(REPO))
         self._info: dict[str, Any] | None = None

@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             results, workers = _run_size(a, device, d_in, d_sae, B, work)
             sl = workers["sae-lens"].info
             ours_threads = next(w.info.get("threads") for n, w in workers.items() if n != "sae-lens")
+            ours_thp = next(w.info.get("huge_pages") for n, w in workers.items() if n != "sae-lens")
             is_main = size == main_size
             defined = size == GOAL_SIZE  # the SAELens goals are defined at this size
             lines += [
@@ -244,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
                 "",
                 f"SAELens side: `{a.saelens_python}`, sae-lens {sl.get('sae_lens')}, torch {sl.get('torch')}, "
                 f"{sl.get('threads')} threads, autocast {'on (bf16)' if device.type == 'cuda' else 'off'}. "
-                f"Ours: torch {torch.__version__}, {ours_threads} threads. Float32 weights on both; one untimed "
+                f"Ours: torch {torch.__version__}, {ours_threads} threads, torch's huge-page advice "
+                f"{'on' if ours_thp else 'off'} (`THP_MEM_ALLOC_ENABLE`, which importing `trainer` sets: "
+                "trainer/hugepages.py; SAELens runs with torch's default, off). Float32 weights on both; one untimed "
                 f"warm-up step per setup and scenario, then the median of {a.repeats} rotated rounds. "
                 "\"encoder matmul alone\": the step's one dense operation (`(x - b_dec) @ W_enc.T + b_enc`), "
                 "timed in our process just before each of its steps, on the same batch.",
