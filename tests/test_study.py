@@ -36,6 +36,8 @@ def test_presets_measure_what_the_issue_asks():
         assert len(lams) >= 4 and lams[-1] / lams[0] >= 100  # a curve over orders of magnitude
         assert {"baseline", "topk", "topk-cosine", "dyncorr", "dyncorr-eps0"} <= set(defs)
         assert defs["topk-cosine"]["lambda_max"] == 0.0 and defs["dyncorr-eps0"]["eps"] == 0.0
+        constk = [f for v, f in defs.items() if v.startswith("dyncorr-constk-")]  # the penalty over constant k
+        assert constk and all(f["k_start"] == f["k_end"] == scale.k_end and f["lambda_max"] > 0 for f in constk)
         assert all(seeds[v] == scale.seeds for v in ("baseline", "topk", "topk-cosine", "dyncorr", "dyncorr-eps0"))
         stress = stress_variants(scale, d_in=64)
         regimes = {n.rsplit("-eps", 1)[0] for n in stress}
@@ -114,8 +116,13 @@ def test_small_study_end_to_end_then_rerun_skips_everything(tmp_path):
     assert std == pytest.approx(float(np.std(evs, ddof=1)), abs=1e-4)
 
     # The sweep: one row per lambda_max from 0 (topk-cosine) through the main dyncorr, and its plot.
-    lam_rows = [line.split("|") for line in md.splitlines() if re.match(r"\| [0-9.e+-]+ \| \d+ \| ", line)]
+    sweep_md, constk_md = md.split("## the penalty over constant k")
+    lam_rows = [line.split("|") for line in sweep_md.splitlines() if re.match(r"\| [0-9.e+-]+ \| \d+ \| ", line)]
     assert [r[1].strip() for r in lam_rows] == ["0", "0.01", "0.1", "1", "3", "10"]
+    # The penalty over constant k: lambda 0 is topk's 3 seeds, then each constant-k run.
+    flat_rows = [line.split("|") for line in constk_md.splitlines() if re.match(r"\| [0-9.e+-]+ \| \d+ \| ", line)]
+    assert [(r[1].strip(), r[2].strip()) for r in flat_rows] == [("0", str(scale.seeds)), ("1", "1")]
+    assert float(flat_rows[0][3].split("±")[0]) == pytest.approx(mean, abs=1e-4)  # topk's mean EV
     main = next(r for r in lam_rows if r[1].strip() == "1")
     evs = [json.loads(A.run_paths(tmp_path / RUNS / f"dyncorr-s{i}").eval.read_text())["eval_result_metrics"]
            ["reconstruction_quality"]["explained_variance"] for i in range(scale.seeds)]

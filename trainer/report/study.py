@@ -74,6 +74,9 @@ class StudyScale:
     # correlation metric pairs every two active latents of a row: O(rows x L0^2), hours on
     # 131k rows for the dense ReLU baseline (L0 ~1,700 of 4,608) on 2 cores.
     eval_rows: int = 32_768
+    # dyncorr's penalty with k constant at k_end (no cosine k schedule), one seed each: the
+    # penalty's effect on top of constant-k TopK, which the cosine variants cannot separate.
+    constant_k_lambdas: tuple[float, ...] = ()
 
 
 SCALES: dict[str, StudyScale] = {
@@ -81,12 +84,12 @@ SCALES: dict[str, StudyScale] = {
     "full": StudyScale(n_tokens=2_097_152, context_size=128, d_sae_mult=8, batch_size=2048, lr=1e-3, k_start=64,
                        k_end=16, lambda_max=1.0, lambda_sweep=(0.03, 0.1, 0.3, 3.0, 10.0), seeds=3, sweep_seeds=1,
                        dead_after_tokens=100_000, eval_windows=64, stress_tokens=262_144, extract_batch=16,
-                       log_every=10),
+                       log_every=10, constant_k_lambdas=(1.0, 3.0)),
     # Minutes on 2 cores with a real model; seconds with embedded:tiny-gemma2 (the CI smoke test).
     "small": StudyScale(n_tokens=4096, context_size=64, d_sae_mult=8, batch_size=256, lr=3e-3, k_start=16,
                         k_end=4, lambda_max=1.0, lambda_sweep=(0.01, 0.1, 3.0, 10.0), seeds=3, sweep_seeds=1,
                         dead_after_tokens=1024, eval_windows=2, stress_tokens=1024, extract_batch=16, log_every=4,
-                        chunk_rows=1024, heldout_tokens=1024, eval_rows=0),
+                        chunk_rows=1024, heldout_tokens=1024, eval_rows=0, constant_k_lambdas=(1.0,)),
 }
 
 
@@ -229,6 +232,10 @@ def main_variants(scale: StudyScale) -> tuple[dict[str, dict[str, Any]], dict[st
         name = f"dyncorr-lam{lam:g}"
         defs[name] = {"arch": "dyncorr", "eps": 1e-6, "lambda_max": lam}
         seeds[name] = scale.sweep_seeds
+    for lam in scale.constant_k_lambdas:
+        name = f"dyncorr-constk-lam{lam:g}"
+        defs[name] = {"arch": "dyncorr", "eps": 1e-6, "lambda_max": lam, "k_start": scale.k_end, "k_end": scale.k_end}
+        seeds[name] = scale.sweep_seeds
     return defs, seeds
 
 
@@ -292,11 +299,14 @@ def run_study(cfg: StudyConfig, *, echo: Callable[[str], None], progress: Progre
         text.append(f"## {title} ({root / REPORT / 'report.md'})\n")
         text.append(summary_table(run_dirs))
         if title == "main study":
-            points = sweep_points(cfg.out, s)
+            points, flat_k = sweep_points(cfg.out, s), constant_k_points(cfg.out, s)
             plot = plot_sweep(points, reference=_finished(cfg.out / RUNS, "topk", s.seeds),
-                              path=cfg.out / REPORT / SWEEP_PLOT)
+                              path=cfg.out / REPORT / SWEEP_PLOT, constant_k=flat_k)
             text.append("## the penalty's strength: lambda_max from 0 (topk-cosine) up\n")
             text.append(sweep_table(points) + (f"\n![sweep]({plot.relative_to(cfg.out)})\n" if plot else ""))
+            if flat_k:
+                text.append(f"## the penalty over constant k = {s.k_end} (lambda 0: topk)\n")
+                text.append(sweep_table(flat_k))
             probes = probe_table(run_dirs)
             if probes:
                 text.append("## sparse probing per task (SAE latents vs the raw activations)\n")
@@ -422,6 +432,17 @@ def sweep_points(out: Path, scale: StudyScale) -> list[tuple[float, list[dict[st
     return [(lam, [run_numbers(d) for d in dirs]) for lam, dirs in sorted(by.items()) if dirs]
 
 
+def constant_k_points(out: Path, scale: StudyScale) -> list[tuple[float, list[dict[str, float]]]]:
+    """The same for the penalty over constant k (``dyncorr-constk-lam*``): lambda 0 is ``topk``
+    (TopK at k_end: what dyncorr at constant k and lambda 0 trains). [] without constant-k runs."""
+    runs = out / RUNS
+    by = {lam: _finished(runs, f"dyncorr-constk-lam{lam:g}", scale.sweep_seeds) for lam in scale.constant_k_lambdas}
+    if not any(by.values()):
+        return []
+    by[0.0] = _finished(runs, "topk", scale.seeds)
+    return [(lam, [run_numbers(d) for d in dirs]) for lam, dirs in sorted(by.items()) if dirs]
+
+
 _SWEEP_COLS = [("explained_variance", "EV", ".4f"), ("dead_fraction", "dead", ".3f"),
                ("mean_sq_corr_coactive", "mean R² co-active", ".4g"),
                ("frac_coactive_abs_corr_gt_0_5", "share abs(R) > 0.5", ".4f"),
@@ -448,30 +469,39 @@ def sweep_table(points: list[tuple[float, list[dict[str, float]]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(points: list[tuple[float, list[dict[str, float]]]], *, reference: list[Path], path: Path
-               ) -> Path | None:
+def plot_sweep(points: list[tuple[float, list[dict[str, float]]]], *, reference: list[Path], path: Path,
+               constant_k: list[tuple[float, list[dict[str, float]]]] = ()) -> Path | None:
     """Two panels: held-out mean R² against lambda_max (lambda 0 drawn at the left edge), and
     the Pareto view, EV against mean R², one marker per run, labelled with its lambda; constant-k
-    TopK (``reference``) as a grey star. None without points."""
+    TopK (``reference``) as a grey star; ``constant_k`` (the penalty over constant k) in a second
+    colour. None without points."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    pts = [(lam, r["mean_sq_corr_coactive"], r["explained_variance"]) for lam, rows in points for r in rows
-           if np.isfinite(r["mean_sq_corr_coactive"]) and np.isfinite(r["explained_variance"])]
+    def finite(pp: Any) -> list[tuple[float, float, float]]:
+        return [(lam, r["mean_sq_corr_coactive"], r["explained_variance"]) for lam, rows in pp for r in rows
+                if np.isfinite(r["mean_sq_corr_coactive"]) and np.isfinite(r["explained_variance"])]
+
+    pts, cpts = finite(points), finite(constant_k)
     if not pts:
         return None
-    positive = sorted({lam for lam, _, _ in pts if lam > 0})
+    positive = sorted({lam for lam, _, _ in pts + cpts if lam > 0})
     zero_at = positive[0] / 10 if positive else 1.0  # lambda 0 on a log axis: one decade left of the first
     fig = Figure(figsize=(10, 4.2), dpi=110)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for lam, r2, ev in pts:
-        x = lam if lam > 0 else zero_at
-        ax1.scatter([x], [r2], color="C0", s=22)
-        ax2.scatter([r2], [ev], color="C0", s=22)
-        ax2.annotate(f"{lam:g}", (r2, ev), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    means = [(lam if lam > 0 else zero_at, float(np.nanmean([r["mean_sq_corr_coactive"] for r in rows])))
-             for lam, rows in points]
-    ax1.plot(*zip(*means), color="C0", alpha=0.6)
+    for series, colour, marker, label in ((points, "C0", "o", f"k cosine {'->'} k_end"),
+                                          (constant_k, "C1", "s", "k constant (lambda 0: topk)")):
+        for lam, r2, ev in finite(series):
+            x = lam if lam > 0 else zero_at
+            ax1.scatter([x], [r2], color=colour, marker=marker, s=22)
+            ax2.scatter([r2], [ev], color=colour, marker=marker, s=22)
+            ax2.annotate(f"{lam:g}", (r2, ev), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        means = [(lam if lam > 0 else zero_at, float(np.nanmean([r["mean_sq_corr_coactive"] for r in rows])))
+                 for lam, rows in series]
+        if means:
+            ax1.plot(*zip(*means), color=colour, alpha=0.6, label=label)
+    if cpts:
+        ax1.legend(fontsize=7)
     ref = [run_numbers(d) for d in reference]
     if ref:
         ax1.axhline(float(np.nanmean([r["mean_sq_corr_coactive"] for r in ref])), color="grey", ls=":", lw=1)
