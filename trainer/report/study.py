@@ -6,7 +6,8 @@ complete, resumed when it is not), then runs ``sae experiment`` twice on it:
 * the **main study** (``OUT/``): baseline, TopK at constant k, TopK with dyncorr's cosine k
   schedule (``topk-cosine``: dyncorr with lambda 0), dyncorr (eps 1e-6) and dyncorr (eps 0), each
   over ``seeds`` seeds, plus dyncorr over a lambda_max sweep spanning orders of magnitude
-  (``sweep_seeds`` seeds each), all at the same tokens, d_sae and final k;
+  (``sweep_seeds`` seeds each), and dyncorr's penalty over constant k (``dyncorr-constk-lam*``:
+  the penalty's effect without the k schedule), all at the same tokens, d_sae and final k;
 * with ``stress``, the **stress regimes** (``OUT/stress/``): eps 1e-6 vs eps 0 where the damping
   should matter (beta 1, a tiny batch, a high learning rate, a long run at d_sae 16 x d_in with
   AuxK off so latents die, the covariance in float64 next to the default float32).
