@@ -85,7 +85,7 @@ def plot_all(runs: list[Run], out: Path) -> list[Path]:
 
 
 # (file stem, title, x metric, x label, x scale): held-out EV against it, one point per run
-TRADEOFFS = [("ev_vs_l0", "explained variance vs L0 (held-out)", "l0", "L0 (active latents per token)", "linear"),
+TRADEOFFS = [("ev_vs_l0", "explained variance vs L0 (held-out)", "l0", "L0 (active latents per token)", "log"),
              ("ev_vs_mean_sq_corr", "explained variance vs latent correlation (held-out)", "mean_sq_corr_coactive",
               "mean R² over co-active latent pairs", "log")]
 
