@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.saes.fused_pairs import FusedPairs, fused_pairs_supported
+from trainer.saes.fused_pairs import build_pairs, fused_pairs_supported
 from trainer.saes.pairs import PairMoments, check_topk, empty, latent_sums, sorted_rows, unique_pairs
 
 if TYPE_CHECKING:
@@ -149,9 +149,9 @@ class _CorrPenalty(torch.autograd.Function):
 
 
 class _FusedCorrPenalty(torch.autograd.Function):
-    """:class:`_CorrPenalty` on CPU with the O(B k^2) passes fused (:mod:`trainer.saes.pair_kernels`):
-    the same maths and outputs; with the update, ~2.7x less wall time at d_sae 16384, k 64, B 4096
-    (docs/benchmarks.md)."""
+    """:class:`_CorrPenalty` on CPU with the O(B k^2) passes fused (:mod:`trainer.saes.fused_pairs`:
+    sorted pairs, or a dense triangle for a small d_sae): the same maths and outputs; with the
+    update, ~2.7x less wall time at d_sae 16384, k 64, B 4096 (docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, v: Tensor, idx: Tensor, stats: LatentStatistics, box: list):
@@ -159,32 +159,30 @@ class _FusedCorrPenalty(torch.autograd.Function):
         d, beta = stats.d_sae, stats.beta
         m, q_diag, mu_t, s_diag = _latent_terms(stats, idx, v)
         s, perm, vs = sorted_rows(idx, v)
-        pairs = FusedPairs.build(s, vs.detach(), d)
-        keys, q = pairs.sums()
-        box.append(PairMoments(keys, q, m, q_diag, B))
-        R, rr, sums, kept, bad = pairs.correlations(keys, q, stats.M_buf.view(-1), (1.0 - beta) * stats.scale,
-                                                    beta / B, mu_t, s_diag.rsqrt())
-        n_pairs = torch.tensor(kept)
+        pairs = build_pairs(s, vs.detach(), d)
+        t = pairs.terms(stats.M_buf.view(-1), (1.0 - beta) * stats.scale, beta / B, mu_t, s_diag.rsqrt())
+        box.append(PairMoments(t.keys, t.q, m, q_diag, B))
+        n_pairs = torch.tensor(t.kept)
         P = n_pairs.clamp(min=1).to(v.dtype)
-        loss = torch.tensor(sums[0], dtype=v.dtype) / P
+        loss = torch.tensor(t.sums[0], dtype=v.dtype) / P
         ctx.pairs = pairs
-        ctx.save_for_backward(v, idx, perm, keys, R, rr, mu_t, s_diag, P)
+        ctx.save_for_backward(v, idx, perm, mu_t, s_diag, P)
         min_var = _min_var(s, vs, s_diag)
-        diag = (n_pairs, torch.tensor(sums[1], dtype=v.dtype) / P, torch.tensor(sums[2], dtype=v.dtype), min_var,
-                torch.tensor(bad))
+        diag = (n_pairs, torch.tensor(t.sums[1], dtype=v.dtype) / P, torch.tensor(t.sums[2], dtype=v.dtype), min_var,
+                torch.tensor(t.bad))
         ctx.mark_non_differentiable(*diag)
         return (loss, *diag)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        v, idx, perm, keys, R, rr, mu_t, s_diag, P = ctx.saved_tensors
+        v, idx, perm, mu_t, s_diag, P = ctx.saved_tensors
         pairs = ctx.pairs
         if pairs is None:
             raise RuntimeError("the correlation penalty's backward ran twice (retain_graph): not supported on CPU")
         go = grad_loss / P
-        g_sorted, num, g_mu = pairs.backward(keys, R, rr, 2.0 * float(go), mu_t)
+        g_sorted, num, g_mu = pairs.grads(2.0 * float(go), mu_t)
         ctx.pairs = None
-        pairs.release()  # R, rr and the packed pairs go back to the scratch pool for the next batch
+        pairs.release()  # the pairs' arrays go back to the scratch pool for the next batch
         c = torch.where(num != 0, -go * num / s_diag, v.new_zeros(()))  # dL/dS_ii; 0 outside the pairs
         g_mu = -g_mu - 2.0 * c * mu_t
         g = v.new_zeros(idx.shape).scatter_(1, perm, g_sorted.view(idx.shape))

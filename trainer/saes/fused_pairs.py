@@ -1,16 +1,32 @@
 """The distinct pairs of a TopK batch on CPU, through the fused kernels of :mod:`pair_kernels`.
 
-:class:`FusedPairs` holds one batch's packed, sorted row pairs (one int64 per row pair) and
-answers the penalty's three questions about them: the distinct keys with their product sums,
-``R`` per distinct pair, and the gradient scattered back to the row entries. The torch path
-(:func:`~trainer.saes.pairs.unique_pairs`) does the same on other devices and is the reference
-the tests hold this one to.
+Two ways to merge the B k (k - 1) / 2 row pairs, one interface (:func:`build_pairs`, then
+``terms``, ``grads``, ``release``): the distinct keys with their product sums (the moments),
+``R`` per distinct pair with the loss and diagnostics, and the gradient scattered back to the
+row entries. The torch path (:func:`~trainer.saes.pairs.unique_pairs`) does the same on other
+devices and is the reference the tests hold both to.
+
+* :class:`FusedPairs` (sorted): every row pair packed into one int64 and radix-sorted slice by
+  slice. Its cost follows the row pairs only, but a sort of n keys costs several passes over
+  them (~4 ms for the 1M row pairs of B 512, k 64, measured on 2 cores).
+* :class:`DensePairs` (dense triangle): the products summed straight into a dense d_sae x d_sae
+  array at ``lo * d_sae + hi``; the distinct pairs are the entries that were written, read in
+  ascending order from a bitmap of them, and the backward reads each row pair's weight from the
+  same array. No sort, but O(d_sae^2) memory and a pass over the d_sae (d_sae - 1) / 2 entries
+  of the triangle per batch.
+
+The choice (:func:`dense_triangle`) depends only on the shapes, so it is the same on every step
+of a run: the dense path is taken when the triangle holds at most ``DENSE_RATIO`` times as many
+entries as the batch has row pairs, and the array costs at most ``DENSE_MAX_BYTES``. Both give
+the very same keys, sums, ``R``, ``rr``, kept pairs and loss (the sums are added in the same
+order); their gradients agree to rounding.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -19,9 +35,13 @@ from torch import Tensor
 
 from trainer.saes import pair_kernels as kern
 
-__all__ = ["FusedPairs", "add_distinct", "fused_pairs_supported", "kernel_threads", "n_slices"]
+__all__ = ["DENSE_MAX_BYTES", "DENSE_RATIO", "DensePairs", "FusedPairs", "PairTerms", "add_distinct", "build_pairs",
+           "dense_triangle", "fused_pairs_supported", "kernel_threads", "n_slices"]
 
 _FLOATS = (torch.float32, torch.float64)
+# The dense path's rule (dense_triangle), measured on 2 cores (fused_pairs' module docstring):
+DENSE_RATIO = 2.0  # triangle entries per row pair, at most
+DENSE_MAX_BYTES = 64 * 2**20  # the dense d_sae x d_sae array, at most
 
 
 def _layout(B: int, k: int) -> tuple[int, int]:
@@ -34,6 +54,23 @@ def fused_pairs_supported(B: int, k: int, d: int, device: torch.device) -> bool:
     """The fused kernels run on CPU when ``key << shift | b, p, q`` fits an int64."""
     _, shift = _layout(B, k)
     return device.type == "cpu" and k >= 2 and (d * d - 1).bit_length() + shift <= 63
+
+
+def dense_triangle(B: int, k: int, d: int, itemsize: int) -> bool:
+    """Whether a (B, k) batch over d latents, values of ``itemsize`` bytes, takes the dense-triangle
+    path (module docstring): a function of the shapes only, so a run never switches."""
+    return d * (d - 1) // 2 <= DENSE_RATIO * (B * k * (k - 1) // 2) and d * d * itemsize <= DENSE_MAX_BYTES
+
+
+def build_pairs(s: Tensor, vs: Tensor, d: int) -> FusedPairs | DensePairs:
+    """The batch's pairs from the sorted rows ``s`` (B, k) and their values ``vs``, by the path
+    :func:`dense_triangle` picks."""
+    if vs.dtype not in _FLOATS:
+        raise TypeError(f"the fused pair kernels take float32 or float64 values, got {vs.dtype}")
+    B, k = s.shape
+    if dense_triangle(B, k, d, vs.element_size()):
+        return DensePairs.build(s, vs, d)
+    return FusedPairs.build(s, vs, d)
 
 
 def kernel_threads() -> int:
@@ -65,6 +102,37 @@ class _Scratch:
 
 
 _SCRATCH = _Scratch()
+
+
+class _CleanArrays:
+    """The dense path's (d * d,) arrays, kept between batches at rest (every entry -0.0, "no
+    pair"): filling a fresh one costs its page faults, putting a used one back only its U pairs.
+    An array is taken for one batch and given back clean; one per (d, dtype) is kept."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+    def take(self, d: int, dtype: np.dtype) -> np.ndarray:
+        a = self._free.pop((d, np.dtype(dtype)), None)
+        return np.full(d * d, -0.0, dtype=dtype) if a is None else a
+
+    def give(self, d: int, a: np.ndarray) -> None:
+        self._free[(d, a.dtype)] = a
+
+
+_CLEAN = _CleanArrays()
+
+
+class PairTerms(NamedTuple):
+    """What the penalty's forward needs from a batch's pairs: the distinct keys (U,) int64,
+    ascending, with ``q = sum_b v_lo v_hi`` (U,) (the moments); ``[sum R^2, sum |R|, max |R|]``
+    (float64), the kept pairs (``q != 0``) and the non-finite ``R``."""
+
+    keys: Tensor
+    q: Tensor
+    sums: np.ndarray
+    kept: int
+    bad: int
 
 
 def add_distinct(flat: Tensor, keys: Tensor, values: Tensor, scale: float) -> bool:
@@ -146,6 +214,17 @@ class FusedPairs:
                                             mu.numpy(), rs.numpy(), R, rr, n_slices())
         return torch.from_numpy(R), torch.from_numpy(rr), sums, kept, bad
 
+    def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor) -> PairTerms:
+        """:meth:`sums`, then :meth:`correlations` (kept, with the keys, for :meth:`grads`)."""
+        keys, q = self.sums()
+        self.R, self.rr, sums, kept, bad = self.correlations(keys, q, M, m_scale, q_scale, mu, rs)
+        self.keys = keys
+        return PairTerms(keys, q, sums, kept, bad)
+
+    def grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`backward` on what :meth:`terms` computed."""
+        return self.backward(self.keys, self.R, self.rr, coef, mu)
+
     def backward(self, keys: Tensor, R: Tensor, rr: Tensor, coef: float, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """With ``a_ij = coef R_ij rr_ij``: ``sum_q a_pq v_q`` per sorted row entry (B k,),
         ``sum_j R_ij^2`` (d,) and ``sum_j a_ij mu_j`` (d,) per latent."""
@@ -153,3 +232,94 @@ class FusedPairs:
                                          R.numpy(), rr.numpy(), coef, mu.numpy(), self.vs, self.d,
                                          kernel_threads())
         return torch.from_numpy(g), torch.from_numpy(num), torch.from_numpy(gmu)
+
+
+@dataclass
+class DensePairs:
+    """One batch's pairs summed into a dense (d * d,) array (the dense-triangle path, module
+    docstring; kernels in :mod:`pair_kernels`). ``qd`` holds the sums after :meth:`build`, the
+    pairs' weights ``w = R rr`` after :meth:`terms`, and is put back at rest by :meth:`release`."""
+
+    s: np.ndarray  # (B, k) int64, the sorted rows
+    vs: np.ndarray  # (B, k) their values
+    d: int
+    qd: np.ndarray  # (d * d,) taken from _CLEAN
+    bm: np.ndarray  # (d * words,) uint64: which entries of qd hold a pair
+    off: np.ndarray  # (d + 1,) where each lo latent's pairs start among the distinct keys
+    keys: np.ndarray | None = None  # set by terms(): the entries release() puts back at rest
+    num: Tensor | None = None  # (d,) sum_j R_ij^2, from terms()
+    gw: Tensor | None = None  # (d,) sum_j w_ij mu_j, from terms()
+    R: Tensor | None = None  # (U,), only from terms(..., with_r=True)
+    rr: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self._state = {"qd": self.qd, "keys": None}
+        self._give_back = weakref.finalize(self, _put_back, self.d, self._state)
+
+    @classmethod
+    def build(cls, s: Tensor, vs: Tensor, d: int) -> DensePairs:
+        """Sum the products of the sorted rows ``s`` (B, k), values ``vs``, into the dense array."""
+        numba.set_num_threads(kernel_threads())
+        s_np = s.to(torch.int64).numpy()
+        vs_np = vs.contiguous().numpy()
+        n_buckets = n_slices()
+        first = np.searchsorted(kern.plan_buckets(s_np, d, n_buckets), np.arange(n_buckets + 1), side="left")
+        qd = _CLEAN.take(d, vs_np.dtype)
+        kern.dense_accumulate(s_np, vs_np, kern.row_cuts(s_np, first), d, qd)
+        words = (d + 63) // 64
+        bm = _SCRATCH.take("pair_bits", d * words, np.uint64)[:d * words]
+        per_lo = np.empty(d, dtype=np.int64)
+        kern.mark_pairs(qd.view(_BITS[qd.dtype]), _REST[qd.dtype], d, words, bm, per_lo)
+        off = np.zeros(d + 1, dtype=np.int64)
+        np.cumsum(per_lo, out=off[1:])
+        return cls(s_np, vs_np, d, qd, bm, off)
+
+    def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor, *,
+              with_r: bool = False) -> PairTerms:
+        """The keys and sums, and :meth:`FusedPairs.correlations`' sums and counts, in one pass
+        over the pairs (``R`` and ``rr`` written to ``self.R``, ``self.rr`` only ``with_r``: the
+        backward reads the weights from the dense array)."""
+        U = int(self.off[-1])
+        keys, q = np.empty(U, dtype=np.int64), np.empty(U, dtype=self.qd.dtype)
+        R, rr = (np.empty(U if with_r else 0, dtype=self.qd.dtype) for _ in range(2))
+        sums, kept, bad, num, gw = kern.dense_terms(self.qd, self.bm, self.d, self.bm.size // self.d, self.off,
+                                                    M.numpy(), m_scale, q_scale, mu.numpy(), rs.numpy(), keys, q, R, rr,
+                                                    n_slices())
+        _SCRATCH.give({"pair_bits": self.bm})
+        self.keys = self._state["keys"] = keys
+        self.num, self.gw = torch.from_numpy(num), torch.from_numpy(gw)
+        if with_r:
+            self.R, self.rr = torch.from_numpy(R), torch.from_numpy(rr)
+        return PairTerms(torch.from_numpy(keys), torch.from_numpy(q), sums, kept, bad)
+
+    def grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """With ``a_ij = coef R_ij rr_ij``: ``sum_q a_pq v_q`` per sorted row entry (B k,),
+        ``sum_j R_ij^2`` (d,) and ``sum_j a_ij mu_j`` (d,) per latent (``mu`` was given to
+        :meth:`terms`)."""
+        g = np.empty_like(self.vs)
+        numba.set_num_threads(kernel_threads())
+        kern.dense_row_grads(self.s, self.vs, self.qd, self.d, g)
+        return torch.from_numpy(g).view(-1).mul_(coef), self.num, self.gw * coef
+
+    def release(self) -> None:
+        """Put the dense array back at rest and give it back: this object is unusable afterwards."""
+        if self.keys is not None:
+            kern.reset_entries(self.qd, self.keys, -0.0)
+            self._state["keys"] = None
+            _CLEAN.give(self.d, self.qd)
+        self._give_back.detach()
+        self.qd = self.vs = None
+
+
+_BITS = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
+_REST = {np.dtype(np.float32): np.int32(np.float32(-0.0).view(np.int32)),
+         np.dtype(np.float64): np.int64(np.float64(-0.0).view(np.int64))}
+
+
+def _put_back(d: int, state: dict) -> None:
+    """A collected :class:`DensePairs` whose :meth:`~DensePairs.release` never ran: its array goes
+    back at rest if its pairs are known (numpy, not a kernel: this may run in any thread), else
+    it is dropped (it still holds the batch's sums)."""
+    if state["keys"] is not None:
+        state["qd"][state["keys"]] = -0.0
+        _CLEAN.give(d, state["qd"])

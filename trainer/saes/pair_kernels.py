@@ -22,10 +22,13 @@ stable sort on the key alone gives the very order of sorting the whole int64: wi
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.extending import intrinsic
 
-__all__ = ["backward_pass", "correlations", "count_runs", "pack_pairs", "plan_buckets", "radix_sort_slices",
-           "run_sums", "scatter_distinct", "slice_spans"]
+__all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_row_grads", "dense_terms",
+           "mark_pairs", "pack_pairs", "plan_buckets", "radix_sort_slices", "reset_entries", "row_cuts", "run_sums",
+           "scatter_distinct", "slice_spans"]
 
 MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
 
@@ -260,3 +263,210 @@ def backward_pass(pk, shift, kb, k, bounds, uoff, keys, R, rr, coef, mu, vs, d, 
                     g[f1] += a * vs[f2]
                     g[f2] += a * vs[f1]
     return g_part.sum(axis=0), num_part.sum(axis=0), gmu_part.sum(axis=0)
+
+
+# -- the dense-triangle path (see fused_pairs: when it is taken) -----------------------------------
+# The products are summed straight into a dense (d * d,) array ``qd`` at ``key = lo * d + hi``: no
+# packing, no sort. Its entries rest at -0.0, "no pair here": a summed entry is never -0.0 (``+ 0.0``
+# turns a -0.0 sum into +0.0), so the distinct pairs are exactly the entries that are not -0.0,
+# pairs whose products sum to 0 included (a zero value), as the sorted path keeps them. A bitmap of
+# those entries, one 64-bit word per 64 ``hi`` of a ``lo`` row, is then walked bit by bit (count
+# trailing zeros): the cost of that walk follows U, not the d^2 / 2 entries of the triangle.
+
+
+@intrinsic
+def _cttz(typingctx, x):
+    """Trailing zero bits of a (non-zero) integer: LLVM's cttz."""
+    def codegen(context, builder, sig, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+    return x(x), codegen
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """Set bits of an integer: LLVM's ctpop."""
+    def codegen(context, builder, sig, args):
+        return builder.ctpop(args[0])
+    return x(x), codegen
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def row_cuts(s, first):
+    """``cut[b, t]``: the first position of the sorted row ``b`` whose latent is ``>= first[t]``."""
+    B, k = s.shape
+    nc = first.size
+    cut = np.empty((B, nc), dtype=np.int64)
+    for b in prange(B):
+        p = 0
+        for t in range(nc):
+            while p < k and s[b, p] < first[t]:
+                p += 1
+            cut[b, t] = p
+    return cut
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def dense_accumulate(s, vs, cut, d, qd):
+    """``qd[lo * d + hi] += v_lo v_hi`` over every row pair. Slice ``t`` owns the ``lo`` latents
+    ``[first[t], first[t + 1])`` (``cut`` from :func:`row_cuts`): no two threads write one entry.
+    Each entry's sum is built over the rows in ascending order from -0.0, the order and start
+    (``-0.0 + x = x``) of :func:`run_sums`: the same number."""
+    B, k = s.shape
+    for t in prange(cut.shape[1] - 1):
+        for b in range(B):
+            for p in range(cut[b, t], min(cut[b, t + 1], k - 1)):
+                base = s[b, p] * d
+                vp = vs[b, p]
+                for q in range(p + 1, k):
+                    e = base + s[b, q]
+                    qd[e] = (qd[e] + vp * vs[b, q]) + 0.0
+
+
+@njit(cache=True, nogil=True)
+def _mark_row(bits, rest, d, words, lo, bm):
+    """Bitmap words of row ``lo`` (entries ``hi > lo`` that are not at ``rest``); returns their count."""
+    base = lo * d
+    n = 0
+    for w in range(words):
+        h0 = w * 64
+        word = np.uint64(0)
+        for h in range(max(h0, lo + 1), min(h0 + 64, d)):
+            word |= np.uint64(bits[base + h] != rest) << np.uint64(h - h0)
+        bm[lo * words + w] = word
+        n += _popcount(word)
+    return n
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def mark_pairs(bits, rest, d, words, bm, per_lo):
+    """The bitmap ``bm`` (d * words,) of the entries of ``qd`` (viewed as integers: ``bits``) that
+    hold a pair, and ``per_lo[lo]``, their number per row. Rows ``i`` and ``d - 1 - i`` go
+    together: every task then scans about d entries."""
+    for i in prange((d + 1) // 2):
+        per_lo[i] = _mark_row(bits, rest, d, words, i, bm)
+        if d - 1 - i != i:
+            per_lo[d - 1 - i] = _mark_row(bits, rest, d, words, d - 1 - i, bm)
+
+
+@njit(cache=True, nogil=True)
+def _chunk_start(bm, words, off, u):
+    """Row, word index and remaining bits of that word where the ``u``-th pair is."""
+    lo = np.searchsorted(off, u, side="right") - 1
+    skip = u - off[lo]
+    w = 0
+    word = bm[lo * words]
+    while skip >= _popcount(word):
+        skip -= _popcount(word)
+        w += 1
+        word = bm[lo * words + w]
+    for _ in range(skip):
+        word &= word - np.uint64(1)
+    return lo, w, word
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, rr, n_chunks):
+    """Per pair, ascending: ``keys[u]``, ``q[u] = qd[key]``, and :func:`correlations`' ``R``, ``rr``
+    (written when ``R.size``, else only used), each computed by the same expression, and the same
+    ``[sum R^2, sum |R|, max |R|]``, kept and non-finite counts: chunk ``c`` takes the pairs
+    ``[U c / n_chunks, U (c + 1) / n_chunks)`` as there, so every sum is added in the same order.
+    ``qd[key]`` becomes ``w = R rr`` (0 where masked) for :func:`dense_row_grads`; also returns
+    ``num`` (d,), ``sum_j R_ij^2``, and ``gw`` (d,), ``sum_j w_ij mu_j``, per latent."""
+    U = off[d]
+    with_r = R.size > 0
+    part = np.zeros((n_chunks, 8), dtype=np.float64)
+    zero = qd.dtype.type(0.0)
+    num_part = np.zeros((n_chunks, d), dtype=qd.dtype)
+    gw_part = np.zeros((n_chunks, d), dtype=qd.dtype)
+    for c in prange(n_chunks):
+        u, u1 = U * c // n_chunks, U * (c + 1) // n_chunks
+        if u >= u1:
+            continue
+        num = num_part[c]
+        gw = gw_part[c]
+        s2 = 0.0
+        s1 = 0.0
+        mx = 0.0
+        kept = 0
+        bad = 0
+        lo, w, word = _chunk_start(bm, words, off, u)
+        base, mu_i, rs_i, num_i, gw_i = lo * d, mu[lo], rs[lo], zero, zero
+        while u < u1:
+            while word == 0:
+                w += 1
+                if w == words:  # the row is done: the next one with a pair
+                    num[lo] += num_i
+                    gw[lo] += gw_i
+                    lo, w = lo + 1, 0
+                    base, mu_i, rs_i, num_i, gw_i = lo * d, mu[lo], rs[lo], zero, zero
+                word = bm[lo * words + w]
+            hi = w * 64 + _cttz(word)
+            word &= word - np.uint64(1)
+            e = base + hi
+            x = qd[e]
+            keys[u] = e
+            q[u] = x
+            if x != 0.0:
+                wt = rs_i * rs[hi]
+                r = (m_scale * M[e] + q_scale * x - mu_i * mu[hi]) * wt
+                kept += 1
+                if not np.isfinite(r):
+                    bad += 1
+                s2 += r * r
+                s1 += abs(r)
+                if abs(r) > mx or r != r:
+                    mx = abs(r)
+                a = r * wt
+                num_i += r * r
+                num[hi] += r * r
+                gw_i += a * mu[hi]
+                gw[hi] += a * mu_i
+                qd[e] = a
+            else:
+                r = zero
+                wt = zero
+                qd[e] = zero
+            if with_r:
+                R[u] = r
+                rr[u] = wt
+            u += 1
+        num[lo] += num_i
+        gw[lo] += gw_i
+        part[c, 0] = s2
+        part[c, 1] = s1
+        part[c, 2] = mx
+        part[c, 3] = kept
+        part[c, 4] = bad
+    sums = np.zeros(3, dtype=np.float64)
+    for c in range(n_chunks):
+        sums[0] += part[c, 0]
+        sums[1] += part[c, 1]
+        if part[c, 2] > sums[2] or part[c, 2] != part[c, 2]:
+            sums[2] = part[c, 2]
+    return sums, int(part[:, 3].sum()), int(part[:, 4].sum()), num_part.sum(axis=0), gw_part.sum(axis=0)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def dense_row_grads(s, vs, wd, d, g):
+    """``g[b, p] = sum_q w_{s[b, p], s[b, q]} v_q`` per sorted row entry, ``w`` read from the dense
+    ``wd`` at ``lo * d + hi``; rows in parallel, each writing only its own entries."""
+    B, k = s.shape
+    for b in prange(B):
+        for p in range(k):
+            g[b, p] = 0.0
+        for p in range(k - 1):
+            base = s[b, p] * d
+            vp = vs[b, p]
+            acc = g[b, p]
+            for q in range(p + 1, k):
+                a = wd[base + s[b, q]]
+                acc += a * vs[b, q]
+                g[b, q] += a * vp
+            g[b, p] = acc
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def reset_entries(flat, keys, value):
+    """``flat[keys] = value``."""
+    for u in prange(keys.size):
+        flat[keys[u]] = value
