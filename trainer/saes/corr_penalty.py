@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.saes.fused_pairs import build_pairs, fused_pairs_supported
+from trainer.saes.fused_pairs import build_pairs, fused_pairs_supported, sort_rows
 from trainer.saes.pairs import PairMoments, check_topk, empty, latent_sums, sorted_rows, unique_pairs
 
 if TYPE_CHECKING:
@@ -158,8 +158,12 @@ class _FusedCorrPenalty(torch.autograd.Function):
         B, k = idx.shape
         d, beta = stats.d_sae, stats.beta
         m, q_diag, mu_t, s_diag = _latent_terms(stats, idx, v)
-        s, perm, vs = sorted_rows(idx, v)
-        pairs = build_pairs(s, vs.detach(), d)
+        rows = sort_rows(idx, v, s_diag)  # and min_var, in one pass over the rows
+        if rows is None:  # a row repeats a latent (not TopK's output): as the torch path does
+            s, perm, vs = sorted_rows(idx, v)
+            rows = (s, perm, vs, _min_var(s, vs, s_diag))
+        s, perm, vs, min_var = rows
+        pairs = build_pairs(s, vs, d)
         t = pairs.terms(stats.M_buf.view(-1), (1.0 - beta) * stats.scale, beta / B, mu_t, s_diag.rsqrt())
         box.append(PairMoments(t.keys, t.q, m, q_diag, B))
         n_pairs = torch.tensor(t.kept)
@@ -167,7 +171,6 @@ class _FusedCorrPenalty(torch.autograd.Function):
         loss = torch.tensor(t.sums[0], dtype=v.dtype) / P
         ctx.pairs = pairs
         ctx.save_for_backward(v, idx, perm, mu_t, s_diag, P)
-        min_var = _min_var(s, vs, s_diag)
         diag = (n_pairs, torch.tensor(t.sums[1], dtype=v.dtype) / P, torch.tensor(t.sums[2], dtype=v.dtype), min_var,
                 torch.tensor(t.bad))
         ctx.mark_non_differentiable(*diag)

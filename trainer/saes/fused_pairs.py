@@ -323,3 +323,21 @@ def _put_back(d: int, state: dict) -> None:
     if state["keys"] is not None:
         state["qd"][state["keys"]] = -0.0
         _CLEAN.give(d, state["qd"])
+
+
+def sort_rows(idx: Tensor, v: Tensor, s_diag: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """:func:`~trainer.saes.pairs.sorted_rows` of the (B, k) batch and the smallest ``s_diag``
+    among the latents of its co-active pairs (``corr_penalty``'s ``min_var``) in one parallel
+    pass (:func:`pair_kernels.sort_rows`); None when a row repeats a latent."""
+    B, k = idx.shape
+    s, perm = np.empty((B, k), dtype=np.int64), np.empty((B, k), dtype=np.int64)
+    vs = np.empty((B, k), dtype=_NUMPY_FLOATS[v.dtype])
+    numba.set_num_threads(kernel_threads())
+    repeats, low = kern.sort_rows(idx.contiguous().numpy(), v.detach().contiguous().numpy(), s_diag.numpy(), n_slices(),
+                                  s, perm, vs)
+    if repeats:
+        return None
+    return torch.from_numpy(s), torch.from_numpy(perm), torch.from_numpy(vs), torch.tensor(low, dtype=s_diag.dtype)
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}

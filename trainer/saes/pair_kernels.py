@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 __all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_row_grads", "dense_terms",
            "mark_pairs", "pack_pairs", "plan_buckets", "radix_sort_slices", "reset_entries", "row_cuts", "run_sums",
-           "scatter_distinct", "slice_spans"]
+           "scatter_distinct", "slice_spans", "sort_rows"]
 
 MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
 
@@ -470,3 +470,70 @@ def reset_entries(flat, keys, value):
     """``flat[keys] = value``."""
     for u in prange(keys.size):
         flat[keys[u]] = value
+
+
+
+@njit(cache=True, nogil=True)
+def _above(a, b):
+    """``a > b`` with NaN above every number (torch.topk's order)."""
+    return a > b or (a != a and b == b)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
+    """Each row of ``idx`` (B, k) sorted into ``s``, with ``perm`` (``s[b] = idx[b, perm[b]]``) and
+    ``vs[b] = v[b, perm[b]]``, by walking a bitmap of the row's latents in order: for distinct
+    latents the one order there is, torch.sort's. Returns the number of rows with a repeated
+    latent (left unsorted: the caller sorts them otherwise), and the smallest ``s_diag[l]`` over
+    the entries in a co-active pair (``|v|`` times the row's largest other ``|v|`` non-zero, as
+    ``corr_penalty``'s ``_min_var``): inf if none, NaN if one is NaN."""
+    B, k = idx.shape
+    d = s_diag.size
+    words = (d + 63) // 64
+    low = np.full(n_chunks, np.inf)
+    repeats = np.zeros(n_chunks, dtype=np.int64)
+    none = v.dtype.type(-1.0)
+    for c in prange(n_chunks):
+        bits = np.zeros(words, dtype=np.uint64)
+        pos = np.empty(d, dtype=np.int64)
+        mv = np.inf
+        for b in range(B * c // n_chunks, B * (c + 1) // n_chunks):
+            top1 = top2 = none  # the row's two largest |v| (top2 = top1 on a tie), NaN the largest as in topk
+            for p in range(k):
+                lat = idx[b, p]
+                bits[lat >> 6] |= np.uint64(1) << np.uint64(lat & 63)
+                pos[lat] = p
+                a = abs(v[b, p])
+                if _above(a, top1):
+                    top2 = top1
+                    top1 = a
+                elif _above(a, top2):
+                    top2 = a
+            o = 0
+            for w in range(words):
+                word = bits[w]
+                if word == 0:
+                    continue
+                bits[w] = 0
+                while word != 0:
+                    lat = w * 64 + _cttz(word)
+                    word &= word - np.uint64(1)
+                    p = pos[lat]
+                    s[b, o] = lat
+                    perm[b, o] = p
+                    vs[b, o] = v[b, p]
+                    o += 1
+                    a = abs(v[b, p])
+                    other = top2 if a == top1 else top1
+                    if a * other != 0.0:
+                        x = s_diag[lat]
+                        if x < mv or x != x:
+                            mv = x if mv == mv else mv
+            if o != k:
+                repeats[c] += 1
+        low[c] = mv
+    out = np.inf
+    for c in range(n_chunks):
+        if low[c] < out or low[c] != low[c]:
+            out = low[c] if out == out else out
+    return repeats.sum(), out
