@@ -26,8 +26,8 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.extending import intrinsic
 
-__all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_row_grads", "dense_terms",
-           "mark_pairs", "pack_pairs", "plan_buckets", "radix_sort_slices", "reset_entries", "row_cuts", "run_sums",
+__all__ = ["backward_pass", "correlations", "count_bits", "count_runs", "dense_accumulate", "dense_row_grads",
+           "dense_terms", "pack_pairs", "plan_buckets", "radix_sort_slices", "reset_pairs", "row_cuts", "run_sums",
            "scatter_distinct", "slice_spans", "sort_rows"]
 
 MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
@@ -266,12 +266,13 @@ def backward_pass(pk, shift, kb, k, bounds, uoff, keys, R, rr, coef, mu, vs, d, 
 
 
 # -- the dense-triangle path (see fused_pairs: when it is taken) -----------------------------------
-# The products are summed straight into a dense (d * d,) array ``qd`` at ``key = lo * d + hi``: no
-# packing, no sort. Its entries rest at -0.0, "no pair here": a summed entry is never -0.0 (``+ 0.0``
-# turns a -0.0 sum into +0.0), so the distinct pairs are exactly the entries that are not -0.0,
-# pairs whose products sum to 0 included (a zero value), as the sorted path keeps them. A bitmap of
-# those entries, one 64-bit word per 64 ``hi`` of a ``lo`` row, is then walked bit by bit (count
-# trailing zeros): the cost of that walk follows U, not the d^2 / 2 entries of the triangle.
+# The products are summed straight into a dense (d, dp) array ``qd`` (rows padded to ``dp``, a
+# multiple of 64) at ``lo * dp + hi``: no packing, no sort. Its entries rest at -0.0, "no pair
+# here": a summed entry is never -0.0 (``+ 0.0`` turns a -0.0 sum into +0.0), so the distinct pairs
+# are exactly the entries that are not -0.0, pairs whose products sum to 0 included (a zero value),
+# as the sorted path keeps them. A bitmap of those entries (numpy's packbits, 64 ``hi`` per word,
+# a row's words its own) is then walked bit by bit (count trailing zeros): that walk costs U steps,
+# not the d^2 / 2 entries of the triangle.
 
 
 @intrinsic
@@ -306,8 +307,8 @@ def row_cuts(s, first):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def dense_accumulate(s, vs, cut, d, qd):
-    """``qd[lo * d + hi] += v_lo v_hi`` over every row pair. Slice ``t`` owns the ``lo`` latents
+def dense_accumulate(s, vs, cut, dp, qd):
+    """``qd[lo * dp + hi] += v_lo v_hi`` over every row pair. Slice ``t`` owns the ``lo`` latents
     ``[first[t], first[t + 1])`` (``cut`` from :func:`row_cuts`): no two threads write one entry.
     Each entry's sum is built over the rows in ascending order from -0.0, the order and start
     (``-0.0 + x = x``) of :func:`run_sums`: the same number."""
@@ -315,37 +316,21 @@ def dense_accumulate(s, vs, cut, d, qd):
     for t in prange(cut.shape[1] - 1):
         for b in range(B):
             for p in range(cut[b, t], min(cut[b, t + 1], k - 1)):
-                base = s[b, p] * d
+                base = s[b, p] * dp
                 vp = vs[b, p]
                 for q in range(p + 1, k):
                     e = base + s[b, q]
                     qd[e] = (qd[e] + vp * vs[b, q]) + 0.0
 
 
-@njit(cache=True, nogil=True)
-def _mark_row(bits, rest, d, words, lo, bm):
-    """Bitmap words of row ``lo`` (entries ``hi > lo`` that are not at ``rest``); returns their count."""
-    base = lo * d
-    n = 0
-    for w in range(words):
-        h0 = w * 64
-        word = np.uint64(0)
-        for h in range(max(h0, lo + 1), min(h0 + 64, d)):
-            word |= np.uint64(bits[base + h] != rest) << np.uint64(h - h0)
-        bm[lo * words + w] = word
-        n += _popcount(word)
-    return n
-
-
 @njit(cache=True, parallel=True, nogil=True)
-def mark_pairs(bits, rest, d, words, bm, per_lo):
-    """The bitmap ``bm`` (d * words,) of the entries of ``qd`` (viewed as integers: ``bits``) that
-    hold a pair, and ``per_lo[lo]``, their number per row. Rows ``i`` and ``d - 1 - i`` go
-    together: every task then scans about d entries."""
-    for i in prange((d + 1) // 2):
-        per_lo[i] = _mark_row(bits, rest, d, words, i, bm)
-        if d - 1 - i != i:
-            per_lo[d - 1 - i] = _mark_row(bits, rest, d, words, d - 1 - i, bm)
+def count_bits(bm, words, per_lo):
+    """``per_lo[lo]``: the set bits of row ``lo``'s ``words`` words of the bitmap ``bm``."""
+    for lo in prange(per_lo.size):
+        n = 0
+        for w in range(lo * words, (lo + 1) * words):
+            n += _popcount(bm[w])
+        per_lo[lo] = n
 
 
 @njit(cache=True, nogil=True)
@@ -366,13 +351,14 @@ def _chunk_start(bm, words, off, u):
 
 @njit(cache=True, parallel=True, nogil=True)
 def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, rr, n_chunks):
-    """Per pair, ascending: ``keys[u]``, ``q[u] = qd[key]``, and :func:`correlations`' ``R``, ``rr``
+    """Per pair, ascending: ``keys[u] = lo * d + hi``, ``q[u] = qd[lo * dp + hi]`` (``dp = 64 words``), and :func:`correlations`' ``R``, ``rr``
     (written when ``R.size``, else only used), each computed by the same expression, and the same
     ``[sum R^2, sum |R|, max |R|]``, kept and non-finite counts: chunk ``c`` takes the pairs
     ``[U c / n_chunks, U (c + 1) / n_chunks)`` as there, so every sum is added in the same order.
-    ``qd[key]`` becomes ``w = R rr`` (0 where masked) for :func:`dense_row_grads`; also returns
+    That entry of ``qd`` becomes ``w = R rr`` (0 where masked) for :func:`dense_row_grads`; also returns
     ``num`` (d,), ``sum_j R_ij^2``, and ``gw`` (d,), ``sum_j w_ij mu_j``, per latent."""
     U = off[d]
+    dp = 64 * words
     with_r = R.size > 0
     part = np.zeros((n_chunks, 8), dtype=np.float64)
     zero = qd.dtype.type(0.0)
@@ -391,6 +377,7 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
         bad = 0
         lo, w, word = _chunk_start(bm, words, off, u)
         base, mu_i, rs_i, num_i, gw_i = lo * d, mu[lo], rs[lo], zero, zero
+        pad = lo * (dp - d)  # qd's index minus the key
         while u < u1:
             while word == 0:
                 w += 1
@@ -399,11 +386,12 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
                     gw[lo] += gw_i
                     lo, w = lo + 1, 0
                     base, mu_i, rs_i, num_i, gw_i = lo * d, mu[lo], rs[lo], zero, zero
+                    pad = lo * (dp - d)
                 word = bm[lo * words + w]
             hi = w * 64 + _cttz(word)
             word &= word - np.uint64(1)
             e = base + hi
-            x = qd[e]
+            x = qd[e + pad]
             keys[u] = e
             q[u] = x
             if x != 0.0:
@@ -421,11 +409,11 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
                 num[hi] += r * r
                 gw_i += a * mu[hi]
                 gw[hi] += a * mu_i
-                qd[e] = a
+                qd[e + pad] = a
             else:
                 r = zero
                 wt = zero
-                qd[e] = zero
+                qd[e + pad] = zero
             if with_r:
                 R[u] = r
                 rr[u] = wt
@@ -447,15 +435,15 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def dense_row_grads(s, vs, wd, d, g):
+def dense_row_grads(s, vs, wd, dp, g):
     """``g[b, p] = sum_q w_{s[b, p], s[b, q]} v_q`` per sorted row entry, ``w`` read from the dense
-    ``wd`` at ``lo * d + hi``; rows in parallel, each writing only its own entries."""
+    ``wd`` at ``lo * dp + hi``; rows in parallel, each writing only its own entries."""
     B, k = s.shape
     for b in prange(B):
         for p in range(k):
             g[b, p] = 0.0
         for p in range(k - 1):
-            base = s[b, p] * d
+            base = s[b, p] * dp
             vp = vs[b, p]
             acc = g[b, p]
             for q in range(p + 1, k):
@@ -466,10 +454,14 @@ def dense_row_grads(s, vs, wd, d, g):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def reset_entries(flat, keys, value):
-    """``flat[keys] = value``."""
-    for u in prange(keys.size):
-        flat[keys[u]] = value
+def reset_pairs(qd, dp, keys, off, value):
+    """``qd[lo * dp + hi] = value`` for every pair ``keys[u] = lo * d + hi`` (row ``lo``'s keys at
+    ``off[lo]:off[lo + 1]``)."""
+    d = off.size - 1
+    for lo in prange(d):
+        pad = lo * (dp - d)
+        for u in range(off[lo], off[lo + 1]):
+            qd[keys[u] + pad] = value
 
 
 
