@@ -183,15 +183,12 @@ class _FusedCorrPenalty(torch.autograd.Function):
         if pairs is None:
             raise RuntimeError("the correlation penalty's backward ran twice (retain_graph): not supported on CPU")
         go = grad_loss / P
-        g_sorted, num, g_mu = pairs.grads(2.0 * float(go), mu_t)
+        num, g_mu = pairs.latent_grads(2.0 * float(go), mu_t)
+        c = torch.where(num != 0, -go * num / s_diag, v.new_zeros(()))  # dL/dS_ii; 0 outside the pairs
+        g = pairs.entry_grads(-g_mu - 2.0 * c * mu_t, 2.0 * c, idx, perm, v)
         ctx.pairs = None
         pairs.release()  # the pairs' arrays go back to the scratch pool for the next batch
-        c = torch.where(num != 0, -go * num / s_diag, v.new_zeros(()))  # dL/dS_ii; 0 outside the pairs
-        g_mu = -g_mu - 2.0 * c * mu_t
-        g = v.new_zeros(idx.shape).scatter_(1, perm, g_sorted.view(idx.shape))
-        flat_idx = idx.reshape(-1)
-        g += g_mu.index_select(0, flat_idx).view_as(g) + 2.0 * c.index_select(0, flat_idx).view_as(g) * v
-        return g / idx.shape[0], None, None, None  # no factor beta (docs/sae-math.md)
+        return g.div_(idx.shape[0]), None, None, None  # no factor beta (docs/sae-math.md)
 
 
 def _latent_terms(stats: LatentStatistics, idx: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -221,9 +221,19 @@ class FusedPairs:
         self.keys = keys
         return PairTerms(keys, q, sums, kept, bad)
 
-    def grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`backward` on what :meth:`terms` computed."""
-        return self.backward(self.keys, self.R, self.rr, coef, mu)
+    def latent_grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`backward` on what :meth:`terms` computed: ``sum_j R_ij^2`` and ``sum_j a_ij mu_j``
+        per latent (``a = coef R rr``); the row entries' sums are kept for :meth:`entry_grads`."""
+        self.g_sorted, num, gmu = self.backward(self.keys, self.R, self.rr, coef, mu)
+        return num, gmu
+
+    def entry_grads(self, g_lat: Tensor, c2_lat: Tensor, idx: Tensor, perm: Tensor, v: Tensor) -> Tensor:
+        """Per entry of the batch ``(idx, v)`` (B, k), ``perm`` its rows' sorting permutation:
+        ``sum_q a_pq v_q + g_lat[l] + c2_lat[l] v`` for latent ``l`` (after :meth:`latent_grads`)."""
+        g = v.new_zeros(idx.shape).scatter_(1, perm, self.g_sorted.view(idx.shape))
+        self.g_sorted = None
+        flat_idx = idx.reshape(-1)
+        return g.add_(g_lat.index_select(0, flat_idx).view_as(g) + c2_lat.index_select(0, flat_idx).view_as(g) * v)
 
     def backward(self, keys: Tensor, R: Tensor, rr: Tensor, coef: float, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """With ``a_ij = coef R_ij rr_ij``: ``sum_q a_pq v_q`` per sorted row entry (B k,),
@@ -247,6 +257,7 @@ class DensePairs:
     qd: np.ndarray  # (d * dp,) taken from _CLEAN
     bm: np.ndarray  # (d * dp / 64,) uint64: which entries of qd hold a pair
     off: np.ndarray  # (d + 1,) where each lo latent's pairs start among the distinct keys
+    cut: np.ndarray  # (B, n_slices + 1): each row's positions per slice of lo latents (row_cuts)
     keys: np.ndarray | None = None  # set by terms(): the entries release() puts back at rest
     num: Tensor | None = None  # (d,) sum_j R_ij^2, from terms()
     gw: Tensor | None = None  # (d,) sum_j w_ij mu_j, from terms()
@@ -271,14 +282,15 @@ class DensePairs:
         first = np.searchsorted(kern.plan_buckets(s_np, d, n_buckets), np.arange(n_buckets + 1), side="left")
         words = (d + 63) // 64
         qd = _CLEAN.take(d * 64 * words, vs_np.dtype)
-        kern.dense_accumulate(s_np, vs_np, kern.row_cuts(s_np, first), 64 * words, qd)
+        cut = kern.row_cuts(s_np, first)
+        kern.dense_accumulate(s_np, vs_np, cut, 64 * words, qd)
         # numpy's vectorised compare and packbits: ~3x the speed of a bit loop in numba here
         bm = np.packbits(qd.view(_BITS[qd.dtype]) != _REST[qd.dtype], bitorder="little").view(np.uint64)
         per_lo = np.empty(d, dtype=np.int64)
         kern.count_bits(bm, words, per_lo)
         off = np.zeros(d + 1, dtype=np.int64)
         np.cumsum(per_lo, out=off[1:])
-        return cls(s_np, vs_np, d, qd, bm, off)
+        return cls(s_np, vs_np, d, qd, bm, off, cut)
 
     def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor, *,
               with_r: bool = False) -> PairTerms:
@@ -298,25 +310,37 @@ class DensePairs:
             self.R, self.rr = torch.from_numpy(R), torch.from_numpy(rr)
         return PairTerms(torch.from_numpy(keys), torch.from_numpy(q), sums, kept, bad)
 
-    def grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """With ``a_ij = coef R_ij rr_ij``: ``sum_q a_pq v_q`` per sorted row entry (B k,),
-        ``sum_j R_ij^2`` (d,) and ``sum_j a_ij mu_j`` (d,) per latent (``mu`` was given to
-        :meth:`terms`)."""
-        g = np.empty_like(self.vs)
+    def latent_grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor]:
+        """``sum_j R_ij^2`` and ``sum_j a_ij mu_j`` per latent, ``a = coef R rr`` (both summed by
+        :meth:`terms`, whose ``mu`` this must be)."""
+        self.coef = coef
+        return self.num, self.gw * coef
+
+    def entry_grads(self, g_lat: Tensor, c2_lat: Tensor, idx: Tensor, perm: Tensor, v: Tensor) -> Tensor:
+        """Per entry of the batch ``(idx, v)`` (B, k), ``perm`` its rows' sorting permutation:
+        ``sum_q a_pq v_q + g_lat[l] + c2_lat[l] v`` for latent ``l`` (after :meth:`latent_grads`),
+        one kernel over the row pairs (:func:`pair_kernels.dense_entry_grads`)."""
+        out = np.empty(idx.shape, dtype=self.vs.dtype)
         numba.set_num_threads(kernel_threads())
-        kern.dense_row_grads(self.s, self.vs, self.qd, self.dp, g)
-        return torch.from_numpy(g).view(-1).mul_(coef), self.num, self.gw * coef
+        kern.dense_entry_grads(self.s, perm.numpy(), self.vs, self.cut, self.qd, self.dp, self.coef, g_lat.numpy(),
+                               c2_lat.numpy(), kernel_threads(), out)
+        return torch.from_numpy(out)
 
     def release(self) -> None:
         """Put the dense array back at rest and give it back: this object is unusable afterwards."""
         if self.keys is not None:
-            kern.reset_pairs(self.qd, self.dp, self.keys, self.off, -0.0)
+            if self.qd.size <= _FILL_PER_WRITE * self.keys.size:  # a sequential fill beats U scattered writes
+                self.qd.fill(-0.0)
+            else:
+                numba.set_num_threads(kernel_threads())
+                kern.reset_pairs(self.qd, self.dp, self.keys, self.off, -0.0)
             self._state["keys"] = None
             _CLEAN.give(self.qd)
         self._give_back.detach()
         self.qd = self.vs = None
 
 
+_FILL_PER_WRITE = 8  # entries numpy fills in the time of one scattered write (measured: ~10)
 _BITS = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
 _REST = {np.dtype(np.float32): np.int32(np.float32(-0.0).view(np.int32)),
          np.dtype(np.float64): np.int64(np.float64(-0.0).view(np.int64))}

@@ -26,7 +26,7 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.extending import intrinsic
 
-__all__ = ["backward_pass", "correlations", "count_bits", "count_runs", "dense_accumulate", "dense_row_grads",
+__all__ = ["backward_pass", "correlations", "count_bits", "count_runs", "dense_accumulate", "dense_entry_grads",
            "dense_terms", "pack_pairs", "plan_buckets", "radix_sort_slices", "reset_pairs", "row_cuts", "run_sums",
            "scatter_distinct", "slice_spans", "sort_rows"]
 
@@ -435,22 +435,36 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def dense_row_grads(s, vs, wd, dp, g):
-    """``g[b, p] = sum_q w_{s[b, p], s[b, q]} v_q`` per sorted row entry, ``w`` read from the dense
-    ``wd`` at ``lo * dp + hi``; rows in parallel, each writing only its own entries."""
+def dense_entry_grads(s, perm, vs, cut, wd, dp, coef, g_lat, c2_lat, n_groups, out):
+    """The penalty's gradient per row entry, in the rows' own order: for sorted entry ``(b, p)``
+    of latent ``l = s[b, p]``, ``out[b, perm[b, p]] = coef sum_q w_{l, s[b, q]} v_q + g_lat[l] +
+    c2_lat[l] v_p``, ``w`` read from the dense ``wd`` at ``lo * dp + hi``. The row pairs are taken
+    slice by slice as :func:`dense_accumulate` does (each slice's rows of ``wd`` stay in cache),
+    group ``c`` taking the slices ``c, c + n_groups, ...`` into its own buffer (no races), the
+    buffers summed in group order."""
     B, k = s.shape
+    nb = cut.shape[1] - 1
+    part = np.zeros((n_groups, B, k), dtype=vs.dtype)
+    for c in prange(n_groups):
+        g = part[c]
+        for t in range(c, nb, n_groups):
+            for b in range(B):
+                for p in range(cut[b, t], min(cut[b, t + 1], k - 1)):
+                    base = s[b, p] * dp
+                    vp = vs[b, p]
+                    acc = g[b, p]
+                    for q in range(p + 1, k):
+                        a = wd[base + s[b, q]]
+                        acc += a * vs[b, q]
+                        g[b, q] += a * vp
+                    g[b, p] = acc
     for b in prange(B):
         for p in range(k):
-            g[b, p] = 0.0
-        for p in range(k - 1):
-            base = s[b, p] * dp
-            vp = vs[b, p]
-            acc = g[b, p]
-            for q in range(p + 1, k):
-                a = wd[base + s[b, q]]
-                acc += a * vs[b, q]
-                g[b, q] += a * vp
-            g[b, p] = acc
+            acc = part[0, b, p]
+            for c in range(1, n_groups):
+                acc += part[c, b, p]
+            lat = s[b, p]
+            out[b, perm[b, p]] = coef * acc + g_lat[lat] + c2_lat[lat] * vs[b, p]
 
 
 @njit(cache=True, parallel=True, nogil=True)
