@@ -203,11 +203,6 @@ def _dense(s: TrainSpec) -> bool:
     return _fused(s) and dense_triangle(s.batch_size, s.k, s.d_sae, COV_DTYPES[s.cov_dtype])
 
 
-def dense_width(d_sae: int) -> int:
-    """The dense path's row length: d_sae padded to a multiple of 64 (``DensePairs``)."""
-    return 64 * -(-d_sae // 64)
-
-
 def _scratch_bytes(s: TrainSpec) -> int:
     """Kept between steps by the fused kernels. Sorted path: ``fused_pairs._SCRATCH``, the packed
     row pairs and the radix sort's second buffer (P int64 each), R and rr (U each), every one
@@ -217,7 +212,7 @@ def _scratch_bytes(s: TrainSpec) -> int:
         return 0
     P, U, c = n_pairs(s.batch_size, s.k), unique_pairs(s), COV_DTYPES[s.cov_dtype]
     if _dense(s):
-        return c * s.d_sae * dense_width(s.d_sae)
+        return c * _dense_cells(s.d_sae)
     return 2 * 8 * (P + P // 8) + 2 * c * (U + U // 8)
 
 
@@ -328,7 +323,7 @@ def _dense_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     Arrays numba allocates inside the kernels (the row cuts, the per-chunk and per-group partial
     sums, num and gw) are not in the measured value, nor here."""
     B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
-    U, cells = unique_pairs(s), n * dense_width(n)
+    U, cells = unique_pairs(s), _dense_cells(n)
     small = _penalty_small(s)
     return {
         # the compare's bool per entry and its packbits (the bitmap of the pairs).
@@ -343,7 +338,14 @@ def _dense_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
 
 def _dense_saved(s: TrainSpec) -> int:
     B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
-    return B * k * (16 + c) + 2 * n * c + n * dense_width(n) // 8 + 8 * n + _moments_bytes(s)
+    return B * k * (16 + c) + 2 * n * c + _dense_cells(n) // 8 + 8 * n + _moments_bytes(s)
+
+
+def _dense_cells(d_sae: int) -> int:
+    """Entries of the dense path's array: d_sae rows padded to ``fused_pairs.dense_width``."""
+    from trainer.saes.fused_pairs import dense_width
+
+    return d_sae * dense_width(d_sae)
 
 
 def _fused_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:

@@ -362,15 +362,17 @@ def test_dense_triangle_rule_and_its_edge(monkeypatch):
     """The rule is a function of the shapes (a run never switches); at its edge either side gives
     the same penalty: d at the largest dense triangle for (B, k), and one latent more."""
     from trainer.saes import fused_pairs
-    from trainer.saes.fused_pairs import DENSE_MAX_BYTES, DENSE_RATIO, DensePairs, build_pairs, dense_triangle
+    from trainer.saes.fused_pairs import (DENSE_MAX_BYTES, DENSE_RATIO, DensePairs, build_pairs, dense_triangle,
+                                          dense_width)
 
     B, k = 3, 5
     P = B * k * (k - 1) // 2
     d = max(n for n in range(2, 200) if n * (n - 1) // 2 <= DENSE_RATIO * P)
     assert dense_triangle(B, k, d, 8) and not dense_triangle(B, k, d + 1, 8)
-    big = math.isqrt(DENSE_MAX_BYTES // 4)
+    big = max(n for n in range(1, 10**5) if n * dense_width(n) * 4 <= DENSE_MAX_BYTES)  # rows padded to 64
     assert dense_triangle(10**6, 64, big, 4) and not dense_triangle(10**6, 64, big + 1, 4)
     assert not dense_triangle(10**6, 64, big, 8)  # float64 doubles the array
+    assert dense_triangle(512, 64, 1152, 4) and not dense_triangle(4096, 64, 16384, 4)  # the benchmark's sizes
     out = {}
     for n in (d, d + 1):
         st = _stats_with_history(n, F64, seed=n, k=k, B=B, n_alive=n)

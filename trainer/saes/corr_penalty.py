@@ -32,7 +32,9 @@ def correlation_penalty(stats: LatentStatistics, idx: Tensor, val: Tensor) -> tu
     Call it BEFORE ``stats.update(idx, val)`` for the same batch. Cost O(B k^2 log(B k^2) +
     d_sae) time and O(B k^2 + d_sae) memory: the B k (k-1) / 2 per-row pairs are keyed
     ``lo * d_sae + hi``, merged by a sort (:func:`~trainer.saes.pairs.unique_pairs`), and only
-    those entries of ``M_{t-1}`` are gathered. Nothing d_sae x d_sae or B x d_sae is built. The
+    those entries of ``M_{t-1}`` are gathered. Nothing B x d_sae is built, nothing d_sae x d_sae
+    either except on CPU when that triangle is at most about as large as the row pairs (the dense
+    path of :mod:`trainer.saes.fused_pairs`: O(B k^2) memory still). The
     gradient is written out by hand (:class:`_CorrPenalty`): autograd through the pair arrays
     cost twice the forward.
 
