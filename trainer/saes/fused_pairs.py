@@ -154,7 +154,7 @@ def add_distinct(flat: Tensor, keys: Tensor, values: Tensor, scale: float) -> bo
             or keys.dtype != torch.int64 or not flat.is_contiguous():
         return False
     numba.set_num_threads(kernel_threads())
-    kern.scatter_distinct(flat.numpy(), keys.numpy(), values.numpy(), scale)
+    kern.scatter_distinct(flat.numpy(), keys.numpy().view(np.uint64), values.numpy(), scale)
     return True
 
 
@@ -269,7 +269,7 @@ class DensePairs:
     qd: np.ndarray  # (d * dp,) taken from _CLEAN
     bm: np.ndarray  # (d * dp / 64,) uint64: which entries of qd hold a pair
     off: np.ndarray  # (d + 1,) where each lo latent's pairs start among the distinct keys
-    cut: np.ndarray  # (B, n_slices + 1): each row's positions per slice of lo latents (row_cuts)
+    cut: np.ndarray  # (B, n_slices + 1) uint64: each row's positions per slice of lo latents (row_cuts)
     keys: np.ndarray | None = None  # set by terms(): the entries release() puts back at rest
     num: Tensor | None = None  # (d,) sum_j R_ij^2, from terms()
     gw: Tensor | None = None  # (d,) sum_j w_ij mu_j, from terms()
@@ -294,8 +294,8 @@ class DensePairs:
         first = np.searchsorted(kern.plan_buckets(s_np, d, n_buckets), np.arange(n_buckets + 1), side="left")
         words = dense_width(d) // 64
         qd = _CLEAN.take(d * 64 * words, vs_np.dtype)
-        cut = kern.row_cuts(s_np, first)
-        kern.dense_accumulate(s_np, vs_np, cut, 64 * words, qd)
+        cut = kern.row_cuts(s_np, first).view(np.uint64)  # unsigned indices: pair_kernels' note
+        kern.dense_accumulate(s_np.view(np.uint64), vs_np, cut, np.uint64(64 * words), qd)
         # numpy's vectorised compare and packbits: ~3x the speed of a bit loop in numba here
         bm = np.packbits(qd.view(_BITS[qd.dtype]) != _REST[qd.dtype], bitorder="little").view(np.uint64)
         per_lo = np.empty(d, dtype=np.int64)
@@ -313,9 +313,9 @@ class DensePairs:
         keys, q = np.empty(U, dtype=np.int64), np.empty(U, dtype=self.qd.dtype)
         R, rr = (np.empty(U if with_r else 0, dtype=self.qd.dtype) for _ in range(2))
         numba.set_num_threads(kernel_threads())
-        sums, kept, bad, num, gw = kern.dense_terms(self.qd, self.bm, self.d, self.dp // 64, self.off, M.numpy(),
-                                                    m_scale, q_scale, mu.numpy(), rs.numpy(), keys, q, R, rr,
-                                                    n_slices())
+        sums, kept, bad, num, gw = kern.dense_terms(self.qd, self.bm, np.uint64(self.d), np.uint64(self.dp // 64),
+                                                    self.off, M.numpy(), m_scale, q_scale, mu.numpy(), rs.numpy(), keys,
+                                                    q, R, rr, n_slices())
         self.keys = self._state["keys"] = keys
         self.num, self.gw = torch.from_numpy(num), torch.from_numpy(gw)
         if with_r:
@@ -334,8 +334,8 @@ class DensePairs:
         one kernel over the row pairs (:func:`pair_kernels.dense_entry_grads`)."""
         out = np.empty(idx.shape, dtype=self.vs.dtype)
         numba.set_num_threads(kernel_threads())
-        kern.dense_entry_grads(self.s, perm.numpy(), self.vs, self.cut, self.qd, self.dp, self.coef, g_lat.numpy(),
-                               c2_lat.numpy(), kernel_threads(), out)
+        kern.dense_entry_grads(self.s.view(np.uint64), perm.numpy(), self.vs, self.cut, self.qd, np.uint64(self.dp),
+                               self.coef, g_lat.numpy(), c2_lat.numpy(), kernel_threads(), out)
         return torch.from_numpy(out)
 
     def release(self) -> None:
@@ -345,7 +345,7 @@ class DensePairs:
                 self.qd.fill(-0.0)
             else:
                 numba.set_num_threads(kernel_threads())
-                kern.reset_pairs(self.qd, self.dp, self.keys, self.off, -0.0)
+                kern.reset_pairs(self.qd, np.uint64(self.dp), self.keys.view(np.uint64), self.off, -0.0)
             self._state["keys"] = None
             _CLEAN.give(self.qd)
         self._give_back.detach()

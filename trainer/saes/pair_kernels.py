@@ -216,7 +216,8 @@ def correlations(keys, q, M, m_scale, d, q_scale, mu, rs, R, rr, n_chunks):
 
 @njit(cache=True, parallel=True, nogil=True)
 def scatter_distinct(flat, keys, values, scale):
-    """``flat[keys] += scale * values`` for distinct ``keys``: no two threads write one entry."""
+    """``flat[keys] += scale * values`` for distinct ``keys`` (uint64: no wrap-around code, see the
+    dense path's note): no two threads write one entry."""
     for u in prange(keys.size):
         flat[keys[u]] += scale * values[u]
 
@@ -273,6 +274,15 @@ def backward_pass(pk, shift, kb, k, bounds, uoff, keys, R, rr, coef, mu, vs, d, 
 # as the sorted path keeps them. A bitmap of those entries (numpy's packbits, 64 ``hi`` per word,
 # a row's words its own) is then walked bit by bit (count trailing zeros): that walk costs U steps,
 # not the d^2 / 2 entries of the triangle.
+#
+# Their hot loops index with uint64 (the callers pass uint64 views of the int64 latents and cuts):
+# numba adds a negative-index wrap-around to every access through a signed index, 6 of the ~16
+# instructions per row pair here; unsigned ones have none (1.45 -> 1.0 ms per pass over 1M row
+# pairs). ``_U1``, ``_U64``: uint64 constants (an int64 literal would turn the sum signed again).
+_U1 = np.uint64(1)
+_U64 = np.uint64(64)
+_U6 = np.uint64(6)
+_U63 = np.uint64(63)
 
 
 @intrinsic
@@ -308,19 +318,22 @@ def row_cuts(s, first):
 
 @njit(cache=True, parallel=True, nogil=True)
 def dense_accumulate(s, vs, cut, dp, qd):
-    """``qd[lo * dp + hi] += v_lo v_hi`` over every row pair. Slice ``t`` owns the ``lo`` latents
-    ``[first[t], first[t + 1])`` (``cut`` from :func:`row_cuts`): no two threads write one entry.
-    Each entry's sum is built over the rows in ascending order from -0.0, the order and start
-    (``-0.0 + x = x``) of :func:`run_sums`: the same number."""
+    """``qd[lo * dp + hi] += v_lo v_hi`` over every row pair (``s``, ``cut`` uint64, ``dp`` uint64).
+    Slice ``t`` owns the ``lo`` latents ``[first[t], first[t + 1])`` (``cut`` from
+    :func:`row_cuts`): no two threads write one entry. Each entry's sum is built over the rows in
+    ascending order from -0.0, the order and start (``-0.0 + x = x``) of :func:`run_sums`: the
+    same number."""
     B, k = s.shape
+    last, uk = np.uint64(k - 1), np.uint64(k)
     for t in prange(cut.shape[1] - 1):
         for b in range(B):
-            for p in range(cut[b, t], min(cut[b, t + 1], k - 1)):
-                base = s[b, p] * dp
-                vp = vs[b, p]
-                for q in range(p + 1, k):
-                    e = base + s[b, q]
-                    qd[e] = (qd[e] + vp * vs[b, q]) + 0.0
+            srow, vrow = s[b], vs[b]
+            for p in range(cut[b, t], min(cut[b, t + 1], last)):
+                base = srow[p] * dp
+                vp = vrow[p]
+                for q in range(p + _U1, uk):
+                    e = base + srow[q]
+                    qd[e] = (qd[e] + vp * vrow[q]) + 0.0
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -335,30 +348,31 @@ def count_bits(bm, words, per_lo):
 
 @njit(cache=True, nogil=True)
 def _chunk_start(bm, words, off, u):
-    """Row, word index and remaining bits of that word where the ``u``-th pair is."""
-    lo = np.searchsorted(off, u, side="right") - 1
+    """Row, word index (uint64) and remaining bits of that word where the ``u``-th pair is."""
+    lo = np.uint64(np.searchsorted(off, u, side="right") - 1)
     skip = u - off[lo]
-    w = 0
+    w = np.uint64(0)
     word = bm[lo * words]
     while skip >= _popcount(word):
         skip -= _popcount(word)
-        w += 1
+        w += _U1
         word = bm[lo * words + w]
     for _ in range(skip):
-        word &= word - np.uint64(1)
+        word &= word - _U1
     return lo, w, word
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, rr, n_chunks):
-    """Per pair, ascending: ``keys[u] = lo * d + hi``, ``q[u] = qd[lo * dp + hi]`` (``dp = 64 words``), and :func:`correlations`' ``R``, ``rr``
-    (written when ``R.size``, else only used), each computed by the same expression, and the same
-    ``[sum R^2, sum |R|, max |R|]``, kept and non-finite counts: chunk ``c`` takes the pairs
-    ``[U c / n_chunks, U (c + 1) / n_chunks)`` as there, so every sum is added in the same order.
-    That entry of ``qd`` becomes ``w = R rr`` (0 where masked) for :func:`dense_row_grads`; also returns
-    ``num`` (d,), ``sum_j R_ij^2``, and ``gw`` (d,), ``sum_j w_ij mu_j``, per latent."""
+    """Per pair, ascending: ``keys[u] = lo * d + hi``, ``q[u] = qd[lo * dp + hi]`` (``dp = 64 words``;
+    ``d``, ``words`` uint64), and :func:`correlations`' ``R``, ``rr`` (written when ``R.size``, else
+    only used), each computed by the same expression, and the same ``[sum R^2, sum |R|, max |R|]``,
+    kept and non-finite counts: chunk ``c`` takes the pairs ``[U c / n_chunks, U (c + 1) /
+    n_chunks)`` as there, so every sum is added in the same order. That entry of ``qd`` becomes
+    ``w = R rr`` (0 where masked) for :func:`dense_entry_grads`; also returns ``num`` (d,),
+    ``sum_j R_ij^2``, and ``gw`` (d,), ``sum_j w_ij mu_j``, per latent."""
     U = off[d]
-    dp = 64 * words
+    dp = _U64 * words
     with_r = R.size > 0
     part = np.zeros((n_chunks, 8), dtype=np.float64)
     zero = qd.dtype.type(0.0)
@@ -380,16 +394,16 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
         pad = lo * (dp - d)  # qd's index minus the key
         while u < u1:
             while word == 0:
-                w += 1
+                w += _U1
                 if w == words:  # the row is done: the next one with a pair
                     num[lo] += num_i
                     gw[lo] += gw_i
-                    lo, w = lo + 1, 0
+                    lo, w = lo + _U1, np.uint64(0)
                     base, mu_i, rs_i, num_i, gw_i = lo * d, mu[lo], rs[lo], zero, zero
                     pad = lo * (dp - d)
                 word = bm[lo * words + w]
-            hi = w * 64 + _cttz(word)
-            word &= word - np.uint64(1)
+            hi = w * _U64 + _cttz(word)
+            word &= word - _U1
             e = base + hi
             x = qd[e + pad]
             keys[u] = e
@@ -438,26 +452,27 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
 def dense_entry_grads(s, perm, vs, cut, wd, dp, coef, g_lat, c2_lat, n_groups, out):
     """The penalty's gradient per row entry, in the rows' own order: for sorted entry ``(b, p)``
     of latent ``l = s[b, p]``, ``out[b, perm[b, p]] = coef sum_q w_{l, s[b, q]} v_q + g_lat[l] +
-    c2_lat[l] v_p``, ``w`` read from the dense ``wd`` at ``lo * dp + hi``. The row pairs are taken
-    slice by slice as :func:`dense_accumulate` does (each slice's rows of ``wd`` stay in cache),
-    group ``c`` taking the slices ``c, c + n_groups, ...`` into its own buffer (no races), the
-    buffers summed in group order."""
+    c2_lat[l] v_p``, ``w`` read from the dense ``wd`` at ``lo * dp + hi`` (``s``, ``cut``, ``dp``
+    uint64). The row pairs are taken slice by slice as :func:`dense_accumulate` does (each
+    slice's rows of ``wd`` stay in cache), group ``c`` taking the slices ``c, c + n_groups, ...``
+    into its own buffer (no races), the buffers summed in group order."""
     B, k = s.shape
+    last, uk = np.uint64(k - 1), np.uint64(k)
     nb = cut.shape[1] - 1
     part = np.zeros((n_groups, B, k), dtype=vs.dtype)
     for c in prange(n_groups):
-        g = part[c]
         for t in range(c, nb, n_groups):
             for b in range(B):
-                for p in range(cut[b, t], min(cut[b, t + 1], k - 1)):
-                    base = s[b, p] * dp
-                    vp = vs[b, p]
-                    acc = g[b, p]
-                    for q in range(p + 1, k):
-                        a = wd[base + s[b, q]]
-                        acc += a * vs[b, q]
-                        g[b, q] += a * vp
-                    g[b, p] = acc
+                g, srow, vrow = part[c, b], s[b], vs[b]
+                for p in range(cut[b, t], min(cut[b, t + 1], last)):
+                    base = srow[p] * dp
+                    vp = vrow[p]
+                    acc = g[p]
+                    for q in range(p + _U1, uk):
+                        a = wd[base + srow[q]]
+                        acc += a * vrow[q]
+                        g[q] += a * vp
+                    g[p] = acc
     for b in prange(B):
         for p in range(k):
             acc = part[0, b, p]
@@ -469,11 +484,11 @@ def dense_entry_grads(s, perm, vs, cut, wd, dp, coef, g_lat, c2_lat, n_groups, o
 
 @njit(cache=True, parallel=True, nogil=True)
 def reset_pairs(qd, dp, keys, off, value):
-    """``qd[lo * dp + hi] = value`` for every pair ``keys[u] = lo * d + hi`` (row ``lo``'s keys at
-    ``off[lo]:off[lo + 1]``)."""
-    d = off.size - 1
-    for lo in prange(d):
-        pad = lo * (dp - d)
+    """``qd[lo * dp + hi] = value`` for every pair ``keys[u] = lo * d + hi`` (``keys``, ``dp``
+    uint64; row ``lo``'s keys at ``off[lo]:off[lo + 1]``)."""
+    d = np.uint64(off.size - 1)
+    for lo in prange(off.size - 1):
+        pad = np.uint64(lo) * (dp - d)
         for u in range(off[lo], off[lo + 1]):
             qd[keys[u] + pad] = value
 
