@@ -298,11 +298,7 @@ class DensePairs:
         kern.dense_accumulate(s_np.view(np.uint64), vs_np, cut, np.uint64(64 * words), qd)
         # numpy's vectorised compare and packbits: ~3x the speed of a bit loop in numba here
         bm = np.packbits(qd.view(_BITS[qd.dtype]) != _REST[qd.dtype], bitorder="little").view(np.uint64)
-        per_lo = np.empty(d, dtype=np.int64)
-        kern.count_bits(bm, words, per_lo)
-        off = np.zeros(d + 1, dtype=np.int64)
-        np.cumsum(per_lo, out=off[1:])
-        return cls(s_np, vs_np, d, qd, bm, off, cut)
+        return cls(s_np, vs_np, d, qd, bm, kern.pair_offsets(bm, words, d), cut)
 
     def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor, *,
               with_r: bool = False) -> PairTerms:

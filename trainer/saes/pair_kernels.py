@@ -26,8 +26,8 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.extending import intrinsic
 
-__all__ = ["backward_pass", "correlations", "count_bits", "count_runs", "dense_accumulate", "dense_entry_grads",
-           "dense_terms", "pack_pairs", "plan_buckets", "radix_sort_slices", "reset_pairs", "row_cuts", "run_sums",
+__all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads", "dense_terms",
+           "pack_pairs", "pair_offsets", "plan_buckets", "radix_sort_slices", "reset_pairs", "row_cuts", "run_sums",
            "scatter_distinct", "slice_spans", "sort_rows"]
 
 MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
@@ -301,13 +301,15 @@ def _popcount(typingctx, x):
     return x(x), codegen
 
 
-@njit(cache=True, parallel=True, nogil=True)
+# row_cuts and pair_offsets run on one thread: their work (~50 us) is below what a parallel launch
+# costs on a loaded machine, where every launch waits for a thread that may be descheduled.
+@njit(cache=True, nogil=True)
 def row_cuts(s, first):
     """``cut[b, t]``: the first position of the sorted row ``b`` whose latent is ``>= first[t]``."""
     B, k = s.shape
     nc = first.size
     cut = np.empty((B, nc), dtype=np.int64)
-    for b in prange(B):
+    for b in range(B):
         p = 0
         for t in range(nc):
             while p < k and s[b, p] < first[t]:
@@ -336,14 +338,18 @@ def dense_accumulate(s, vs, cut, dp, qd):
                     qd[e] = (qd[e] + vp * vrow[q]) + 0.0
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def count_bits(bm, words, per_lo):
-    """``per_lo[lo]``: the set bits of row ``lo``'s ``words`` words of the bitmap ``bm``."""
-    for lo in prange(per_lo.size):
-        n = 0
+@njit(cache=True, nogil=True)
+def pair_offsets(bm, words, d):
+    """``off`` (d + 1,): where row ``lo``'s pairs start among the distinct pairs, from the set bits
+    of its ``words`` words of the bitmap ``bm``."""
+    off = np.empty(d + 1, dtype=np.int64)
+    n = 0
+    for lo in range(d):
+        off[lo] = n
         for w in range(lo * words, (lo + 1) * words):
             n += _popcount(bm[w])
-        per_lo[lo] = n
+    off[d] = n
+    return off
 
 
 @njit(cache=True, nogil=True)
