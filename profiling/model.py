@@ -21,8 +21,8 @@ grid):
   (``fused_pairs.py``) pack the P = B k (k-1) / 2 row pairs as one int64 each (``key << shift |
   b, p, q``), radix-sorted slice by slice through a second buffer (numpy arrays: RSS only), then U-long vectors for
   the U distinct pairs (keys, sums, M gathered, R, rr); for a small d_sae (``dense_triangle``) they
-  sum the products into a persistent (d_sae, d_sae padded to 64) array instead, mark the written
-  entries (a bool per entry, then a bit), and read the U pairs from there (keys and sums). Elsewhere ``unique_pairs``
+  sum the products into a persistent array of the upper triangle (``dense_entries``) instead, mark
+  the written entries (a bool per entry, then a bit), and read the U pairs from there. Elsewhere ``unique_pairs``
   (``torch.unique``: int32 keys when d_sae^2 fits, their sorted copy, an int64 permutation and
   a temporary of its size, then the inverse), the (B, k, k) outer product gathered at pos, and
   U-long vectors.
@@ -207,7 +207,7 @@ def _scratch_bytes(s: TrainSpec) -> int:
     """Kept between steps by the fused kernels. Sorted path: ``fused_pairs._SCRATCH``, the packed
     row pairs and the radix sort's second buffer (P int64 each), R and rr (U each), every one
     allocated with 1/8 headroom (given back after the backward). Dense path: ``fused_pairs._CLEAN``,
-    the (d_sae, dense_width) array of the pairs' sums (given back at rest after the backward)."""
+    the array of the pairs' sums over the upper triangle (given back at rest after the backward)."""
     if not _fused(s):
         return 0
     P, U, c = n_pairs(s.batch_size, s.k), unique_pairs(s), COV_DTYPES[s.cov_dtype]
@@ -342,10 +342,11 @@ def _dense_saved(s: TrainSpec) -> int:
 
 
 def _dense_cells(d_sae: int) -> int:
-    """Entries of the dense path's array: d_sae rows padded to ``fused_pairs.dense_width``."""
-    from trainer.saes.fused_pairs import dense_width
+    """Entries of the dense path's array: the upper triangle, rows from multiples of 64 on
+    (``fused_pairs.dense_entries``)."""
+    from trainer.saes.fused_pairs import dense_entries
 
-    return d_sae * dense_width(d_sae)
+    return dense_entries(d_sae)
 
 
 def _fused_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:

@@ -363,13 +363,13 @@ def test_dense_triangle_rule_and_its_edge(monkeypatch):
     the same penalty: d at the largest dense triangle for (B, k), and one latent more."""
     from trainer.saes import fused_pairs
     from trainer.saes.fused_pairs import (DENSE_MAX_BYTES, DENSE_RATIO, DensePairs, build_pairs, dense_triangle,
-                                          dense_width)
+                                          dense_entries)
 
     B, k = 3, 5
     P = B * k * (k - 1) // 2
     d = max(n for n in range(2, 200) if n * (n - 1) // 2 <= DENSE_RATIO * P)
     assert dense_triangle(B, k, d, 8) and not dense_triangle(B, k, d + 1, 8)
-    big = max(n for n in range(1, 10**5) if n * dense_width(n) * 4 <= DENSE_MAX_BYTES)  # rows padded to 64
+    big = max(n for n in range(4000, 9000) if dense_entries(n) * 4 <= DENSE_MAX_BYTES)
     assert dense_triangle(10**6, 64, big, 4) and not dense_triangle(10**6, 64, big + 1, 4)
     assert not dense_triangle(10**6, 64, big, 8)  # float64 doubles the array
     assert dense_triangle(512, 64, 1152, 4) and not dense_triangle(4096, 64, 16384, 4)  # the benchmark's sizes

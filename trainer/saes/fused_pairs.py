@@ -1,35 +1,38 @@
 """The distinct pairs of a TopK batch on CPU, through the fused kernels of :mod:`pair_kernels`.
 
 Two ways to merge the B k (k - 1) / 2 row pairs, one interface (:func:`build_pairs`, then
-``terms``, ``grads``, ``release``): the distinct keys with their product sums (the moments),
-``R`` per distinct pair with the loss and diagnostics, and the gradient scattered back to the
-row entries. The torch path (:func:`~trainer.saes.pairs.unique_pairs`) does the same on other
-devices and is the reference the tests hold both to.
+``terms``, ``latent_grads``, ``entry_grads``, ``release``): the distinct keys with their product
+sums (the moments), ``R`` per distinct pair with the loss and diagnostics, and the gradient
+scattered back to the row entries. The torch path (:func:`~trainer.saes.pairs.unique_pairs`)
+does the same on other devices and is the reference the tests hold both to.
 
 * :class:`FusedPairs` (sorted): every row pair packed into one int64 and radix-sorted slice by
   slice. Its cost follows the row pairs only, but a sort of n keys costs several passes over
   them (~4 ms for the 1M row pairs of B 512, k 64, measured on 2 cores).
-* :class:`DensePairs` (dense triangle): the products summed straight into a dense d_sae x d_sae
-  array at ``lo * d_sae + hi``; the distinct pairs are the entries that were written, read in
-  ascending order from a bitmap of them, and the backward reads each row pair's weight from the
-  same array. No sort, but O(d_sae^2) memory and a pass over the d_sae (d_sae - 1) / 2 entries
-  of the triangle per batch.
+* :class:`DensePairs` (dense triangle): the products summed straight into a dense array of the
+  d_sae x d_sae upper triangle (:class:`TriangleLayout`); the distinct pairs are the entries
+  that were written, read in ascending order from a bitmap of them, and the backward reads each
+  row pair's weight from the same array. No sort, but ~d_sae^2 / 2 entries of memory and a few
+  sequential passes over them per batch.
 
 The choice (:func:`dense_triangle`) depends only on the shapes, so it is the same on every step
 of a run (and in every process of one): the dense path is taken when the triangle holds at most
-``DENSE_RATIO`` = 2 times as many entries as the batch has row pairs, and its array costs at most
+``DENSE_RATIO`` = 4 times as many entries as the batch has row pairs, and its array costs at most
 ``DENSE_MAX_BYTES`` = 128 MiB. Why: its cost is a pass over the row pairs each way plus a few
-over the triangle, the sorted path's a sort of the row pairs. Penalty with backward, measured on
-2 shared cores: B 512, k 64, triangle / row pairs 0.64 (d_sae 1152) 8 vs 27 ms, 2.0 15 vs 31 ms,
-4.6 25 vs 31 ms; B 4096, k 64, 1.0 (d_sae 4096) 106 vs 235 ms, 4.1 about even. At ratio 2 the
-array (4 d^2 bytes in float32, about 16 bytes per row pair) is no larger than the sorted path's
-scratch (18 bytes per row pair); the byte cap bounds what a large batch could ask for. Both
-paths give the very same keys, sums, ``R``, ``rr``, kept pairs and loss (the sums are added in
-the same order); their gradients agree to rounding.
+sequential ones over the triangle, the sorted path's a sort of the row pairs. Penalty with its
+backward, measured on 2 shared cores (triangle / row pairs: dense vs sorted): B 512, k 64, 0.64
+(d_sae 1152) 6 vs 27 ms, 2.0 11 vs 31 ms, 4.6 19 vs 33 ms, 8.1 26 vs 34 ms, 16 even; B 4096,
+k 64, 1.0 (d_sae 4096) 73 vs 249 ms, 4.1 168 vs 281 ms, 8.1 265 vs 361 ms. Up to 4 it is 1.7x
+faster or more, and its array (2 d^2 bytes in float32, at most 16 bytes per row pair) is no
+larger than the sorted path's scratch (18 bytes per row pair); beyond, the gain shrinks while
+the memory grows. The byte cap bounds what a large batch could ask for. Both paths give the
+very same keys, sums, ``R``, ``rr``, kept pairs and loss (the sums are added in the same order);
+their gradients agree to rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -42,12 +45,13 @@ from torch import Tensor
 from trainer.saes import pair_kernels as kern
 
 __all__ = ["DENSE_MAX_BYTES", "DENSE_RATIO", "DensePairs", "FusedPairs", "PairTerms", "add_distinct", "build_pairs",
-           "dense_triangle", "dense_width", "fused_pairs_supported", "kernel_threads", "n_slices", "sort_rows"]
+           "dense_entries", "dense_triangle", "fused_pairs_supported", "kernel_threads", "n_slices", "sort_rows",
+           "triangle_layout"]
 
 _FLOATS = (torch.float32, torch.float64)
 # The dense path's rule (dense_triangle; the module docstring says why these numbers).
-DENSE_RATIO = 2.0  # triangle entries per row pair, at most
-DENSE_MAX_BYTES = 128 * 2**20  # the dense (d_sae, dense_width) array, at most
+DENSE_RATIO = 4.0  # triangle entries per row pair, at most
+DENSE_MAX_BYTES = 128 * 2**20  # the dense triangle's array (dense_entries), at most
 
 
 def _layout(B: int, k: int) -> tuple[int, int]:
@@ -62,16 +66,40 @@ def fused_pairs_supported(B: int, k: int, d: int, device: torch.device) -> bool:
     return device.type == "cpu" and k >= 2 and (d * d - 1).bit_length() + shift <= 63
 
 
-def dense_width(d: int) -> int:
-    """The dense path's row length: d padded to a multiple of 64 (one bitmap word per 64 entries)."""
-    return 64 * -(-d // 64)
+class TriangleLayout(NamedTuple):
+    """The dense path's array: row ``lo`` of the upper triangle holds ``hi = lo .. d - 1`` (the
+    diagonal slot unused) from a multiple of 64 on, so its bitmap words are its own. ``words``
+    (d + 1,) uint64: each row's first bitmap word (``64 words[lo]``: its first entry), the total
+    last; ``base`` (d,) uint64: pair ``(lo, hi)`` is entry ``base[lo] + hi``."""
+
+    words: np.ndarray
+    base: np.ndarray
+
+    @property
+    def entries(self) -> int:
+        return 64 * int(self.words[-1])
+
+
+@functools.lru_cache(maxsize=8)
+def triangle_layout(d: int) -> TriangleLayout:
+    """:class:`TriangleLayout` for d latents (read-only arrays, shared)."""
+    words = np.zeros(d + 1, dtype=np.uint64)
+    np.cumsum(-(-(d - np.arange(d)) // 64), out=words[1:])
+    base = 64 * words[:-1] - np.arange(d, dtype=np.uint64)
+    words.flags.writeable = base.flags.writeable = False
+    return TriangleLayout(words, base)
+
+
+def dense_entries(d: int) -> int:
+    """Entries of the dense path's array for d latents (~d^2 / 2 + 32 d)."""
+    return triangle_layout(d).entries
 
 
 def dense_triangle(B: int, k: int, d: int, itemsize: int) -> bool:
     """Whether a (B, k) batch over d latents, values of ``itemsize`` bytes, takes the dense-triangle
     path (module docstring): a function of the shapes only, so a run never switches."""
     return (d * (d - 1) // 2 <= DENSE_RATIO * (B * k * (k - 1) // 2)
-            and d * dense_width(d) * itemsize <= DENSE_MAX_BYTES)
+            and dense_entries(d) * itemsize <= DENSE_MAX_BYTES)
 
 
 def build_pairs(s: Tensor, vs: Tensor, d: int) -> FusedPairs | DensePairs:
@@ -117,7 +145,7 @@ _SCRATCH = _Scratch()
 
 
 class _CleanArrays:
-    """The dense path's (d * dp,) arrays, kept between batches at rest (every entry -0.0, "no
+    """The dense path's arrays, kept between batches at rest (every entry -0.0, "no
     pair"): filling a fresh one costs its page faults, putting a used one back only its U pairs.
     An array is taken for one batch and given back clean; one per size and dtype is kept."""
 
@@ -258,16 +286,16 @@ class FusedPairs:
 
 @dataclass
 class DensePairs:
-    """One batch's pairs summed into a dense (d, dp) array, rows padded to ``dp``, a multiple of
-    64 (the dense-triangle path, module docstring; kernels in :mod:`pair_kernels`). ``qd`` holds
-    the sums after :meth:`build`, the pairs' weights ``w = R rr`` after :meth:`terms`, and is put
-    back at rest by :meth:`release`."""
+    """One batch's pairs summed into a dense array of the upper triangle (the dense-triangle path,
+    module docstring; layout: :class:`TriangleLayout`; kernels in :mod:`pair_kernels`). ``qd``
+    holds the sums after :meth:`build`, the pairs' weights ``w = R rr`` after :meth:`terms`, and
+    is put back at rest by :meth:`release`."""
 
     s: np.ndarray  # (B, k) int64, the sorted rows
     vs: np.ndarray  # (B, k) their values
     d: int
-    qd: np.ndarray  # (d * dp,) taken from _CLEAN
-    bm: np.ndarray  # (d * dp / 64,) uint64: which entries of qd hold a pair
+    qd: np.ndarray  # (dense_entries(d),) taken from _CLEAN
+    bm: np.ndarray  # (entries / 64,) uint64: which entries of qd hold a pair
     off: np.ndarray  # (d + 1,) where each lo latent's pairs start among the distinct keys
     cut: np.ndarray  # (B, n_slices + 1) uint64: each row's positions per slice of lo latents (row_cuts)
     keys: np.ndarray | None = None  # set by terms(): the entries release() puts back at rest
@@ -281,8 +309,8 @@ class DensePairs:
         self._give_back = weakref.finalize(self, _put_back, self._state)
 
     @property
-    def dp(self) -> int:
-        return self.qd.size // self.d
+    def layout(self) -> TriangleLayout:
+        return triangle_layout(self.d)
 
     @classmethod
     def build(cls, s: Tensor, vs: Tensor, d: int) -> DensePairs:
@@ -292,13 +320,13 @@ class DensePairs:
         vs_np = vs.detach().contiguous().numpy()
         n_buckets = n_slices()
         first = np.searchsorted(kern.plan_buckets(s_np, d, n_buckets), np.arange(n_buckets + 1), side="left")
-        words = dense_width(d) // 64
-        qd = _CLEAN.take(d * 64 * words, vs_np.dtype)
+        layout = triangle_layout(d)
+        qd = _CLEAN.take(layout.entries, vs_np.dtype)
         cut = kern.row_cuts(s_np, first).view(np.uint64)  # unsigned indices: pair_kernels' note
-        kern.dense_accumulate(s_np.view(np.uint64), vs_np, cut, np.uint64(64 * words), qd)
+        kern.dense_accumulate(s_np.view(np.uint64), vs_np, cut, layout.base, qd)
         # numpy's vectorised compare and packbits: ~3x the speed of a bit loop in numba here
         bm = np.packbits(qd.view(_BITS[qd.dtype]) != _REST[qd.dtype], bitorder="little").view(np.uint64)
-        return cls(s_np, vs_np, d, qd, bm, kern.pair_offsets(bm, words, d), cut)
+        return cls(s_np, vs_np, d, qd, bm, kern.pair_offsets(bm, layout.words), cut)
 
     def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor, *,
               with_r: bool = False) -> PairTerms:
@@ -309,7 +337,8 @@ class DensePairs:
         keys, q = np.empty(U, dtype=np.int64), np.empty(U, dtype=self.qd.dtype)
         R, rr = (np.empty(U if with_r else 0, dtype=self.qd.dtype) for _ in range(2))
         numba.set_num_threads(kernel_threads())
-        sums, kept, bad, num, gw = kern.dense_terms(self.qd, self.bm, np.uint64(self.d), np.uint64(self.dp // 64),
+        layout = self.layout
+        sums, kept, bad, num, gw = kern.dense_terms(self.qd, self.bm, np.uint64(self.d), layout.words, layout.base,
                                                     self.off, M.numpy(), m_scale, q_scale, mu.numpy(), rs.numpy(), keys,
                                                     q, R, rr, n_slices())
         self.keys = self._state["keys"] = keys
@@ -330,7 +359,7 @@ class DensePairs:
         one kernel over the row pairs (:func:`pair_kernels.dense_entry_grads`)."""
         out = np.empty(idx.shape, dtype=self.vs.dtype)
         numba.set_num_threads(kernel_threads())
-        kern.dense_entry_grads(self.s.view(np.uint64), perm.numpy(), self.vs, self.cut, self.qd, np.uint64(self.dp),
+        kern.dense_entry_grads(self.s.view(np.uint64), perm.numpy(), self.vs, self.cut, self.qd, self.layout.base,
                                self.coef, g_lat.numpy(), c2_lat.numpy(), kernel_threads(), out)
         return torch.from_numpy(out)
 
@@ -341,7 +370,7 @@ class DensePairs:
                 self.qd.fill(-0.0)
             else:
                 numba.set_num_threads(kernel_threads())
-                kern.reset_pairs(self.qd, np.uint64(self.dp), self.keys.view(np.uint64), self.off, -0.0)
+                kern.reset_pairs(self.qd, self.layout.base, self.keys.view(np.uint64), self.off, -0.0)
             self._state["keys"] = None
             _CLEAN.give(self.qd)
         self._give_back.detach()
@@ -362,7 +391,7 @@ def _put_back(state: dict) -> None:
     if keys is not None:
         d = off.size - 1
         lo = np.repeat(np.arange(d), np.diff(off))
-        qd[keys + lo * (qd.size // d - d)] = -0.0
+        qd[triangle_layout(d).base.astype(np.int64)[lo] + keys - lo * d] = -0.0
         _CLEAN.give(qd)
 
 def sort_rows(idx: Tensor, v: Tensor, s_diag: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:

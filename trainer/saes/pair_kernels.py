@@ -267,13 +267,15 @@ def backward_pass(pk, shift, kb, k, bounds, uoff, keys, R, rr, coef, mu, vs, d, 
 
 
 # -- the dense-triangle path (see fused_pairs: when it is taken) -----------------------------------
-# The products are summed straight into a dense (d, dp) array ``qd`` (rows padded to ``dp``, a
-# multiple of 64) at ``lo * dp + hi``: no packing, no sort. Its entries rest at -0.0, "no pair
-# here": a summed entry is never -0.0 (``+ 0.0`` turns a -0.0 sum into +0.0), so the distinct pairs
-# are exactly the entries that are not -0.0, pairs whose products sum to 0 included (a zero value),
-# as the sorted path keeps them. A bitmap of those entries (numpy's packbits, 64 ``hi`` per word,
-# a row's words its own) is then walked bit by bit (count trailing zeros): that walk costs U steps,
-# not the d^2 / 2 entries of the triangle.
+# The products are summed straight into a dense array ``qd`` holding the upper triangle row by row:
+# row ``lo`` keeps ``hi = lo .. d - 1`` (the diagonal slot unused) from a multiple of 64 on, so
+# pair ``(lo, hi)`` is entry ``base[lo] + hi`` and bit ``hi - lo`` from the row's first bitmap word
+# ``words[lo]`` on (fused_pairs.triangle_layout). No packing, no sort. Its entries rest at -0.0,
+# "no pair here": a summed entry is never -0.0 (``+ 0.0`` turns a -0.0 sum into +0.0), so the
+# distinct pairs are exactly the entries that are not -0.0, pairs whose products sum to 0 included
+# (a zero value), as the sorted path keeps them. A bitmap of those entries (numpy's compare and
+# packbits) is then walked bit by bit (count trailing zeros): that walk costs U steps, not the
+# d^2 / 2 entries of the triangle.
 #
 # Their hot loops index with uint64 (the callers pass uint64 views of the int64 latents and cuts):
 # numba adds a negative-index wrap-around to every access through a signed index, 6 of the ~16
@@ -281,8 +283,6 @@ def backward_pass(pk, shift, kb, k, bounds, uoff, keys, R, rr, coef, mu, vs, d, 
 # pairs). ``_U1``, ``_U64``: uint64 constants (an int64 literal would turn the sum signed again).
 _U1 = np.uint64(1)
 _U64 = np.uint64(64)
-_U6 = np.uint64(6)
-_U63 = np.uint64(63)
 
 
 @intrinsic
@@ -319,8 +319,8 @@ def row_cuts(s, first):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def dense_accumulate(s, vs, cut, dp, qd):
-    """``qd[lo * dp + hi] += v_lo v_hi`` over every row pair (``s``, ``cut`` uint64, ``dp`` uint64).
+def dense_accumulate(s, vs, cut, base, qd):
+    """``qd[base[lo] + hi] += v_lo v_hi`` over every row pair (``s``, ``cut``, ``base`` uint64).
     Slice ``t`` owns the ``lo`` latents ``[first[t], first[t + 1])`` (``cut`` from
     :func:`row_cuts`): no two threads write one entry. Each entry's sum is built over the rows in
     ascending order from -0.0, the order and start (``-0.0 + x = x``) of :func:`run_sums`: the
@@ -331,22 +331,23 @@ def dense_accumulate(s, vs, cut, dp, qd):
         for b in range(B):
             srow, vrow = s[b], vs[b]
             for p in range(cut[b, t], min(cut[b, t + 1], last)):
-                base = srow[p] * dp
+                row = base[srow[p]]
                 vp = vrow[p]
                 for q in range(p + _U1, uk):
-                    e = base + srow[q]
+                    e = row + srow[q]
                     qd[e] = (qd[e] + vp * vrow[q]) + 0.0
 
 
 @njit(cache=True, nogil=True)
-def pair_offsets(bm, words, d):
+def pair_offsets(bm, words):
     """``off`` (d + 1,): where row ``lo``'s pairs start among the distinct pairs, from the set bits
-    of its ``words`` words of the bitmap ``bm``."""
+    of its words ``words[lo] .. words[lo + 1]`` of the bitmap ``bm``."""
+    d = words.size - 1
     off = np.empty(d + 1, dtype=np.int64)
     n = 0
     for lo in range(d):
         off[lo] = n
-        for w in range(lo * words, (lo + 1) * words):
+        for w in range(words[lo], words[lo + 1]):
             n += _popcount(bm[w])
     off[d] = n
     return off
@@ -354,31 +355,29 @@ def pair_offsets(bm, words, d):
 
 @njit(cache=True, nogil=True)
 def _chunk_start(bm, words, off, u):
-    """Row, word index (uint64) and remaining bits of that word where the ``u``-th pair is."""
+    """Row, word (uint64, into ``bm``) and remaining bits of that word where the ``u``-th pair is."""
     lo = np.uint64(np.searchsorted(off, u, side="right") - 1)
     skip = u - off[lo]
-    w = np.uint64(0)
-    word = bm[lo * words]
+    w = words[lo]
+    word = bm[w]
     while skip >= _popcount(word):
         skip -= _popcount(word)
         w += _U1
-        word = bm[lo * words + w]
+        word = bm[w]
     for _ in range(skip):
         word &= word - _U1
     return lo, w, word
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, rr, n_chunks):
-    """Per pair, ascending: ``keys[u] = lo * d + hi``, ``q[u] = qd[lo * dp + hi]`` (``dp = 64 words``;
-    ``d``, ``words`` uint64), and :func:`correlations`' ``R``, ``rr`` (written when ``R.size``, else
+def dense_terms(qd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, keys, q, R, rr, n_chunks):
+    """Per pair, ascending: ``keys[u] = lo * d + hi``, ``q[u] = qd[base[lo] + hi]`` (``d`` uint64), and :func:`correlations`' ``R``, ``rr`` (written when ``R.size``, else
     only used), each computed by the same expression, and the same ``[sum R^2, sum |R|, max |R|]``,
     kept and non-finite counts: chunk ``c`` takes the pairs ``[U c / n_chunks, U (c + 1) /
     n_chunks)`` as there, so every sum is added in the same order. That entry of ``qd`` becomes
     ``w = R rr`` (0 where masked) for :func:`dense_entry_grads`; also returns ``num`` (d,),
     ``sum_j R_ij^2``, and ``gw`` (d,), ``sum_j w_ij mu_j``, per latent."""
     U = off[d]
-    dp = _U64 * words
     with_r = R.size > 0
     part = np.zeros((n_chunks, 8), dtype=np.float64)
     zero = qd.dtype.type(0.0)
@@ -396,22 +395,21 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
         kept = 0
         bad = 0
         lo, w, word = _chunk_start(bm, words, off, u)
-        base, mu_i, rs_i, num_i, gw_i = lo * d, mu[lo], rs[lo], zero, zero
-        pad = lo * (dp - d)  # qd's index minus the key
+        key0, row, w0, mu_i, rs_i, num_i, gw_i = lo * d, base[lo], words[lo], mu[lo], rs[lo], zero, zero
         while u < u1:
             while word == 0:
                 w += _U1
-                if w == words:  # the row is done: the next one with a pair
+                if w == words[lo + _U1]:  # the row is done: the next one with a pair
                     num[lo] += num_i
                     gw[lo] += gw_i
-                    lo, w = lo + _U1, np.uint64(0)
-                    base, mu_i, rs_i, num_i, gw_i = lo * d, mu[lo], rs[lo], zero, zero
-                    pad = lo * (dp - d)
-                word = bm[lo * words + w]
-            hi = w * _U64 + _cttz(word)
+                    lo += _U1
+                    key0, row, w0, mu_i, rs_i = lo * d, base[lo], words[lo], mu[lo], rs[lo]
+                    num_i, gw_i = zero, zero
+                word = bm[w]
+            hi = lo + _U64 * (w - w0) + _cttz(word)
             word &= word - _U1
-            e = base + hi
-            x = qd[e + pad]
+            e = key0 + hi
+            x = qd[row + hi]
             keys[u] = e
             q[u] = x
             if x != 0.0:
@@ -429,11 +427,11 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
                 num[hi] += r * r
                 gw_i += a * mu[hi]
                 gw[hi] += a * mu_i
-                qd[e + pad] = a
+                qd[row + hi] = a
             else:
                 r = zero
                 wt = zero
-                qd[e + pad] = zero
+                qd[row + hi] = zero
             if with_r:
                 R[u] = r
                 rr[u] = wt
@@ -455,11 +453,11 @@ def dense_terms(qd, bm, d, words, off, M, m_scale, q_scale, mu, rs, keys, q, R, 
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def dense_entry_grads(s, perm, vs, cut, wd, dp, coef, g_lat, c2_lat, n_groups, out):
+def dense_entry_grads(s, perm, vs, cut, wd, base, coef, g_lat, c2_lat, n_groups, out):
     """The penalty's gradient per row entry, in the rows' own order: for sorted entry ``(b, p)``
     of latent ``l = s[b, p]``, ``out[b, perm[b, p]] = coef sum_q w_{l, s[b, q]} v_q + g_lat[l] +
-    c2_lat[l] v_p``, ``w`` read from the dense ``wd`` at ``lo * dp + hi`` (``s``, ``cut``, ``dp``
-    uint64). The row pairs are taken slice by slice as :func:`dense_accumulate` does (each
+    c2_lat[l] v_p``, ``w`` read from the dense ``wd`` at ``base[lo] + hi`` (``s``, ``cut``,
+    ``base`` uint64). The row pairs are taken slice by slice as :func:`dense_accumulate` does (each
     slice's rows of ``wd`` stay in cache), group ``c`` taking the slices ``c, c + n_groups, ...``
     into its own buffer (no races), the buffers summed in group order."""
     B, k = s.shape
@@ -471,11 +469,11 @@ def dense_entry_grads(s, perm, vs, cut, wd, dp, coef, g_lat, c2_lat, n_groups, o
             for b in range(B):
                 g, srow, vrow = part[c, b], s[b], vs[b]
                 for p in range(cut[b, t], min(cut[b, t + 1], last)):
-                    base = srow[p] * dp
+                    row = base[srow[p]]
                     vp = vrow[p]
                     acc = g[p]
                     for q in range(p + _U1, uk):
-                        a = wd[base + srow[q]]
+                        a = wd[row + srow[q]]
                         acc += a * vrow[q]
                         g[q] += a * vp
                     g[p] = acc
@@ -489,15 +487,14 @@ def dense_entry_grads(s, perm, vs, cut, wd, dp, coef, g_lat, c2_lat, n_groups, o
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def reset_pairs(qd, dp, keys, off, value):
-    """``qd[lo * dp + hi] = value`` for every pair ``keys[u] = lo * d + hi`` (``keys``, ``dp``
+def reset_pairs(qd, base, keys, off, value):
+    """``qd[base[lo] + hi] = value`` for every pair ``keys[u] = lo * d + hi`` (``keys``, ``base``
     uint64; row ``lo``'s keys at ``off[lo]:off[lo + 1]``)."""
     d = np.uint64(off.size - 1)
     for lo in prange(off.size - 1):
-        pad = np.uint64(lo) * (dp - d)
+        row, key0 = base[lo], np.uint64(lo) * d
         for u in range(off[lo], off[lo + 1]):
-            qd[keys[u] + pad] = value
-
+            qd[row + (keys[u] - key0)] = value
 
 
 @njit(cache=True, nogil=True)
