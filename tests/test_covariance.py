@@ -424,7 +424,7 @@ def test_dense_array_returns_to_rest(monkeypatch):
 def test_sort_rows_kernel_equals_torch_sort_and_min_var(dtype):
     """The fused path's row sort (a bitmap walk) gives torch.sort's rows, permutation and values,
     and corr_penalty's min_var, including zero values, ties, NaN, k = 2, B = 1; a row that
-    repeats a latent is refused (None)."""
+    repeats a latent or holds one outside 0 .. d - 1 is refused (None)."""
     from trainer.saes.fused_pairs import sort_rows
 
     g = torch.Generator().manual_seed(1)
@@ -447,8 +447,11 @@ def test_sort_rows_kernel_equals_torch_sort_and_min_var(dtype):
         assert torch.equal(got[2].isnan(), vs.isnan()) and torch.equal(got[2].nan_to_num(), vs.nan_to_num())
         assert torch.equal(got[3].isnan(), corr_penalty._min_var(s, vs, s_diag).isnan())
         assert torch.equal(got[3].nan_to_num(), corr_penalty._min_var(s, vs, s_diag).nan_to_num())
-    idx[0, 1] = idx[0, 0]
-    assert sort_rows(idx, val, s_diag) is None
+    for bad in (idx[-1, 0], d, -1):  # a repeated latent, one past the end, a negative one
+        wrong = idx.clone()
+        wrong[-1, 1] = bad
+        assert sort_rows(wrong, val, s_diag) is None
+    assert sort_rows(idx.int(), val, s_diag) is not None
 
 
 # -- the eigenvalue invariant -------------------------------------------------------------

@@ -397,14 +397,15 @@ def _put_back(state: dict) -> None:
 def sort_rows(idx: Tensor, v: Tensor, s_diag: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """:func:`~trainer.saes.pairs.sorted_rows` of the (B, k) batch and the smallest ``s_diag``
     among the latents of its co-active pairs (``corr_penalty``'s ``min_var``) in one parallel
-    pass (:func:`pair_kernels.sort_rows`); None when a row repeats a latent."""
+    pass (:func:`pair_kernels.sort_rows`); None when a row repeats a latent or holds one outside
+    ``0 .. d - 1``."""
     B, k = idx.shape
     s, perm = np.empty((B, k), dtype=np.int64), np.empty((B, k), dtype=np.int64)
     vs = np.empty((B, k), dtype=_NUMPY_FLOATS[v.dtype])
     numba.set_num_threads(kernel_threads())
-    repeats, low = kern.sort_rows(idx.contiguous().numpy(), v.detach().contiguous().numpy(), s_diag.numpy(), n_slices(),
-                                  s, perm, vs)
-    if repeats:
+    lat = idx.to(torch.int64).contiguous().numpy().view(np.uint64)  # unsigned: pair_kernels' note; negatives refused
+    refused, low = kern.sort_rows(lat, v.detach().contiguous().numpy(), s_diag.numpy(), n_slices(), s, perm, vs)
+    if refused:
         return None
     return torch.from_numpy(s), torch.from_numpy(perm), torch.from_numpy(vs), torch.tensor(low, dtype=s_diag.dtype)
 

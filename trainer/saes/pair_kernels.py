@@ -282,6 +282,8 @@ def backward_pass(pk, shift, kb, k, bounds, uoff, keys, R, rr, coef, mu, vs, d, 
 # instructions per row pair here; unsigned ones have none (1.45 -> 1.0 ms per pass over 1M row
 # pairs). ``_U1``, ``_U64``: uint64 constants (an int64 literal would turn the sum signed again).
 _U1 = np.uint64(1)
+_U6 = np.uint64(6)
+_U63 = np.uint64(63)
 _U64 = np.uint64(64)
 
 
@@ -371,11 +373,12 @@ def _chunk_start(bm, words, off, u):
 
 @njit(cache=True, parallel=True, nogil=True)
 def dense_terms(qd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, keys, q, R, rr, n_chunks):
-    """Per pair, ascending: ``keys[u] = lo * d + hi``, ``q[u] = qd[base[lo] + hi]`` (``d`` uint64), and :func:`correlations`' ``R``, ``rr`` (written when ``R.size``, else
-    only used), each computed by the same expression, and the same ``[sum R^2, sum |R|, max |R|]``,
-    kept and non-finite counts: chunk ``c`` takes the pairs ``[U c / n_chunks, U (c + 1) /
-    n_chunks)`` as there, so every sum is added in the same order. That entry of ``qd`` becomes
-    ``w = R rr`` (0 where masked) for :func:`dense_entry_grads`; also returns ``num`` (d,),
+    """Per pair, ascending: ``keys[u] = lo * d + hi``, ``q[u] = qd[base[lo] + hi]`` (``d`` uint64),
+    and :func:`correlations`' ``R``, ``rr`` (written when ``R.size``, else only used), each
+    computed by the same expression, and the same ``[sum R^2, sum |R|, max |R|]``, kept and
+    non-finite counts: chunk ``c`` takes the pairs ``[U c / n_chunks, U (c + 1) / n_chunks)`` as
+    there, so every sum is added in the same order. That entry of ``qd`` becomes ``w = R rr`` (0
+    where masked) for :func:`dense_entry_grads`; also returns ``num`` (d,),
     ``sum_j R_ij^2``, and ``gw`` (d,), ``sum_j w_ij mu_j``, per latent."""
     U = off[d]
     with_r = R.size > 0
@@ -505,28 +508,30 @@ def _above(a, b):
 
 @njit(cache=True, parallel=True, nogil=True)
 def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
-    """Each row of ``idx`` (B, k) sorted into ``s``, with ``perm`` (``s[b] = idx[b, perm[b]]``) and
-    ``vs[b] = v[b, perm[b]]``, by walking a bitmap of the row's latents in order: for distinct
-    latents the one order there is, torch.sort's. Returns the number of rows with a repeated
-    latent (left unsorted: the caller sorts them otherwise), and the smallest ``s_diag[l]`` over
-    the entries in a co-active pair (``|v|`` times the row's largest other ``|v|`` non-zero, as
-    ``corr_penalty``'s ``_min_var``): inf if none, NaN if one is NaN."""
+    """Each row of ``idx`` (B, k; uint64) sorted into ``s``, with ``perm`` (``s[b] = idx[b,
+    perm[b]]``) and ``vs[b] = v[b, perm[b]]``, by walking a bitmap of the row's latents in order:
+    for distinct latents the one order there is, torch.sort's. Returns the number of rows it
+    could not sort, a latent repeated or outside ``0 .. d - 1`` (the caller sorts them otherwise),
+    and the smallest ``s_diag[l]`` over the entries in a co-active pair (``|v|`` times the row's
+    largest other ``|v|`` non-zero, as ``corr_penalty``'s ``_min_var``): inf if none, NaN if one
+    is NaN."""
     B, k = idx.shape
-    d = s_diag.size
-    words = (d + 63) // 64
+    d = np.uint64(s_diag.size)
+    words = (s_diag.size + 63) // 64
     low = np.full(n_chunks, np.inf)
-    repeats = np.zeros(n_chunks, dtype=np.int64)
+    refused = np.zeros(n_chunks, dtype=np.int64)
     none = v.dtype.type(-1.0)
     for c in prange(n_chunks):
         bits = np.zeros(words, dtype=np.uint64)
-        pos = np.empty(d, dtype=np.int64)
+        pos = np.empty(s_diag.size, dtype=np.int64)
         mv = np.inf
         for b in range(B * c // n_chunks, B * (c + 1) // n_chunks):
             top1 = top2 = none  # the row's two largest |v| (top2 = top1 on a tie), NaN the largest as in topk
             for p in range(k):
                 lat = idx[b, p]
-                bits[lat >> 6] |= np.uint64(1) << np.uint64(lat & 63)
-                pos[lat] = p
+                if lat < d:
+                    bits[lat >> _U6] |= _U1 << (lat & _U63)
+                    pos[lat] = p
                 a = abs(v[b, p])
                 if _above(a, top1):
                     top2 = top1
@@ -540,12 +545,13 @@ def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
                     continue
                 bits[w] = 0
                 while word != 0:
-                    lat = w * 64 + _cttz(word)
-                    word &= word - np.uint64(1)
+                    lat = np.uint64(w) * _U64 + _cttz(word)
+                    word &= word - _U1
                     p = pos[lat]
-                    s[b, o] = lat
-                    perm[b, o] = p
-                    vs[b, o] = v[b, p]
+                    if o < k:
+                        s[b, o] = lat
+                        perm[b, o] = p
+                        vs[b, o] = v[b, p]
                     o += 1
                     a = abs(v[b, p])
                     other = top2 if a == top1 else top1
@@ -554,10 +560,12 @@ def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
                         if x < mv or x != x:
                             mv = x if mv == mv else mv
             if o != k:
-                repeats[c] += 1
+                refused[c] += 1
         low[c] = mv
     out = np.inf
     for c in range(n_chunks):
         if low[c] < out or low[c] != low[c]:
             out = low[c] if out == out else out
-    return repeats.sum(), out
+    return refused.sum(), out
+
+
