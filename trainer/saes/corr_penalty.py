@@ -33,8 +33,8 @@ def correlation_penalty(stats: LatentStatistics, idx: Tensor, val: Tensor) -> tu
     d_sae) time and O(B k^2 + d_sae) memory: the B k (k-1) / 2 per-row pairs are keyed
     ``lo * d_sae + hi``, merged by a sort (:func:`~trainer.saes.pairs.unique_pairs`), and only
     those entries of ``M_{t-1}`` are gathered. Nothing B x d_sae is built, nothing d_sae x d_sae
-    either except on CPU when that triangle is at most about as large as the row pairs (the dense
-    path of :mod:`trainer.saes.fused_pairs`: O(B k^2) memory still). The
+    either except on CPU when its upper triangle holds at most 4x as many entries as the batch has
+    row pairs (the dense path of :mod:`trainer.saes.fused_pairs`: O(B k^2) memory still). The
     gradient is written out by hand (:class:`_CorrPenalty`): autograd through the pair arrays
     cost twice the forward.
 
@@ -161,7 +161,7 @@ class _FusedCorrPenalty(torch.autograd.Function):
         d, beta = stats.d_sae, stats.beta
         m, q_diag, mu_t, s_diag = _latent_terms(stats, idx, v)
         rows = sort_rows(idx, v, s_diag)  # and min_var, in one pass over the rows
-        if rows is None:  # a row repeats a latent (not TopK's output): as the torch path does
+        if rows is None:  # a row repeats a latent or holds one out of range: as the torch path does
             s, perm, vs = sorted_rows(idx, v)
             rows = (s, perm, vs, _min_var(s, vs, s_diag))
         s, perm, vs, min_var = rows

@@ -145,9 +145,10 @@ _SCRATCH = _Scratch()
 
 
 class _CleanArrays:
-    """The dense path's arrays, kept between batches at rest (every entry -0.0, "no
-    pair"): filling a fresh one costs its page faults, putting a used one back only its U pairs.
-    An array is taken for one batch and given back clean; one per size and dtype is kept."""
+    """The dense path's arrays, kept between batches at rest (every entry -0.0, "no pair"): a
+    fresh one costs its page faults and a fill, putting a used one back a fill in cache or its U
+    pairs' writes. An array is taken for one batch and given back clean; one per size and dtype
+    is kept."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[int, np.dtype], np.ndarray] = {}
@@ -199,6 +200,10 @@ class FusedPairs:
     kb: int  # the packing (_layout)
     shift: int
     scratch: dict[str, np.ndarray] = field(default_factory=dict)  # taken from _SCRATCH, given back by release()
+    keys: Tensor | None = None  # from terms(), for the backward
+    R: Tensor | None = None
+    rr: Tensor | None = None
+    g_sorted: Tensor | None = None  # from latent_grads(), for entry_grads()
 
     def __post_init__(self) -> None:
         # Runs once: from release(), or when a batch without backward is collected.
@@ -255,7 +260,7 @@ class FusedPairs:
         return torch.from_numpy(R), torch.from_numpy(rr), sums, kept, bad
 
     def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor) -> PairTerms:
-        """:meth:`sums`, then :meth:`correlations` (kept, with the keys, for :meth:`grads`)."""
+        """:meth:`sums`, then :meth:`correlations` (kept, with the keys, for :meth:`latent_grads`)."""
         keys, q = self.sums()
         self.R, self.rr, sums, kept, bad = self.correlations(keys, q, M, m_scale, q_scale, mu, rs)
         self.keys = keys
@@ -303,6 +308,7 @@ class DensePairs:
     gw: Tensor | None = None  # (d,) sum_j w_ij mu_j, from terms()
     R: Tensor | None = None  # (U,), only from terms(..., with_r=True)
     rr: Tensor | None = None
+    coef: float = 0.0  # from latent_grads(), for entry_grads()
 
     def __post_init__(self) -> None:
         self._state = {"qd": self.qd, "off": self.off, "keys": None}
