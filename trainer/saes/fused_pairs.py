@@ -324,11 +324,9 @@ class DensePairs:
         numba.set_num_threads(kernel_threads())
         s_np = s.to(torch.int64).numpy()
         vs_np = vs.detach().contiguous().numpy()
-        n_buckets = n_slices()
-        first = np.searchsorted(kern.plan_buckets(s_np, d, n_buckets), np.arange(n_buckets + 1), side="left")
         layout = triangle_layout(d)
         qd = _CLEAN.take(layout.entries, vs_np.dtype)
-        cut = kern.row_cuts(s_np, first).view(np.uint64)  # unsigned indices: pair_kernels' note
+        cut = kern.row_cuts(s_np, d, n_slices()).view(np.uint64)  # unsigned indices: pair_kernels' note
         kern.dense_accumulate(s_np.view(np.uint64), vs_np, cut, layout.base, qd)
         # numpy's vectorised compare and packbits: ~3x the speed of a bit loop in numba here
         bm = np.packbits(qd.view(_BITS[qd.dtype]) != _REST[qd.dtype], bitorder="little").view(np.uint64)

@@ -306,14 +306,25 @@ def _popcount(typingctx, x):
 # row_cuts and pair_offsets run on one thread: their work (~50 us) is below what a parallel launch
 # costs on a loaded machine, where every launch waits for a thread that may be descheduled.
 @njit(cache=True, nogil=True)
-def row_cuts(s, first):
-    """``cut[b, t]``: the first position of the sorted row ``b`` whose latent is ``>= first[t]``."""
+def row_cuts(s, d, n_slices):
+    """Slices of the ``lo`` latents holding about as many row pairs each, as ``cut[b, t]``: the first
+    position of the sorted row ``b`` whose latent is in slice ``t`` or later (``cut[b, n_slices] = k``)."""
     B, k = s.shape
-    nc = first.size
-    cut = np.empty((B, nc), dtype=np.int64)
+    lead = np.zeros(d, dtype=np.int64)  # row pairs each latent leads as lo
+    for b in range(B):
+        for p in range(k - 1):
+            lead[s[b, p]] += k - 1 - p
+    first = np.full(n_slices + 1, d, dtype=np.int64)
+    total, before, t = B * k * (k - 1) // 2, 0, 0
+    for lo in range(d):
+        while t < n_slices and before * n_slices >= t * total:
+            first[t] = lo
+            t += 1
+        before += lead[lo]
+    cut = np.empty((B, n_slices + 1), dtype=np.int64)
     for b in range(B):
         p = 0
-        for t in range(nc):
+        for t in range(n_slices + 1):
             while p < k and s[b, p] < first[t]:
                 p += 1
             cut[b, t] = p
