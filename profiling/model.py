@@ -20,7 +20,9 @@ grid):
 * ``penalty.*`` (dyncorr, ``trainer/saes/corr_penalty.py``): on CPU the fused kernels
   (``fused_pairs.py``) pack the P = B k (k-1) / 2 row pairs as one int64 each (``key << shift |
   b, p, q``), radix-sorted slice by slice through a second buffer (numpy arrays: RSS only), then U-long vectors for
-  the U distinct pairs (keys, sums, M gathered, R, rr). Elsewhere ``unique_pairs``
+  the U distinct pairs (keys, sums, M gathered, R, rr); for a small d_sae (``dense_triangle``) they
+  sum the products into a persistent array of the upper triangle (``dense_entries``) instead, mark
+  the written entries (a bool per entry, then a bit), and read the U pairs from there. Elsewhere ``unique_pairs``
   (``torch.unique``: int32 keys when d_sae^2 fits, their sorted copy, an int64 permutation and
   a temporary of its size, then the inverse), the (B, k, k) outer product gathered at pos, and
   U-long vectors.
@@ -194,13 +196,23 @@ def _fused(s: TrainSpec) -> bool:
     return s.arch == "dyncorr" and s.k >= 2 and s.device == "cpu" and not s.traced_on_cpu
 
 
+def _dense(s: TrainSpec) -> bool:
+    """The fused penalty takes its dense-triangle path (``fused_pairs.dense_triangle``)."""
+    from trainer.saes.fused_pairs import dense_triangle
+
+    return _fused(s) and dense_triangle(s.batch_size, s.k, s.d_sae, COV_DTYPES[s.cov_dtype])
+
+
 def _scratch_bytes(s: TrainSpec) -> int:
-    """``fused_pairs._SCRATCH``: the packed row pairs and the radix sort's second buffer (P int64
-    each), R and rr (U each), every one allocated with 1/8 headroom and kept between steps
-    (given back after the backward)."""
+    """Kept between steps by the fused kernels. Sorted path: ``fused_pairs._SCRATCH``, the packed
+    row pairs and the radix sort's second buffer (P int64 each), R and rr (U each), every one
+    allocated with 1/8 headroom (given back after the backward). Dense path: ``fused_pairs._CLEAN``,
+    the array of the pairs' sums over the upper triangle (given back at rest after the backward)."""
     if not _fused(s):
         return 0
     P, U, c = n_pairs(s.batch_size, s.k), unique_pairs(s), COV_DTYPES[s.cov_dtype]
+    if _dense(s):
+        return c * _dense_cells(s.d_sae)
     return 2 * 8 * (P + P // 8) + 2 * c * (U + U // 8)
 
 
@@ -306,7 +318,40 @@ def fused_slices() -> tuple[int, int]:
     return n_slices(), kernel_threads()
 
 
+def _dense_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
+    """The dense-triangle path (``DensePairs``); its array of sums is persistent (_scratch_bytes).
+    Arrays numba allocates inside the kernels (the row cuts, the per-chunk and per-group partial
+    sums, num and gw) are not in the measured value, nor here."""
+    B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
+    U, cells = unique_pairs(s), _dense_cells(n)
+    small = _penalty_small(s)
+    return {
+        # the compare's bool per entry and its packbits (the bitmap of the pairs).
+        "penalty.mark": {"penalty": small + cells + cells // 8},
+        # bitmap, per-latent counts and offsets; keys and q (the moments).
+        "penalty.R": {"penalty": small + cells // 8 + 16 * n + U * (8 + c)},
+        # saved and held (s, perm, vs, bitmap, offsets, mu~, s_diag) and the moments; the
+        # per-latent gradient vectors, the entries' gradients.
+        "backward.penalty": {"penalty": _dense_saved(s) + 3 * n * c + B * k * c},
+    }
+
+
+def _dense_saved(s: TrainSpec) -> int:
+    B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
+    return B * k * (16 + c) + 2 * n * c + _dense_cells(n) // 8 + 8 * n + _moments_bytes(s)
+
+
+def _dense_cells(d_sae: int) -> int:
+    """Entries of the dense path's array: the upper triangle, rows from multiples of 64 on
+    (``fused_pairs.dense_entries``)."""
+    from trainer.saes.fused_pairs import dense_entries
+
+    return dense_entries(d_sae)
+
+
 def _fused_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
+    if _dense(s):
+        return _dense_penalty_phases(s)
     B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
     P, U = n_pairs(B, k), unique_pairs(s)
     nb, threads = fused_slices()

@@ -252,6 +252,208 @@ def test_penalty_same_through_either_merge(monkeypatch):
         assert_rel(d1[n], d2[n], 1e-13, n)
 
 
+# -- the dense-triangle path (fused_pairs.DensePairs) against the sorted one and torch ----------
+def _stats_with_history(d, dtype, seed, k=4, B=32, n_alive=None, eps=1e-6):
+    st = LatentStatistics(d, 0.05, eps, dtype=dtype)
+    for idx, val in batches(4, d=d, B=B, k=k, n_alive=n_alive or min(48, d), seed=seed, zero_frac=0.1, dtype=dtype):
+        st.update(idx, val)
+    return st
+
+
+def _edge_batch(d, B, k, seed, dtype, hot=False, zero_rows=False):
+    """A TopK-like batch with repeated rows, zero values, optionally a latent in every row and
+    rows whose values are 0 or -0.0 at every other entry (pairs that occur with product sum 0,
+    -0.0 even: kept, masked)."""
+    idx, val = next(batches(1, d=d, B=B, k=k, n_alive=min(48, d), seed=seed, zero_frac=0.2, dtype=dtype))
+    if hot:
+        idx[:, 0] = torch.where((idx == 0).any(1), idx[:, 0], 0)
+    if zero_rows:
+        val[: max(1, B // 4), ::2] = -0.0
+    if B > 3:
+        idx, val = torch.cat([idx, idx[:3]]), torch.cat([val, val[:3]])
+    return idx, val
+
+
+DENSE_CASES = [(64, 32, 4, False), (50, 7, 6, True), (300, 300, 12, True), (16, 1, 2, False), (16, 5, 2, True),
+               (130, 40, 9, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("d,B,k,hot", DENSE_CASES)
+def test_dense_pairs_equal_sorted_pairs(d, B, k, hot, dtype):
+    """The dense-triangle kernels give the sorted path's very numbers: the same keys, the same
+    sums ``q`` (bit for bit: each is added over the rows in the same order), ``R``, ``rr``, loss
+    sums, kept and non-finite counts; q also against the float64 sum of every row pair."""
+    from trainer.saes.fused_pairs import DensePairs
+
+    st = _stats_with_history(d, dtype, seed=d + k)
+    for zero_rows in (False, True):
+        idx, val = _edge_batch(d, B, k, seed=d + B + zero_rows, dtype=dtype, hot=hot, zero_rows=zero_rows)
+        s, _, vs = pairs.sorted_rows(idx, val)
+        m, q_diag, mu_t, s_diag = corr_penalty._latent_terms(st, idx, val)
+        args = (st.M_buf.view(-1), 0.95 * st.scale, 0.05 / idx.shape[0], mu_t, s_diag.rsqrt())
+        fp, dp = FusedPairs.build(s, vs, d), DensePairs.build(s, vs, d)
+        a, b = fp.terms(*args), dp.terms(*args, with_r=True)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.q, b.q)
+        assert torch.equal(fp.R, dp.R) and torch.equal(fp.rr, dp.rr)
+        assert np.array_equal(a.sums, b.sums) and (a.kept, a.bad) == (b.kept, b.bad)
+        if zero_rows:
+            assert a.kept < a.keys.numel(), "pairs with product sum 0 are kept, masked"
+        row_keys, prods = pairs.row_pairs(s, vs, d)
+        uniq, inv = torch.unique(row_keys, return_inverse=True)
+        assert torch.equal(b.keys, uniq)
+        ref = torch.zeros(uniq.numel(), dtype=F64).index_add_(0, inv, prods.double())
+        assert_rel(b.q, ref, 1e-14 if dtype == F64 else 1e-6, "q")
+        dp.release()
+        fp.release()
+
+
+def _penalty_run(st, idx, val, path, monkeypatch):
+    """Loss, gradient, moments and diagnostics through ``path``: "dense", "sorted" (the fused
+    CPU kernels) or "torch" (the torch.unique path)."""
+    from trainer.saes import fused_pairs
+
+    with monkeypatch.context() as mp:
+        if path == "torch":
+            mp.setattr(corr_penalty, "fused_pairs_supported", lambda *a: False)
+        else:
+            mp.setattr(fused_pairs, "dense_triangle", lambda *a: path == "dense")
+        v = val.clone().requires_grad_(True)
+        loss, diag, mom = penalty_and_moments(st, idx, v)
+        loss.backward()
+    return loss.detach(), v.grad, mom, diag
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("d,B,k,hot", DENSE_CASES)
+def test_penalty_dense_path_equals_sorted_and_torch(d, B, k, hot, dtype, monkeypatch):
+    """Through the whole penalty: the dense path's moments, n_pairs, min_var and loss equal the
+    sorted path's exactly, its gradient to rounding; both agree with the torch path."""
+    st = _stats_with_history(d, dtype, seed=3 * d + k)
+    idx, val = _edge_batch(d, B, k, seed=d * B, dtype=dtype, hot=hot, zero_rows=True)
+    dense, fused, ref = (_penalty_run(st, idx, val, p, monkeypatch) for p in ("dense", "sorted", "torch"))
+    tol = 1e-13 if dtype == F64 else 2e-5
+    (l1, g1, m1, d1), (l2, g2, m2, d2) = dense, fused
+    assert torch.equal(l1, l2) and torch.equal(m1.keys, m2.keys) and torch.equal(m1.q, m2.q)
+    assert all(torch.equal(d1[n], d2[n]) for n in corr_penalty.DIAGNOSTICS)
+    assert (g1 - g2).abs().max() <= tol * g2.abs().max()
+    l3, g3, m3, d3 = ref
+    assert_rel(l1, l3, tol, "loss vs torch")
+    assert torch.equal(m1.keys, m3.keys)
+    assert_rel(m1.q, m3.q, tol, "q vs torch")
+    assert (g1 - g3).abs().max() <= tol * g3.abs().max()
+    assert all(torch.equal(d1[n], d3[n]) for n in ("n_pairs", "nonfinite", "min_var"))
+
+
+@pytest.mark.parametrize("fused", ["dense", "sorted"])
+def test_penalty_dense_path_matches_dense_reference(fused, monkeypatch):
+    """The dense path against the float64 dense reference (value and gradient), over steps."""
+    from trainer.saes import fused_pairs
+
+    monkeypatch.setattr(fused_pairs, "dense_triangle", lambda *a: fused == "dense")
+    st = LatentStatistics(40, 0.1, 1e-6, dtype=F64)
+    for t, (idx, val) in enumerate(batches(12, d=40, k=6, n_alive=36, seed=17, zero_frac=0.1)):
+        if t in (0, 5, 11):
+            _compare_penalty(st, idx, val)
+        st.update(idx, val)
+
+
+def test_dense_triangle_rule_and_its_edge(monkeypatch):
+    """The rule is a function of the shapes (a run never switches); at its edge either side gives
+    the same penalty: d at the largest dense triangle for (B, k), and one latent more."""
+    from trainer.saes import fused_pairs
+    from trainer.saes.fused_pairs import (DENSE_MAX_BYTES, DENSE_RATIO, DensePairs, build_pairs, dense_triangle,
+                                          dense_entries)
+
+    B, k = 3, 5
+    P = B * k * (k - 1) // 2
+    d = max(n for n in range(2, 200) if n * (n - 1) // 2 <= DENSE_RATIO * P)
+    assert dense_triangle(B, k, d, 8) and not dense_triangle(B, k, d + 1, 8)
+    big = max(n for n in range(4000, 9000) if dense_entries(n) * 4 <= DENSE_MAX_BYTES)
+    assert dense_triangle(10**6, 64, big, 4) and not dense_triangle(10**6, 64, big + 1, 4)
+    assert not dense_triangle(10**6, 64, big, 8)  # float64 doubles the array
+    assert dense_triangle(512, 64, 1152, 4) and not dense_triangle(4096, 64, 16384, 4)  # the benchmark's sizes
+    out = {}
+    for n in (d, d + 1):
+        st = _stats_with_history(n, F64, seed=n, k=k, B=B, n_alive=n)
+        idx, val = _edge_batch(n, B, k, seed=n, dtype=F64)
+        s, _, vs = pairs.sorted_rows(idx, val)
+        chosen = build_pairs(s, vs, n)
+        assert isinstance(chosen, DensePairs) == (n == d)
+        chosen.release()
+        out[n] = [_penalty_run(st, idx, val, p, monkeypatch) for p in ("dense", "sorted")]
+        (l1, g1, m1, _), (l2, g2, m2, _) = out[n]
+        assert torch.equal(l1, l2) and torch.equal(m1.q, m2.q) and (g1 - g2).abs().max() <= 1e-13 * g2.abs().max()
+    assert fused_pairs.dense_triangle is dense_triangle
+
+
+def test_dense_array_returns_to_rest(monkeypatch):
+    """The dense array is kept between batches with every entry at -0.0: after a backward, after
+    a forward whose batch is collected without backward, and with two batches alive at once."""
+    import gc
+
+    from trainer.saes import fused_pairs
+
+    monkeypatch.setattr(fused_pairs, "dense_triangle", lambda *a: True)
+    d = 70
+    st = _stats_with_history(d, torch.float32, seed=5, k=5)
+    data = list(batches(3, d=d, k=5, n_alive=60, seed=6, zero_frac=0.2, dtype=torch.float32))
+
+    def at_rest():
+        arrays = list(fused_pairs._CLEAN._free.values())
+        assert arrays and all(bool((a == 0).all()) and bool(np.signbit(a).all()) for a in arrays)
+
+    grads = []
+    for idx, val in data:
+        v = val.clone().requires_grad_(True)
+        correlation_penalty(st, idx, v)[0].backward()
+        grads.append(v.grad)
+        at_rest()
+    correlation_penalty(st, *data[0])  # no backward: collected, its array put back at rest
+    gc.collect()
+    at_rest()
+    a, b = (val.clone().requires_grad_(True) for _, val in data[:2])
+    la, lb = correlation_penalty(st, data[0][0], a)[0], correlation_penalty(st, data[1][0], b)[0]
+    lb.backward()
+    la.backward()
+    assert torch.equal(a.grad, grads[0]) and torch.equal(b.grad, grads[1])
+    at_rest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_sort_rows_kernel_equals_torch_sort_and_min_var(dtype):
+    """The fused path's row sort (a bitmap walk) gives torch.sort's rows, permutation and values,
+    and corr_penalty's min_var, including zero values, ties, NaN, k = 2, B = 1; a row that
+    repeats a latent or holds one outside 0 .. d - 1 is refused (None)."""
+    from trainer.saes.fused_pairs import sort_rows
+
+    g = torch.Generator().manual_seed(1)
+    for d, B, k in [(1000, 64, 12), (70, 1, 2), (64, 9, 64), (130, 20, 3)]:
+        idx = torch.rand(B, d, generator=g).argsort(dim=1)[:, :k]
+        val = (torch.rand(B, k, generator=g, dtype=F64) * 3).to(dtype)
+        val[val < 0.3] = 0.0
+        val[0, : min(2, k)] = 1.5  # a tie for the largest value
+        s_diag = torch.rand(d, generator=g, dtype=F64).to(dtype)
+        if B > 3:
+            val[1] = 0.0  # a row without a co-active pair
+            val[2, 0] = float("nan")
+            val[3, 1:] = 0.0  # one non-zero value: no pair, though the smallest S_ii is its latent's
+            val[3, 0] = 2.0
+            s_diag[idx[3, 0]] = -1.0
+        s, perm, vs = pairs.sorted_rows(idx, val)
+        got = sort_rows(idx, val, s_diag)
+        assert got is not None
+        assert torch.equal(got[0], s) and torch.equal(got[1], perm)
+        assert torch.equal(got[2].isnan(), vs.isnan()) and torch.equal(got[2].nan_to_num(), vs.nan_to_num())
+        assert torch.equal(got[3].isnan(), corr_penalty._min_var(s, vs, s_diag).isnan())
+        assert torch.equal(got[3].nan_to_num(), corr_penalty._min_var(s, vs, s_diag).nan_to_num())
+    for bad in (idx[-1, 0], d, -1):  # a repeated latent, one past the end, a negative one
+        wrong = idx.clone()
+        wrong[-1, 1] = bad
+        assert sort_rows(wrong, val, s_diag) is None
+    assert sort_rows(idx.int(), val, s_diag) is not None
+
+
 # -- the eigenvalue invariant -------------------------------------------------------------
 def test_sigma_eigenvalues_stay_above_eps_with_dead_latents():
     eps = 1e-6

@@ -34,7 +34,8 @@ QUICK = ["profile-memory", "--no-extract", "--device", "cpu"]
 # Small configs whose peaks are different phases: baseline's B x d_sae int64 cast, AuxK's dense
 # (B, n_dead) blocks with every latent dead (the default) and with a quarter dead (W_dec's
 # dead rows and the encoder backward then matter: d_in 256), the dyncorr penalty's unique pairs
-# (+ its covariance buffer). name -> (flat config, d_in, dead fraction)
+# (+ its covariance buffer), through its dense-triangle path (the first two) and its sorted one
+# (the last: its triangle is 24x its row pairs). name -> (flat config, d_in, dead fraction)
 MEASURED = {
     "baseline": ({"arch": "baseline", "d_sae": 4096, "batch_size": 1024}, 32, 1.0),
     "baseline-wide": ({"arch": "baseline", "d_sae": 2048, "batch_size": 512}, 256, 1.0),
@@ -42,6 +43,7 @@ MEASURED = {
     "topk-quarter-dead": ({"arch": "topk", "d_sae": 4096, "batch_size": 1024, "k_aux": 256}, 256, 0.25),
     "dyncorr": ({"arch": "dyncorr", "d_sae": 1024, "batch_size": 1024, "k_start": 64}, 32, 1.0),
     "dyncorr-none-dead": ({"arch": "dyncorr", "d_sae": 2048, "batch_size": 512, "k_start": 48}, 64, 0.0),
+    "dyncorr-sorted-pairs": ({"arch": "dyncorr", "d_sae": 3072, "batch_size": 256, "k_start": 48}, 32, 0.0),
 }
 # CUDA steps traced on CPU tensors (bf16 autocast, the torch penalty path): the --target cuda model.
 TRACED_CUDA = {
@@ -100,6 +102,14 @@ def test_predicted_peak_within_tolerance_of_measured(measured, name):
     est = estimate_training(_spec(flat, d_in, dead))
     ratio = est.step_total / m.peak_bytes
     assert abs(ratio - 1) <= TOLERANCE, (name, est.peak_phase, est.step_total, m.peak_bytes, ratio)
+
+
+def test_measured_grid_takes_both_penalty_paths():
+    """The CPU grid measures the fused penalty's dense-triangle path and its sorted one."""
+    from profiling.model import _dense
+
+    paths = {_dense(_spec(flat, d_in, dead)) for name, (flat, d_in, dead) in MEASURED.items() if "dyncorr" in name}
+    assert paths == {True, False}
 
 
 def test_repeated_measurements_agree(measured):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.saes.fused_pairs import FusedPairs, fused_pairs_supported
+from trainer.saes.fused_pairs import build_pairs, fused_pairs_supported, sort_rows
 from trainer.saes.pairs import PairMoments, check_topk, empty, latent_sums, sorted_rows, unique_pairs
 
 if TYPE_CHECKING:
@@ -32,7 +32,9 @@ def correlation_penalty(stats: LatentStatistics, idx: Tensor, val: Tensor) -> tu
     Call it BEFORE ``stats.update(idx, val)`` for the same batch. Cost O(B k^2 log(B k^2) +
     d_sae) time and O(B k^2 + d_sae) memory: the B k (k-1) / 2 per-row pairs are keyed
     ``lo * d_sae + hi``, merged by a sort (:func:`~trainer.saes.pairs.unique_pairs`), and only
-    those entries of ``M_{t-1}`` are gathered. Nothing d_sae x d_sae or B x d_sae is built. The
+    those entries of ``M_{t-1}`` are gathered. Nothing B x d_sae is built, nothing d_sae x d_sae
+    either except on CPU when its upper triangle holds at most 4x as many entries as the batch has
+    row pairs (the dense path of :mod:`trainer.saes.fused_pairs`: O(B k^2) memory still). The
     gradient is written out by hand (:class:`_CorrPenalty`): autograd through the pair arrays
     cost twice the forward.
 
@@ -149,48 +151,46 @@ class _CorrPenalty(torch.autograd.Function):
 
 
 class _FusedCorrPenalty(torch.autograd.Function):
-    """:class:`_CorrPenalty` on CPU with the O(B k^2) passes fused (:mod:`trainer.saes.pair_kernels`):
-    the same maths and outputs; with the update, ~2.7x less wall time at d_sae 16384, k 64, B 4096
-    (docs/benchmarks.md)."""
+    """:class:`_CorrPenalty` on CPU with the O(B k^2) passes fused (:mod:`trainer.saes.fused_pairs`:
+    sorted pairs, or a dense triangle for a small d_sae): the same maths and outputs; with the
+    update, ~2.7x less wall time at d_sae 16384, k 64, B 4096 (docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, v: Tensor, idx: Tensor, stats: LatentStatistics, box: list):
         B, k = idx.shape
         d, beta = stats.d_sae, stats.beta
         m, q_diag, mu_t, s_diag = _latent_terms(stats, idx, v)
-        s, perm, vs = sorted_rows(idx, v)
-        pairs = FusedPairs.build(s, vs.detach(), d)
-        keys, q = pairs.sums()
-        box.append(PairMoments(keys, q, m, q_diag, B))
-        R, rr, sums, kept, bad = pairs.correlations(keys, q, stats.M_buf.view(-1), (1.0 - beta) * stats.scale,
-                                                    beta / B, mu_t, s_diag.rsqrt())
-        n_pairs = torch.tensor(kept)
+        rows = sort_rows(idx, v, s_diag)  # and min_var, in one pass over the rows
+        if rows is None:  # a row repeats a latent or holds one out of range: as the torch path does
+            s, perm, vs = sorted_rows(idx, v)
+            rows = (s, perm, vs, _min_var(s, vs, s_diag))
+        s, perm, vs, min_var = rows
+        pairs = build_pairs(s, vs, d)
+        t = pairs.terms(stats.M_buf.view(-1), (1.0 - beta) * stats.scale, beta / B, mu_t, s_diag.rsqrt())
+        box.append(PairMoments(t.keys, t.q, m, q_diag, B))
+        n_pairs = torch.tensor(t.kept)
         P = n_pairs.clamp(min=1).to(v.dtype)
-        loss = torch.tensor(sums[0], dtype=v.dtype) / P
+        loss = torch.tensor(t.sums[0], dtype=v.dtype) / P
         ctx.pairs = pairs
-        ctx.save_for_backward(v, idx, perm, keys, R, rr, mu_t, s_diag, P)
-        min_var = _min_var(s, vs, s_diag)
-        diag = (n_pairs, torch.tensor(sums[1], dtype=v.dtype) / P, torch.tensor(sums[2], dtype=v.dtype), min_var,
-                torch.tensor(bad))
+        ctx.save_for_backward(v, idx, perm, mu_t, s_diag, P)
+        diag = (n_pairs, torch.tensor(t.sums[1], dtype=v.dtype) / P, torch.tensor(t.sums[2], dtype=v.dtype), min_var,
+                torch.tensor(t.bad))
         ctx.mark_non_differentiable(*diag)
         return (loss, *diag)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        v, idx, perm, keys, R, rr, mu_t, s_diag, P = ctx.saved_tensors
+        v, idx, perm, mu_t, s_diag, P = ctx.saved_tensors
         pairs = ctx.pairs
         if pairs is None:
             raise RuntimeError("the correlation penalty's backward ran twice (retain_graph): not supported on CPU")
         go = grad_loss / P
-        g_sorted, num, g_mu = pairs.backward(keys, R, rr, 2.0 * float(go), mu_t)
-        ctx.pairs = None
-        pairs.release()  # R, rr and the packed pairs go back to the scratch pool for the next batch
+        num, g_mu = pairs.latent_grads(2.0 * float(go), mu_t)
         c = torch.where(num != 0, -go * num / s_diag, v.new_zeros(()))  # dL/dS_ii; 0 outside the pairs
-        g_mu = -g_mu - 2.0 * c * mu_t
-        g = v.new_zeros(idx.shape).scatter_(1, perm, g_sorted.view(idx.shape))
-        flat_idx = idx.reshape(-1)
-        g += g_mu.index_select(0, flat_idx).view_as(g) + 2.0 * c.index_select(0, flat_idx).view_as(g) * v
-        return g / idx.shape[0], None, None, None  # no factor beta (docs/sae-math.md)
+        g = pairs.entry_grads(-g_mu - 2.0 * c * mu_t, 2.0 * c, idx, perm, v)
+        ctx.pairs = None
+        pairs.release()  # the pairs' arrays go back to the scratch pool for the next batch
+        return g.div_(idx.shape[0]), None, None, None  # no factor beta (docs/sae-math.md)
 
 
 def _latent_terms(stats: LatentStatistics, idx: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,16 +1,41 @@
 """The distinct pairs of a TopK batch on CPU, through the fused kernels of :mod:`pair_kernels`.
 
-:class:`FusedPairs` holds one batch's packed, sorted row pairs (one int64 per row pair) and
-answers the penalty's three questions about them: the distinct keys with their product sums,
-``R`` per distinct pair, and the gradient scattered back to the row entries. The torch path
-(:func:`~trainer.saes.pairs.unique_pairs`) does the same on other devices and is the reference
-the tests hold this one to.
+Two ways to merge the B k (k - 1) / 2 row pairs, one interface (:func:`build_pairs`, then
+``terms``, ``latent_grads``, ``entry_grads``, ``release``): the distinct keys with their product
+sums (the moments), ``R`` per distinct pair with the loss and diagnostics, and the gradient
+scattered back to the row entries. The torch path (:func:`~trainer.saes.pairs.unique_pairs`)
+does the same on other devices and is the reference the tests hold both to.
+
+* :class:`FusedPairs` (sorted): every row pair packed into one int64 and radix-sorted slice by
+  slice. Its cost follows the row pairs only, but a sort of n keys costs several passes over
+  them (~4 ms for the 1M row pairs of B 512, k 64, measured on 2 cores).
+* :class:`DensePairs` (dense triangle): the products summed straight into a dense array of the
+  d_sae x d_sae upper triangle (:class:`TriangleLayout`); the distinct pairs are the entries
+  that were written, read in ascending order from a bitmap of them, and the backward reads each
+  row pair's weight from the same array. No sort, but ~d_sae^2 / 2 entries of memory and a few
+  sequential passes over them per batch.
+
+The choice (:func:`dense_triangle`) depends only on the shapes, so it is the same on every step
+of a run (and in every process of one): the dense path is taken when the triangle holds at most
+``DENSE_RATIO`` = 4 times as many entries as the batch has row pairs, and its array costs at most
+``DENSE_MAX_BYTES`` = 128 MiB. Why: its cost is a pass over the row pairs each way plus a few
+sequential ones over the triangle, the sorted path's a sort of the row pairs. Penalty with its
+backward, measured on 2 shared cores (triangle / row pairs: dense vs sorted): B 512, k 64, 0.64
+(d_sae 1152) 6 vs 27 ms, 2.0 11 vs 31 ms, 4.6 19 vs 33 ms, 8.1 26 vs 34 ms, 16 even; B 4096,
+k 64, 1.0 (d_sae 4096) 73 vs 249 ms, 4.1 168 vs 281 ms, 8.1 265 vs 361 ms. Up to 4 it is 1.7x
+faster or more, and its array (2 d^2 bytes in float32, at most 16 bytes per row pair) is no
+larger than the sorted path's scratch (18 bytes per row pair); beyond, the gain shrinks while
+the memory grows. The byte cap bounds what a large batch could ask for. Both paths give the
+very same keys, sums, ``R``, ``rr``, kept pairs and loss (the sums are added in the same order);
+their gradients agree to rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -19,9 +44,14 @@ from torch import Tensor
 
 from trainer.saes import pair_kernels as kern
 
-__all__ = ["FusedPairs", "add_distinct", "fused_pairs_supported", "kernel_threads", "n_slices"]
+__all__ = ["DENSE_MAX_BYTES", "DENSE_RATIO", "DensePairs", "FusedPairs", "PairTerms", "add_distinct", "build_pairs",
+           "dense_entries", "dense_triangle", "fused_pairs_supported", "kernel_threads", "n_slices", "sort_rows",
+           "triangle_layout"]
 
 _FLOATS = (torch.float32, torch.float64)
+# The dense path's rule (dense_triangle; the module docstring says why these numbers).
+DENSE_RATIO = 4.0  # triangle entries per row pair, at most
+DENSE_MAX_BYTES = 128 * 2**20  # the dense triangle's array (dense_entries), at most
 
 
 def _layout(B: int, k: int) -> tuple[int, int]:
@@ -34,6 +64,53 @@ def fused_pairs_supported(B: int, k: int, d: int, device: torch.device) -> bool:
     """The fused kernels run on CPU when ``key << shift | b, p, q`` fits an int64."""
     _, shift = _layout(B, k)
     return device.type == "cpu" and k >= 2 and (d * d - 1).bit_length() + shift <= 63
+
+
+class TriangleLayout(NamedTuple):
+    """The dense path's array: row ``lo`` of the upper triangle holds ``hi = lo .. d - 1`` (the
+    diagonal slot unused) from a multiple of 64 on, so its bitmap words are its own. ``words``
+    (d + 1,) uint64: each row's first bitmap word (``64 words[lo]``: its first entry), the total
+    last; ``base`` (d,) uint64: pair ``(lo, hi)`` is entry ``base[lo] + hi``."""
+
+    words: np.ndarray
+    base: np.ndarray
+
+    @property
+    def entries(self) -> int:
+        return 64 * int(self.words[-1])
+
+
+@functools.lru_cache(maxsize=8)
+def triangle_layout(d: int) -> TriangleLayout:
+    """:class:`TriangleLayout` for d latents (read-only arrays, shared)."""
+    words = np.zeros(d + 1, dtype=np.uint64)
+    np.cumsum(-(-(d - np.arange(d)) // 64), out=words[1:])
+    base = 64 * words[:-1] - np.arange(d, dtype=np.uint64)
+    words.flags.writeable = base.flags.writeable = False
+    return TriangleLayout(words, base)
+
+
+def dense_entries(d: int) -> int:
+    """Entries of the dense path's array for d latents (~d^2 / 2 + 32 d)."""
+    return triangle_layout(d).entries
+
+
+def dense_triangle(B: int, k: int, d: int, itemsize: int) -> bool:
+    """Whether a (B, k) batch over d latents, values of ``itemsize`` bytes, takes the dense-triangle
+    path (module docstring): a function of the shapes only, so a run never switches."""
+    return (d * (d - 1) // 2 <= DENSE_RATIO * (B * k * (k - 1) // 2)
+            and dense_entries(d) * itemsize <= DENSE_MAX_BYTES)
+
+
+def build_pairs(s: Tensor, vs: Tensor, d: int) -> FusedPairs | DensePairs:
+    """The batch's pairs from the sorted rows ``s`` (B, k) and their values ``vs``, by the path
+    :func:`dense_triangle` picks."""
+    if vs.dtype not in _FLOATS:
+        raise TypeError(f"the fused pair kernels take float32 or float64 values, got {vs.dtype}")
+    B, k = s.shape
+    if dense_triangle(B, k, d, vs.element_size()):
+        return DensePairs.build(s, vs, d)
+    return FusedPairs.build(s, vs, d)
 
 
 def kernel_threads() -> int:
@@ -67,6 +144,38 @@ class _Scratch:
 _SCRATCH = _Scratch()
 
 
+class _CleanArrays:
+    """The dense path's arrays, kept between batches at rest (every entry -0.0, "no pair"): a
+    fresh one costs its page faults and a fill, putting a used one back a fill in cache or its U
+    pairs' writes. An array is taken for one batch and given back clean; one per size and dtype
+    is kept."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+    def take(self, n: int, dtype: np.dtype) -> np.ndarray:
+        a = self._free.pop((n, np.dtype(dtype)), None)
+        return np.full(n, -0.0, dtype=dtype) if a is None else a
+
+    def give(self, a: np.ndarray) -> None:
+        self._free[(a.size, a.dtype)] = a
+
+
+_CLEAN = _CleanArrays()
+
+
+class PairTerms(NamedTuple):
+    """What the penalty's forward needs from a batch's pairs: the distinct keys (U,) int64,
+    ascending, with ``q = sum_b v_lo v_hi`` (U,) (the moments); ``[sum R^2, sum |R|, max |R|]``
+    (float64), the kept pairs (``q != 0``) and the non-finite ``R``."""
+
+    keys: Tensor
+    q: Tensor
+    sums: np.ndarray
+    kept: int
+    bad: int
+
+
 def add_distinct(flat: Tensor, keys: Tensor, values: Tensor, scale: float) -> bool:
     """``flat[keys] += scale * values`` in parallel on CPU, for distinct int64 ``keys`` (the
     penalty's moments); False (nothing done) where the kernel does not apply."""
@@ -74,7 +183,7 @@ def add_distinct(flat: Tensor, keys: Tensor, values: Tensor, scale: float) -> bo
             or keys.dtype != torch.int64 or not flat.is_contiguous():
         return False
     numba.set_num_threads(kernel_threads())
-    kern.scatter_distinct(flat.numpy(), keys.numpy(), values.numpy(), scale)
+    kern.scatter_distinct(flat.numpy(), keys.numpy().view(np.uint64), values.numpy(), scale)
     return True
 
 
@@ -91,6 +200,10 @@ class FusedPairs:
     kb: int  # the packing (_layout)
     shift: int
     scratch: dict[str, np.ndarray] = field(default_factory=dict)  # taken from _SCRATCH, given back by release()
+    keys: Tensor | None = None  # from terms(), for the backward
+    R: Tensor | None = None
+    rr: Tensor | None = None
+    g_sorted: Tensor | None = None  # from latent_grads(), for entry_grads()
 
     def __post_init__(self) -> None:
         # Runs once: from release(), or when a batch without backward is collected.
@@ -146,6 +259,27 @@ class FusedPairs:
                                             mu.numpy(), rs.numpy(), R, rr, n_slices())
         return torch.from_numpy(R), torch.from_numpy(rr), sums, kept, bad
 
+    def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor) -> PairTerms:
+        """:meth:`sums`, then :meth:`correlations` (kept, with the keys, for :meth:`latent_grads`)."""
+        keys, q = self.sums()
+        self.R, self.rr, sums, kept, bad = self.correlations(keys, q, M, m_scale, q_scale, mu, rs)
+        self.keys = keys
+        return PairTerms(keys, q, sums, kept, bad)
+
+    def latent_grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`backward` on what :meth:`terms` computed: ``sum_j R_ij^2`` and ``sum_j a_ij mu_j``
+        per latent (``a = coef R rr``); the row entries' sums are kept for :meth:`entry_grads`."""
+        self.g_sorted, num, gmu = self.backward(self.keys, self.R, self.rr, coef, mu)
+        return num, gmu
+
+    def entry_grads(self, g_lat: Tensor, c2_lat: Tensor, idx: Tensor, perm: Tensor, v: Tensor) -> Tensor:
+        """Per entry of the batch ``(idx, v)`` (B, k), ``perm`` its rows' sorting permutation:
+        ``sum_q a_pq v_q + g_lat[l] + c2_lat[l] v`` for latent ``l`` (after :meth:`latent_grads`)."""
+        g = v.new_zeros(idx.shape).scatter_(1, perm, self.g_sorted.view(idx.shape))
+        self.g_sorted = None
+        flat_idx = idx.reshape(-1)
+        return g.add_(g_lat.index_select(0, flat_idx).view_as(g) + c2_lat.index_select(0, flat_idx).view_as(g) * v)
+
     def backward(self, keys: Tensor, R: Tensor, rr: Tensor, coef: float, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """With ``a_ij = coef R_ij rr_ij``: ``sum_q a_pq v_q`` per sorted row entry (B k,),
         ``sum_j R_ij^2`` (d,) and ``sum_j a_ij mu_j`` (d,) per latent."""
@@ -153,3 +287,131 @@ class FusedPairs:
                                          R.numpy(), rr.numpy(), coef, mu.numpy(), self.vs, self.d,
                                          kernel_threads())
         return torch.from_numpy(g), torch.from_numpy(num), torch.from_numpy(gmu)
+
+
+@dataclass
+class DensePairs:
+    """One batch's pairs summed into a dense array of the upper triangle (the dense-triangle path,
+    module docstring; layout: :class:`TriangleLayout`; kernels in :mod:`pair_kernels`). ``qd``
+    holds the sums after :meth:`build`, the pairs' weights ``w = R rr`` after :meth:`terms`, and
+    is put back at rest by :meth:`release`."""
+
+    s: np.ndarray  # (B, k) int64, the sorted rows
+    vs: np.ndarray  # (B, k) their values
+    d: int
+    qd: np.ndarray  # (dense_entries(d),) taken from _CLEAN
+    bm: np.ndarray  # (entries / 64,) uint64: which entries of qd hold a pair
+    off: np.ndarray  # (d + 1,) where each lo latent's pairs start among the distinct keys
+    cut: np.ndarray  # (B, n_slices + 1) uint64: each row's positions per slice of lo latents (row_cuts)
+    keys: np.ndarray | None = None  # set by terms(): the entries release() puts back at rest
+    num: Tensor | None = None  # (d,) sum_j R_ij^2, from terms()
+    gw: Tensor | None = None  # (d,) sum_j w_ij mu_j, from terms()
+    R: Tensor | None = None  # (U,), only from terms(..., with_r=True)
+    rr: Tensor | None = None
+    coef: float = 0.0  # from latent_grads(), for entry_grads()
+
+    def __post_init__(self) -> None:
+        self._state = {"qd": self.qd, "off": self.off, "keys": None}
+        self._give_back = weakref.finalize(self, _put_back, self._state)
+
+    @property
+    def layout(self) -> TriangleLayout:
+        return triangle_layout(self.d)
+
+    @classmethod
+    def build(cls, s: Tensor, vs: Tensor, d: int) -> DensePairs:
+        """Sum the products of the sorted rows ``s`` (B, k), values ``vs``, into the dense array."""
+        numba.set_num_threads(kernel_threads())
+        s_np = s.to(torch.int64).numpy()
+        vs_np = vs.detach().contiguous().numpy()
+        layout = triangle_layout(d)
+        qd = _CLEAN.take(layout.entries, vs_np.dtype)
+        cut = kern.row_cuts(s_np, d, n_slices()).view(np.uint64)  # unsigned indices: pair_kernels' note
+        kern.dense_accumulate(s_np.view(np.uint64), vs_np, cut, layout.base, qd)
+        # numpy's vectorised compare and packbits: ~3x the speed of a bit loop in numba here
+        bm = np.packbits(qd.view(_BITS[qd.dtype]) != _REST[qd.dtype], bitorder="little").view(np.uint64)
+        return cls(s_np, vs_np, d, qd, bm, kern.pair_offsets(bm, layout.words), cut)
+
+    def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor, *,
+              with_r: bool = False) -> PairTerms:
+        """The keys and sums, and :meth:`FusedPairs.correlations`' sums and counts, in one pass
+        over the pairs (``R`` and ``rr`` written to ``self.R``, ``self.rr`` only ``with_r``: the
+        backward reads the weights from the dense array)."""
+        U = int(self.off[-1])
+        keys, q = np.empty(U, dtype=np.int64), np.empty(U, dtype=self.qd.dtype)
+        R, rr = (np.empty(U if with_r else 0, dtype=self.qd.dtype) for _ in range(2))
+        numba.set_num_threads(kernel_threads())
+        layout = self.layout
+        sums, kept, bad, num, gw = kern.dense_terms(self.qd, self.bm, np.uint64(self.d), layout.words, layout.base,
+                                                    self.off, M.numpy(), m_scale, q_scale, mu.numpy(), rs.numpy(), keys,
+                                                    q, R, rr, n_slices())
+        self.keys = self._state["keys"] = keys
+        self.num, self.gw = torch.from_numpy(num), torch.from_numpy(gw)
+        if with_r:
+            self.R, self.rr = torch.from_numpy(R), torch.from_numpy(rr)
+        return PairTerms(torch.from_numpy(keys), torch.from_numpy(q), sums, kept, bad)
+
+    def latent_grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor]:
+        """``sum_j R_ij^2`` and ``sum_j a_ij mu_j`` per latent, ``a = coef R rr`` (both summed by
+        :meth:`terms`, whose ``mu`` this must be)."""
+        self.coef = coef
+        return self.num, self.gw * coef
+
+    def entry_grads(self, g_lat: Tensor, c2_lat: Tensor, idx: Tensor, perm: Tensor, v: Tensor) -> Tensor:
+        """Per entry of the batch ``(idx, v)`` (B, k), ``perm`` its rows' sorting permutation:
+        ``sum_q a_pq v_q + g_lat[l] + c2_lat[l] v`` for latent ``l`` (after :meth:`latent_grads`),
+        one kernel over the row pairs (:func:`pair_kernels.dense_entry_grads`)."""
+        out = np.empty(idx.shape, dtype=self.vs.dtype)
+        numba.set_num_threads(kernel_threads())
+        kern.dense_entry_grads(self.s.view(np.uint64), perm.numpy(), self.vs, self.cut, self.qd, self.layout.base,
+                               self.coef, g_lat.numpy(), c2_lat.numpy(), kernel_threads(), out)
+        return torch.from_numpy(out)
+
+    def release(self) -> None:
+        """Put the dense array back at rest and give it back: this object is unusable afterwards."""
+        if self.keys is not None:
+            if self.qd.size <= _FILL_PER_WRITE * self.keys.size:  # a sequential fill beats U scattered writes
+                self.qd.fill(-0.0)
+            else:
+                numba.set_num_threads(kernel_threads())
+                kern.reset_pairs(self.qd, self.layout.base, self.keys.view(np.uint64), self.off, -0.0)
+            self._state["keys"] = None
+            _CLEAN.give(self.qd)
+        self._give_back.detach()
+        self.qd = self.vs = None
+
+
+_FILL_PER_WRITE = 8  # entries numpy fills in the time of one scattered write (measured: ~10)
+_BITS = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
+_REST = {np.dtype(np.float32): np.int32(np.float32(-0.0).view(np.int32)),
+         np.dtype(np.float64): np.int64(np.float64(-0.0).view(np.int64))}
+
+
+def _put_back(state: dict) -> None:
+    """A collected :class:`DensePairs` whose :meth:`~DensePairs.release` never ran: its array goes
+    back at rest if its pairs are known (numpy, not a kernel: this may run in any thread), else
+    it is dropped (it still holds the batch's sums)."""
+    keys, off, qd = state["keys"], state["off"], state["qd"]
+    if keys is not None:
+        d = off.size - 1
+        lo = np.repeat(np.arange(d), np.diff(off))
+        qd[triangle_layout(d).base.astype(np.int64)[lo] + keys - lo * d] = -0.0
+        _CLEAN.give(qd)
+
+def sort_rows(idx: Tensor, v: Tensor, s_diag: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """:func:`~trainer.saes.pairs.sorted_rows` of the (B, k) batch and the smallest ``s_diag``
+    among the latents of its co-active pairs (``corr_penalty``'s ``min_var``) in one parallel
+    pass (:func:`pair_kernels.sort_rows`); None when a row repeats a latent or holds one outside
+    ``0 .. d - 1``."""
+    B, k = idx.shape
+    s, perm = np.empty((B, k), dtype=np.int64), np.empty((B, k), dtype=np.int64)
+    vs = np.empty((B, k), dtype=_NUMPY_FLOATS[v.dtype])
+    numba.set_num_threads(kernel_threads())
+    lat = idx.to(torch.int64).contiguous().numpy().view(np.uint64)  # unsigned: pair_kernels' note; negatives refused
+    refused, low = kern.sort_rows(lat, v.detach().contiguous().numpy(), s_diag.numpy(), n_slices(), s, perm, vs)
+    if refused:
+        return None
+    return torch.from_numpy(s), torch.from_numpy(perm), torch.from_numpy(vs), torch.tensor(low, dtype=s_diag.dtype)
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}

@@ -22,10 +22,13 @@ stable sort on the key alone gives the very order of sorting the whole int64: wi
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.extending import intrinsic
 
-__all__ = ["backward_pass", "correlations", "count_runs", "pack_pairs", "plan_buckets", "radix_sort_slices",
-           "run_sums", "scatter_distinct", "slice_spans"]
+__all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads", "dense_terms",
+           "pack_pairs", "pair_offsets", "plan_buckets", "radix_sort_slices", "reset_pairs", "row_cuts", "run_sums",
+           "scatter_distinct", "slice_spans", "sort_rows"]
 
 MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
 
@@ -213,7 +216,8 @@ def correlations(keys, q, M, m_scale, d, q_scale, mu, rs, R, rr, n_chunks):
 
 @njit(cache=True, parallel=True, nogil=True)
 def scatter_distinct(flat, keys, values, scale):
-    """``flat[keys] += scale * values`` for distinct ``keys``: no two threads write one entry."""
+    """``flat[keys] += scale * values`` for distinct ``keys`` (uint64: no wrap-around code, see the
+    dense path's note): no two threads write one entry."""
     for u in prange(keys.size):
         flat[keys[u]] += scale * values[u]
 
@@ -260,3 +264,319 @@ def backward_pass(pk, shift, kb, k, bounds, uoff, keys, R, rr, coef, mu, vs, d, 
                     g[f1] += a * vs[f2]
                     g[f2] += a * vs[f1]
     return g_part.sum(axis=0), num_part.sum(axis=0), gmu_part.sum(axis=0)
+
+
+# -- the dense-triangle path (see fused_pairs: when it is taken) -----------------------------------
+# The products are summed straight into a dense array ``qd`` holding the upper triangle row by row:
+# row ``lo`` keeps ``hi = lo .. d - 1`` (the diagonal slot unused) from a multiple of 64 on, so
+# pair ``(lo, hi)`` is entry ``base[lo] + hi`` and bit ``hi - lo`` from the row's first bitmap word
+# ``words[lo]`` on (fused_pairs.triangle_layout). No packing, no sort. Its entries rest at -0.0,
+# "no pair here": a summed entry is never -0.0 (``+ 0.0`` turns a -0.0 sum into +0.0), so the
+# distinct pairs are exactly the entries that are not -0.0, pairs whose products sum to 0 included
+# (a zero value), as the sorted path keeps them. A bitmap of those entries (numpy's compare and
+# packbits) is then walked bit by bit (count trailing zeros): that walk costs U steps, not the
+# d^2 / 2 entries of the triangle.
+#
+# Their hot loops index with uint64 (the callers pass uint64 views of the int64 latents and cuts):
+# numba adds a negative-index wrap-around to every access through a signed index, 6 of the ~16
+# instructions per row pair here; unsigned ones have none (1.45 -> 1.0 ms per pass over 1M row
+# pairs). ``_U1``, ``_U64``: uint64 constants (an int64 literal would turn the sum signed again).
+_U1 = np.uint64(1)
+_U6 = np.uint64(6)
+_U63 = np.uint64(63)
+_U64 = np.uint64(64)
+
+
+@intrinsic
+def _cttz(typingctx, x):
+    """Trailing zero bits of a (non-zero) integer: LLVM's cttz."""
+    def codegen(context, builder, sig, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+    return x(x), codegen
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """Set bits of an integer: LLVM's ctpop."""
+    def codegen(context, builder, sig, args):
+        return builder.ctpop(args[0])
+    return x(x), codegen
+
+
+# row_cuts and pair_offsets run on one thread: their work (~50 us) is below what a parallel launch
+# costs on a loaded machine, where every launch waits for a thread that may be descheduled.
+@njit(cache=True, nogil=True)
+def row_cuts(s, d, n_slices):
+    """Slices of the ``lo`` latents holding about as many row pairs each, as ``cut[b, t]``: the first
+    position of the sorted row ``b`` whose latent is in slice ``t`` or later (``cut[b, n_slices] = k``)."""
+    B, k = s.shape
+    lead = np.zeros(d, dtype=np.int64)  # row pairs each latent leads as lo
+    for b in range(B):
+        for p in range(k - 1):
+            lead[s[b, p]] += k - 1 - p
+    first = np.full(n_slices + 1, d, dtype=np.int64)
+    total, before, t = B * k * (k - 1) // 2, 0, 0
+    for lo in range(d):
+        while t < n_slices and before * n_slices >= t * total:
+            first[t] = lo
+            t += 1
+        before += lead[lo]
+    cut = np.empty((B, n_slices + 1), dtype=np.int64)
+    for b in range(B):
+        p = 0
+        for t in range(n_slices + 1):
+            while p < k and s[b, p] < first[t]:
+                p += 1
+            cut[b, t] = p
+    return cut
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def dense_accumulate(s, vs, cut, base, qd):
+    """``qd[base[lo] + hi] += v_lo v_hi`` over every row pair (``s``, ``cut``, ``base`` uint64).
+    Slice ``t`` owns the ``lo`` latents ``[first[t], first[t + 1])`` (``cut`` from
+    :func:`row_cuts`): no two threads write one entry. Each entry's sum is built over the rows in
+    ascending order from -0.0, the order and start (``-0.0 + x = x``) of :func:`run_sums`: the
+    same number."""
+    B, k = s.shape
+    last, uk = np.uint64(k - 1), np.uint64(k)
+    for t in prange(cut.shape[1] - 1):
+        for b in range(B):
+            srow, vrow = s[b], vs[b]
+            for p in range(cut[b, t], min(cut[b, t + 1], last)):
+                row = base[srow[p]]
+                vp = vrow[p]
+                for q in range(p + _U1, uk):
+                    e = row + srow[q]
+                    qd[e] = (qd[e] + vp * vrow[q]) + 0.0
+
+
+@njit(cache=True, nogil=True)
+def pair_offsets(bm, words):
+    """``off`` (d + 1,): where row ``lo``'s pairs start among the distinct pairs, from the set bits
+    of its words ``words[lo] .. words[lo + 1]`` of the bitmap ``bm``."""
+    d = words.size - 1
+    off = np.empty(d + 1, dtype=np.int64)
+    n = 0
+    for lo in range(d):
+        off[lo] = n
+        for w in range(words[lo], words[lo + 1]):
+            n += _popcount(bm[w])
+    off[d] = n
+    return off
+
+
+@njit(cache=True, nogil=True)
+def _chunk_start(bm, words, off, u):
+    """Row, word (uint64, into ``bm``) and remaining bits of that word where the ``u``-th pair is."""
+    lo = np.uint64(np.searchsorted(off, u, side="right") - 1)
+    skip = u - off[lo]
+    w = words[lo]
+    word = bm[w]
+    while skip >= _popcount(word):
+        skip -= _popcount(word)
+        w += _U1
+        word = bm[w]
+    for _ in range(skip):
+        word &= word - _U1
+    return lo, w, word
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def dense_terms(qd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, keys, q, R, rr, n_chunks):
+    """Per pair, ascending: ``keys[u] = lo * d + hi``, ``q[u] = qd[base[lo] + hi]`` (``d`` uint64),
+    and :func:`correlations`' ``R``, ``rr`` (written when ``R.size``, else only used), each
+    computed by the same expression, and the same ``[sum R^2, sum |R|, max |R|]``, kept and
+    non-finite counts: chunk ``c`` takes the pairs ``[U c / n_chunks, U (c + 1) / n_chunks)`` as
+    there, so every sum is added in the same order. That entry of ``qd`` becomes ``w = R rr`` (0
+    where masked) for :func:`dense_entry_grads`; also returns ``num`` (d,),
+    ``sum_j R_ij^2``, and ``gw`` (d,), ``sum_j w_ij mu_j``, per latent."""
+    U = off[d]
+    with_r = R.size > 0
+    part = np.zeros((n_chunks, 8), dtype=np.float64)
+    zero = qd.dtype.type(0.0)
+    num_part = np.zeros((n_chunks, d), dtype=qd.dtype)
+    gw_part = np.zeros((n_chunks, d), dtype=qd.dtype)
+    for c in prange(n_chunks):
+        u, u1 = U * c // n_chunks, U * (c + 1) // n_chunks
+        if u >= u1:
+            continue
+        num = num_part[c]
+        gw = gw_part[c]
+        s2 = 0.0
+        s1 = 0.0
+        mx = 0.0
+        kept = 0
+        bad = 0
+        lo, w, word = _chunk_start(bm, words, off, u)
+        key0, row, w0, mu_i, rs_i, num_i, gw_i = lo * d, base[lo], words[lo], mu[lo], rs[lo], zero, zero
+        while u < u1:
+            while word == 0:
+                w += _U1
+                if w == words[lo + _U1]:  # the row is done: the next one with a pair
+                    num[lo] += num_i
+                    gw[lo] += gw_i
+                    lo += _U1
+                    key0, row, w0, mu_i, rs_i = lo * d, base[lo], words[lo], mu[lo], rs[lo]
+                    num_i, gw_i = zero, zero
+                word = bm[w]
+            hi = lo + _U64 * (w - w0) + _cttz(word)
+            word &= word - _U1
+            e = key0 + hi
+            x = qd[row + hi]
+            keys[u] = e
+            q[u] = x
+            if x != 0.0:
+                wt = rs_i * rs[hi]
+                r = (m_scale * M[e] + q_scale * x - mu_i * mu[hi]) * wt
+                kept += 1
+                if not np.isfinite(r):
+                    bad += 1
+                s2 += r * r
+                s1 += abs(r)
+                if abs(r) > mx or r != r:
+                    mx = abs(r)
+                a = r * wt
+                num_i += r * r
+                num[hi] += r * r
+                gw_i += a * mu[hi]
+                gw[hi] += a * mu_i
+                qd[row + hi] = a
+            else:
+                r = zero
+                wt = zero
+                qd[row + hi] = zero
+            if with_r:
+                R[u] = r
+                rr[u] = wt
+            u += 1
+        num[lo] += num_i
+        gw[lo] += gw_i
+        part[c, 0] = s2
+        part[c, 1] = s1
+        part[c, 2] = mx
+        part[c, 3] = kept
+        part[c, 4] = bad
+    sums = np.zeros(3, dtype=np.float64)
+    for c in range(n_chunks):
+        sums[0] += part[c, 0]
+        sums[1] += part[c, 1]
+        if part[c, 2] > sums[2] or part[c, 2] != part[c, 2]:
+            sums[2] = part[c, 2]
+    return sums, int(part[:, 3].sum()), int(part[:, 4].sum()), num_part.sum(axis=0), gw_part.sum(axis=0)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def dense_entry_grads(s, perm, vs, cut, wd, base, coef, g_lat, c2_lat, n_groups, out):
+    """The penalty's gradient per row entry, in the rows' own order: for sorted entry ``(b, p)``
+    of latent ``l = s[b, p]``, ``out[b, perm[b, p]] = coef sum_q w_{l, s[b, q]} v_q + g_lat[l] +
+    c2_lat[l] v_p``, ``w`` read from the dense ``wd`` at ``base[lo] + hi`` (``s``, ``cut``,
+    ``base`` uint64). The row pairs are taken slice by slice as :func:`dense_accumulate` does (each
+    slice's rows of ``wd`` stay in cache), group ``c`` taking the slices ``c, c + n_groups, ...``
+    into its own buffer (no races), the buffers summed in group order."""
+    B, k = s.shape
+    last, uk = np.uint64(k - 1), np.uint64(k)
+    nb = cut.shape[1] - 1
+    part = np.zeros((n_groups, B, k), dtype=vs.dtype)
+    for c in prange(n_groups):
+        for t in range(c, nb, n_groups):
+            for b in range(B):
+                g, srow, vrow = part[c, b], s[b], vs[b]
+                for p in range(cut[b, t], min(cut[b, t + 1], last)):
+                    row = base[srow[p]]
+                    vp = vrow[p]
+                    acc = g[p]
+                    for q in range(p + _U1, uk):
+                        a = wd[row + srow[q]]
+                        acc += a * vrow[q]
+                        g[q] += a * vp
+                    g[p] = acc
+    for b in prange(B):
+        for p in range(k):
+            acc = part[0, b, p]
+            for c in range(1, n_groups):
+                acc += part[c, b, p]
+            lat = s[b, p]
+            out[b, perm[b, p]] = coef * acc + g_lat[lat] + c2_lat[lat] * vs[b, p]
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def reset_pairs(qd, base, keys, off, value):
+    """``qd[base[lo] + hi] = value`` for every pair ``keys[u] = lo * d + hi`` (``keys``, ``base``
+    uint64; row ``lo``'s keys at ``off[lo]:off[lo + 1]``)."""
+    d = np.uint64(off.size - 1)
+    for lo in prange(off.size - 1):
+        row, key0 = base[lo], np.uint64(lo) * d
+        for u in range(off[lo], off[lo + 1]):
+            qd[row + (keys[u] - key0)] = value
+
+
+@njit(cache=True, nogil=True)
+def _above(a, b):
+    """``a > b`` with NaN above every number (torch.topk's order)."""
+    return a > b or (a != a and b == b)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
+    """Each row of ``idx`` (B, k; uint64) sorted into ``s``, with ``perm`` (``s[b] = idx[b,
+    perm[b]]``) and ``vs[b] = v[b, perm[b]]``, by walking a bitmap of the row's latents in order:
+    for distinct latents the one order there is, torch.sort's. Returns the number of rows it
+    could not sort, a latent repeated or outside ``0 .. d - 1`` (the caller sorts them otherwise),
+    and the smallest ``s_diag[l]`` over the entries in a co-active pair (``|v|`` times the row's
+    largest other ``|v|`` non-zero, as ``corr_penalty``'s ``_min_var``): inf if none, NaN if one
+    is NaN."""
+    B, k = idx.shape
+    d = np.uint64(s_diag.size)
+    words = (s_diag.size + 63) // 64
+    low = np.full(n_chunks, np.inf)
+    refused = np.zeros(n_chunks, dtype=np.int64)
+    none = v.dtype.type(-1.0)
+    for c in prange(n_chunks):
+        bits = np.zeros(words, dtype=np.uint64)
+        pos = np.empty(s_diag.size, dtype=np.int64)
+        mv = np.inf
+        for b in range(B * c // n_chunks, B * (c + 1) // n_chunks):
+            top1 = top2 = none  # the row's two largest |v| (top2 = top1 on a tie), NaN the largest as in topk
+            for p in range(k):
+                lat = idx[b, p]
+                if lat < d:
+                    bits[lat >> _U6] |= _U1 << (lat & _U63)
+                    pos[lat] = p
+                a = abs(v[b, p])
+                if _above(a, top1):
+                    top2 = top1
+                    top1 = a
+                elif _above(a, top2):
+                    top2 = a
+            o = 0
+            for w in range(words):
+                word = bits[w]
+                if word == 0:
+                    continue
+                bits[w] = 0
+                while word != 0:
+                    lat = np.uint64(w) * _U64 + _cttz(word)
+                    word &= word - _U1
+                    p = pos[lat]
+                    if o < k:
+                        s[b, o] = lat
+                        perm[b, o] = p
+                        vs[b, o] = v[b, p]
+                    o += 1
+                    a = abs(v[b, p])
+                    other = top2 if a == top1 else top1
+                    if a * other != 0.0:
+                        x = s_diag[lat]
+                        if x < mv or x != x:
+                            mv = x if mv == mv else mv
+            if o != k:
+                refused[c] += 1
+        low[c] = mv
+    out = np.inf
+    for c in range(n_chunks):
+        if low[c] < out or low[c] != low[c]:
+            out = low[c] if out == out else out
+    return refused.sum(), out
+
+
