@@ -97,7 +97,9 @@ def dense_entries(d: int) -> int:
 
 def dense_triangle(B: int, k: int, d: int, itemsize: int) -> bool:
     """Whether a (B, k) batch over d latents, values of ``itemsize`` bytes, takes the dense-triangle
-    path (module docstring): a function of the shapes only, so a run never switches."""
+    path (module docstring): a function of the shapes only, so it is deterministic (and resume
+    exact). Under dyncorr's cosine k(t) the choice can change as k falls; that changes no number,
+    since both paths give the same bits (tests/test_covariance.py)."""
     return (d * (d - 1) // 2 <= DENSE_RATIO * (B * k * (k - 1) // 2)
             and dense_entries(d) * itemsize <= DENSE_MAX_BYTES)
 
