@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from trainer.report.runs import Run
@@ -35,7 +37,10 @@ def _series(run: Run, field: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _styles(runs: list[Run]) -> dict[str, tuple[str, str]]:
     labels = list(dict.fromkeys(r.label for r in runs))
-    colours = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
+    # Past the default cycle's 10 colours, tab20's: a study has 12 variants, and a repeated
+    # colour would make two of them one series.
+    colours = {lab: (f"C{i}" if len(labels) <= 10 else to_hex(matplotlib.colormaps["tab20"](i % 20)))
+               for i, lab in enumerate(labels)}
     out, seen = {}, {lab: 0 for lab in labels}
     for r in runs:
         out[r.name] = (colours[r.label], _STYLES[seen[r.label] % len(_STYLES)])
