@@ -26,9 +26,9 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.extending import intrinsic
 
-__all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads", "dense_terms",
-           "pack_pairs", "pair_offsets", "plan_buckets", "radix_sort_slices", "reset_pairs", "row_cuts", "run_sums",
-           "scatter_distinct", "slice_spans", "sort_rows"]
+__all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads",
+           "dense_terms", "pack_pairs", "pair_offsets", "plan_buckets", "radix_sort_slices", "reduce_parts",
+           "reset_pairs", "row_cuts", "run_sums", "scatter_distinct", "slice_spans", "sort_rows"]
 
 MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
 
@@ -168,6 +168,19 @@ def run_sums(pk, shift, kb, k, bounds, uoff, vs, keys, q):
             q[u] = acc
 
 
+@njit(cache=True, nogil=True)
+def reduce_parts(part):
+    """Per-chunk ``[sum R^2, sum |R|, max |R|, kept, non-finite]`` rows -> ``[sum R^2, sum |R|,
+    max |R|]``, kept, non-finite (a NaN max wins, as a NaN R must show)."""
+    sums = np.zeros(3, dtype=np.float64)
+    for c in range(part.shape[0]):
+        sums[0] += part[c, 0]
+        sums[1] += part[c, 1]
+        if part[c, 2] > sums[2] or part[c, 2] != part[c, 2]:
+            sums[2] = part[c, 2]
+    return sums, int(part[:, 3].sum()), int(part[:, 4].sum())
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def correlations(keys, q, M, m_scale, d, q_scale, mu, rs, R, rr, n_chunks):
     """``R = (m_scale M[key] + q_scale q - mu_i mu_j) rs_i rs_j`` and ``rr = rs_i rs_j`` per
@@ -205,13 +218,7 @@ def correlations(keys, q, M, m_scale, d, q_scale, mu, rs, R, rr, n_chunks):
         part[c, 2] = mx
         part[c, 3] = kept
         part[c, 4] = bad
-    sums = np.zeros(3, dtype=np.float64)
-    for c in range(n_chunks):
-        sums[0] += part[c, 0]
-        sums[1] += part[c, 1]
-        if part[c, 2] > sums[2] or part[c, 2] != part[c, 2]:
-            sums[2] = part[c, 2]
-    return sums, int(part[:, 3].sum()), int(part[:, 4].sum())
+    return reduce_parts(part)
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -457,13 +464,8 @@ def dense_terms(qd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, keys, 
         part[c, 2] = mx
         part[c, 3] = kept
         part[c, 4] = bad
-    sums = np.zeros(3, dtype=np.float64)
-    for c in range(n_chunks):
-        sums[0] += part[c, 0]
-        sums[1] += part[c, 1]
-        if part[c, 2] > sums[2] or part[c, 2] != part[c, 2]:
-            sums[2] = part[c, 2]
-    return sums, int(part[:, 3].sum()), int(part[:, 4].sum()), num_part.sum(axis=0), gw_part.sum(axis=0)
+    sums, kept, bad = reduce_parts(part)
+    return sums, kept, bad, num_part.sum(axis=0), gw_part.sum(axis=0)
 
 
 @njit(cache=True, parallel=True, nogil=True)
