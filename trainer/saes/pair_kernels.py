@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 __all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads",
            "dense_terms", "pack_pairs", "pair_offsets", "plan_buckets", "radix_sort_slices", "reduce_parts",
-           "reset_pairs", "row_cuts", "run_sums", "scatter_distinct", "slice_spans", "sort_rows"]
+           "reset_pairs", "row_cuts", "run_sums", "scatter_distinct", "slice_spans", "sort_rows", "tally"]
 
 MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
 
@@ -168,6 +168,17 @@ def run_sums(pk, shift, kb, k, bounds, uoff, vs, keys, q):
             q[u] = acc
 
 
+@njit(cache=True, nogil=True, inline="always")
+def tally(r, s2, s1, mx, bad):
+    """One kept pair's R into a chunk's running ``sum R^2``, ``sum |R|``, ``max |R|`` (a NaN
+    wins) and non-finite count."""
+    if not np.isfinite(r):
+        bad += 1
+    if abs(r) > mx or r != r:
+        mx = abs(r)
+    return s2 + r * r, s1 + abs(r), mx, bad
+
+
 @njit(cache=True, nogil=True)
 def reduce_parts(part):
     """Per-chunk ``[sum R^2, sum |R|, max |R|, kept, non-finite]`` rows -> ``[sum R^2, sum |R|,
@@ -202,12 +213,7 @@ def correlations(keys, q, M, m_scale, d, q_scale, mu, rs, R, rr, n_chunks):
                 w = rs[i] * rs[j]
                 r = (m_scale * M[keys[u]] + q_scale * q[u] - mu[i] * mu[j]) * w
                 kept += 1
-                if not np.isfinite(r):
-                    bad += 1
-                s2 += r * r
-                s1 += abs(r)
-                if abs(r) > mx or r != r:
-                    mx = abs(r)
+                s2, s1, mx, bad = tally(r, s2, s1, mx, bad)
                 R[u] = r
                 rr[u] = w
             else:
@@ -437,12 +443,7 @@ def dense_terms(qd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, keys, 
                 wt = rs_i * rs[hi]
                 r = (m_scale * M[e] + q_scale * x - mu_i * mu[hi]) * wt
                 kept += 1
-                if not np.isfinite(r):
-                    bad += 1
-                s2 += r * r
-                s1 += abs(r)
-                if abs(r) > mx or r != r:
-                    mx = abs(r)
+                s2, s1, mx, bad = tally(r, s2, s1, mx, bad)
                 a = r * wt
                 num_i += r * r
                 num[hi] += r * r
