@@ -227,6 +227,7 @@ OURS_WORKER = "import trainer\n" + WORKER_PRELUDE + r'''
 sys.path.insert(0, P["repo"])
 from trainer.hugepages import huge_pages_requested
 from trainer.config import RunConfig
+from trainer.saes.linear import linear, uses_onednn
 from trainer.train import Trainer
 cfg = RunConfig.from_flat({"store": P["store"], "out": P["out"], "arch": P["arch"], "d_sae": P["d_sae"],
                            "k": P["k"], "k_start": P["k"], "k_end": P["k"], "batch_size": P["batch"],
@@ -243,18 +244,22 @@ def prepare(cmd):
     if cmd.get("time_matmul"):
         # The step's one dense operation alone, on the same batch, just before the (timed) step:
         # the floor a step could reach. Untimed by _serve; reported as "mm" by step().
+        # Both kernels: ours (trainer.saes.linear: oneDNN on CPU) and torch's addmm (MKL on CPU),
+        # which is what SAELens' step runs.
         sae, x = tr.sae, X[cmd["i"] % len(X)]
         with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=DEV.type == "cuda"):
-            _sync()
-            t0 = time.perf_counter()
-            torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.t())
-            _sync()
-            MM["mm"] = time.perf_counter() - t0
+            x_c = x - sae.b_dec
+            for key, fn in (("mm", linear), ("mm_addmm", lambda a, w, b: torch.addmm(b, a, w.t()))):
+                _sync()
+                t0 = time.perf_counter()
+                fn(x_c, sae.W_enc, sae.b_enc)
+                _sync()
+                MM[key] = time.perf_counter() - t0
 def step(i):
     out = tr._step(X[i % len(X)])
     return {"skipped": out is None, "loss": None if out is None else float(out.loss), **MM}
 _serve({"arch": P["arch"], "params": sum(p.numel() for p in tr.sae.parameters()),
-        "torch": torch.__version__, "huge_pages": huge_pages_requested()})
+        "torch": torch.__version__, "huge_pages": huge_pages_requested(), "onednn": uses_onednn(X[0])})
 '''
 
 

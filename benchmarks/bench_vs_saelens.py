@@ -114,18 +114,19 @@ def _section(label: str, res: dict[str, list[dict]], B: int, main_size: bool) ->
     cpu = {n: C.med(t["cpu"] for t in res[n]) for n in res}
     lines = [f"#### {label}", "",
              "| implementation | tokens/s | step wall s (median) | step CPU s (median) | wall s of each step "
-             "| encoder matmul alone s (median) | step outside the matmul | ours / SAELens (wall) "
-             "| ours / SAELens (CPU time) | step / topk's step | goal | |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "| encoder matmul alone s (median) | step outside the matmul | torch addmm alone s (median) "
+             "| ours / SAELens (wall) | ours / SAELens (CPU time) | step / topk's step | goal | |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     ok_all = True
     topk = wall.get("ours topk")
     for n in res:
         each = ", ".join(f"{t['wall']:.2f}" for t in res[n])
         row = f"| {n} | {B / wall[n]:,.0f} | {wall[n]:.3f} | {cpu[n]:.3f} | {each} |"
         if n == "sae-lens":
-            lines.append(row + " | | | | | | |")
+            lines.append(row + " | | | | | | | |")
             continue
         mm = C.med(t["mm"] for t in res[n]) if all("mm" in t for t in res[n]) else None
+        mm_addmm = C.med(t["mm_addmm"] for t in res[n]) if all("mm_addmm" in t for t in res[n]) else None
         r, rc = wall["sae-lens"] / wall[n], cpu["sae-lens"] / cpu[n]
         vs_topk = wall[n] / topk if topk else None
         goals, oks = [], []
@@ -138,6 +139,7 @@ def _section(label: str, res: dict[str, list[dict]], B: int, main_size: bool) ->
             oks.append(vs_topk <= GOAL_VS_TOPK)
         ok_all &= all(oks)
         row += (f" {mm:.3f} | {1 - mm / wall[n]:.0%} |" if mm else " | |")
+        row += f" {mm_addmm:.3f} |" if mm_addmm else " |"
         row += f" **{r:.2f}x** | {rc:.2f}x | {'' if vs_topk is None else f'{vs_topk:.2f}x'} |"
         row += f" {', '.join(goals)} | {', '.join(C.met(o) for o in oks)} |"
         lines.append(row)
@@ -249,8 +251,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"{'on' if ours_thp else 'off'} (`THP_MEM_ALLOC_ENABLE`, which importing `trainer` sets: "
                 "trainer/hugepages.py; SAELens runs with torch's default, off). Float32 weights on both; one untimed "
                 f"warm-up step per setup and scenario, then the median of {a.repeats} rotated rounds. "
-                "\"encoder matmul alone\": the step's one dense operation (`(x - b_dec) @ W_enc.T + b_enc`), "
-                "timed in our process just before each of its steps, on the same batch.",
+                "\"encoder matmul alone\": the step's one dense operation (`(x - b_dec) @ W_enc.T + b_enc`) on the "
+                "kernel our step uses (`trainer/saes/linear.py`: "
+                f"{'oneDNN, bias fused' if any(w.info.get('onednn') for w in workers.values()) else 'torch addmm'}), "
+                "timed in our process just before each of its steps, on the same batch; \"torch addmm alone\": the "
+                "same product with `torch.addmm` (MKL on CPU), the kernel SAELens' step runs.",
                 "",
             ]
             for label, res in results:

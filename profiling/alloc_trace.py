@@ -17,8 +17,9 @@ RSS depends on what glibc keeps resident and on page faults (issue 14: one confi
   next line's torch op allocates).
 
 Not counted: allocations that bypass both allocators: numba's own arrays inside the fused pair
-kernels (per-thread partial gradients, (threads + 1) x (B k + 2 d_sae) values, a few MiB),
-MKL's GEMM packing buffers, the interpreter itself. ``tracemalloc`` also counts Python objects
+kernels (per-thread partial gradients, (threads + 1) x (B k + 2 d_sae) values, a few MiB) and
+the top-k kernel (``trainer/saes/select.py``: 8 d_sae + 4 d_sae / 8 bytes per thread), MKL's and
+oneDNN's GEMM packing buffers, the interpreter itself. ``tracemalloc`` also counts Python objects
 allocated during the region (kilobytes in a training step).
 """
 

@@ -173,8 +173,9 @@ def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
         emulate_cuda_step()
         cfg = replace(cfg, train=replace(cfg.train, device="cpu"))
     device = resolve_device(cfg.train.device)
-    # Warm-up on a tiny SAE of the same arch: thread pools, allocator arenas, lazy kernel init.
-    tiny = dict(spec["flat"], device=cfg.train.device, d_sae=16, k=2, k_start=4, k_end=2, k_aux=2, batch_size=8)
+    # Warm-up on a tiny SAE of the same arch: thread pools, allocator arenas, lazy kernel init
+    # (d_sae 64 at k 2 takes the numba top-k of trainer/saes/select.py, which loads on first use).
+    tiny = dict(spec["flat"], device=cfg.train.device, d_sae=64, k=2, k_start=4, k_end=2, k_aux=2, batch_size=8)
     run_steps(tiny, 8, 2)
     x = torch.randn(cfg.train.batch_size, d_in, generator=torch.Generator().manual_seed(0)).to(device)
     gc.collect()

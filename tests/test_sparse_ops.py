@@ -61,6 +61,45 @@ def test_values_and_gradients_match_dense_autograd_float64(x_grad, by_latent):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
+def test_float32_cpu_kernels_match_float64_autograd(monkeypatch):
+    """float32 on CPU takes the fast kernels (oneDNN's product, the numba top-k): the same
+    selection as float64's dense reference, and values / gradients within float32 rounding."""
+    from trainer.saes import select
+
+    calls = []
+    real = select.topk_rows
+    monkeypatch.setattr(select, "topk_rows", lambda *a: calls.append(a[1]) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    B, d_in, d_sae, k = 48, 64, 2048, 8
+    x = torch.randn(B, d_in, generator=g) * 2
+    w = torch.randn(d_sae, d_in, generator=g) / d_in**0.5
+    b = torch.randn(d_sae, generator=g) * 0.1
+    b_dec = torch.randn(d_in, generator=g) * 0.1
+    target = torch.randn(B, k, dtype=torch.float64, generator=g)
+
+    def grads(dtype, sparse):
+        w_, b_ = (t.to(dtype).clone().requires_grad_(True) for t in (w, b))
+        if sparse:
+            val, idx, _, _ = topk_encode(x.to(dtype), b_dec.to(dtype), w_, b_, k)
+        else:
+            pre = (x.to(dtype) - b_dec.to(dtype)) @ w_.t() + b_
+            idx = torch.topk(pre.detach(), k, dim=-1).indices
+            idx = idx.sort(1).values
+            val = F.relu(pre.gather(1, idx))
+        order = idx.argsort(1)  # compare in latent order: the two return k entries in any order
+        val, idx = val.gather(1, order), idx.gather(1, order)
+        ((val.double() - target) ** 2).sum().backward()
+        return idx, val.detach().double(), w_.grad.double(), b_.grad.double()
+
+    i32, v32, gw32, gb32 = grads(torch.float32, True)
+    assert calls == [k]
+    i64, v64, gw64, gb64 = grads(torch.float64, False)
+    assert torch.equal(i32, i64)
+    for a, r in ((v32, v64), (gw32, gw64), (gb32, gb64)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, r, rtol=2e-5, atol=2e-5)
+
+
 def test_by_latent_sample_is_the_sampled_product():
     """ByLatent.sample: (a @ b.T) at every selected (latent, row), back in the (B, k) order."""
     g = torch.Generator().manual_seed(3)

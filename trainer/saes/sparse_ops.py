@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from trainer.saes.linear import linear
+from trainer.saes.select import topk
+
 # CSR matmul is what the encoder backward needs; its "beta" notice would fire in every run.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
@@ -68,8 +71,8 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_dec, weight, bias, k: int, dead_idx: torch.Tensor | None, box: list):
         x_c = x - b_dec
-        pre = torch.addmm(bias, x_c, weight.t())  # autocast applies here (bf16 on CUDA)
-        val, idx = torch.topk(pre, k, dim=-1, sorted=False)
+        pre = linear(x_c, weight, bias)  # oneDNN on CPU; addmm elsewhere, where autocast applies (bf16 on CUDA)
+        val, idx = topk(pre, k)
         val = F.relu(val).to(weight.dtype)
         if dead_idx is not None and dead_idx.numel():
             pre_dead = pre.index_select(1, dead_idx).to(weight.dtype)
