@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from trainer.saes.sparse_ops import ByLatent, aux_topk, densify, sparse_decode, topk_encode
+from trainer.saes.sparse_ops import ByLatent, aux_topk, dense_decode, densify, sparse_decode, topk_encode
 
 
 def _dense_reference(x_c, w, b, k, dead, k_aux, W_dec, b_dec):
@@ -43,7 +43,7 @@ def test_values_and_gradients_match_dense_autograd_float64(x_grad, by_latent):
             dead_idx = dead.nonzero().squeeze(1)
             val, idx, pre_dead, sel = topk_encode(x_, bd_, w_, b_, k, dead_idx)
             x_hat = sparse_decode(idx, val, Wd_, bd_, sel if by_latent else None)
-            e_hat = aux_topk(pre_dead, k_aux) @ Wd_.index_select(0, dead_idx)
+            e_hat = dense_decode(aux_topk(pre_dead, k_aux), Wd_.index_select(0, dead_idx))
             z = densify(idx, val, d_sae)
         else:
             ref = _dense_reference(x_ - bd_, w_, b_, k, dead, k_aux, Wd_, bd_)
@@ -98,6 +98,24 @@ def test_float32_cpu_kernels_match_float64_autograd(monkeypatch):
     for a, r in ((v32, v64), (gw32, gw64), (gb32, gb64)):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, r, rtol=2e-5, atol=2e-5)
+
+
+def test_dense_decode_float32_gradients_match_float64():
+    """AuxK's decode on CPU float32 (its code gradient on oneDNN's product) against float64 autograd."""
+    g = torch.Generator().manual_seed(6)
+    code = torch.randn(40, 30, generator=g).relu()
+    rows = torch.randn(30, 24, generator=g)
+    target = torch.randn(40, 24, generator=g)
+
+    def grads(dtype, fn):
+        c, r = (t.to(dtype).clone().requires_grad_(True) for t in (code, rows))
+        ((fn(c, r) - target.to(dtype)) ** 2).sum().backward()
+        return c.grad.double(), r.grad.double()
+
+    got, ref = grads(torch.float32, dense_decode), grads(torch.float64, torch.matmul)
+    for a, r in zip(got, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
 
 
 def test_by_latent_sample_is_the_sampled_product():

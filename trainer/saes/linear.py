@@ -9,7 +9,8 @@ Both are float32 products with float32 accumulation; only the summation order di
 so results agree with a float64 reference to the same order (tests/test_linear.py).
 
 It is used where no autograd graph goes through the product: the TopK encoder's forward
-(its backward is sparse and written by hand) and gradient-free evaluation. Anything else
+(its backward is sparse and written by hand) and the AuxK decoder's backward
+(``sparse_ops.dense_decode``), where MKL is slowest: its ``(B, d_in) @ (n_dead, d_in).T``. Anything else
 (another dtype, autocast, a GPU, a torch without the op) takes ``torch.addmm``.
 """
 
@@ -24,24 +25,25 @@ def _onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias`` for ``x`` (B, d_in), ``weight`` (d_out, d_in), ``bias`` (d_out,),
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x`` (B, d_in), ``weight`` (d_out, d_in), ``bias`` (d_out,) or None,
     A product that autograd would have to differentiate takes ``addmm`` (oneDNN's op has no
     backward); callers on the fast path are autograd Functions and ``no_grad`` code."""
     global _onednn_ok
-    if (_onednn_ok is not False and x.device.type == "cpu" and x.dtype == weight.dtype == bias.dtype == torch.float32
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if (_onednn_ok is not False and x.device.type == "cpu" and all(t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu") and x.dim() == 2
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))):
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
         if _onednn_ok is None:
             _onednn_ok = _onednn_available()
         if _onednn_ok:
             try:
-                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias.contiguous(),
-                                                          "none", [], "")
+                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(),
+                                                          None if bias is None else bias.contiguous(), "none", [], "")
             except RuntimeError:
                 # A torch build whose oneDNN rejects the call: the portable kernel from now on.
                 _onednn_ok = False
-    return torch.addmm(bias, x, weight.t())
+    return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
 
 
 def uses_onednn(x: torch.Tensor) -> bool:

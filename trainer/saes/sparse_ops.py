@@ -139,6 +139,32 @@ def aux_topk(pre_dead: torch.Tensor, k_aux: int) -> torch.Tensor:
     return torch.zeros_like(pre_dead).scatter(1, pos, F.relu(pre_dead.gather(1, pos)))
 
 
+class _DenseDecode(torch.autograd.Function):
+    """``code @ rows`` whose backward takes :func:`~trainer.saes.linear.linear` for the code's
+    gradient ``grad @ rows.T`` (the product MKL runs slowest on CPU)."""
+
+    @staticmethod
+    def forward(ctx, code, rows):
+        ctx.save_for_backward(code, rows)
+        return code @ rows
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        code, rows = ctx.saved_tensors
+        grad_code = linear(grad_out, rows) if ctx.needs_input_grad[0] else None
+        grad_rows = code.t() @ grad_out if ctx.needs_input_grad[1] else None
+        return grad_code, grad_rows
+
+
+def dense_decode(code: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``code @ rows`` for AuxK's dense ``(B, n_dead)`` code and the dead latents' decoder rows.
+    On CPU without autocast through :class:`_DenseDecode`; elsewhere (a GPU, autocast's casts)
+    plain autograd."""
+    if code.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and code.dtype == rows.dtype:
+        return _DenseDecode.apply(code, rows)
+    return code @ rows
+
+
 class _SparseDecode(torch.autograd.Function):
     """``sum_p val[b, p] W_dec[idx[b, p]]`` with a backward read latent by latent (CPU): both
     gradients are products with the :class:`ByLatent` pattern, so each decoder row is read

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from trainer.saes.base import SAE, SAEOutput, StepContext
-from trainer.saes.sparse_ops import aux_topk, densify, sparse_decode, topk_encode
+from trainer.saes.sparse_ops import aux_topk, dense_decode, densify, sparse_decode, topk_encode
 
 
 class TopKSAE(SAE):
@@ -35,7 +35,7 @@ class TopKSAE(SAE):
             # AuxK: dead latents learn to explain what the live ones leave over. k_aux is a large
             # share of the dead latents, so a dense decode with their W_dec rows (gathered once)
             # beats gathering k_aux rows per token.
-            e_hat = aux_topk(pre_dead, self.cfg.k_aux) @ self.W_dec.index_select(0, dead_idx)
+            e_hat = dense_decode(aux_topk(pre_dead, self.cfg.k_aux), self.W_dec.index_select(0, dead_idx))
             aux = (e_hat - err.detach()).pow(2).sum() / total_var
             loss = loss + self.cfg.aux_coef * aux
             terms["auxk_loss"] = aux.detach()
