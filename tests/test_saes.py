@@ -89,3 +89,20 @@ def test_training_steps_under_bf16_autocast(arch):
         sae.after_step(out)
     if arch != "baseline":
         assert out.terms["auxk_loss"] > 0
+
+
+def test_fired_mask_marks_latents_with_a_positive_entry():
+    from trainer.saes.base import SAE
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(50, generator=g)[:6] for _ in range(9)])
+    val = torch.randn(9, 6, generator=g).clamp(min=0)  # about half exactly 0: not fired
+    val[0, 0] = float("nan")
+    ref = torch.zeros(50, dtype=torch.bool)
+    for b in range(9):
+        for p in range(6):
+            if val[b, p] > 0:
+                ref[idx[b, p]] = True
+    got = SAE.fired_mask(idx, val, 50)
+    assert got.dtype == torch.bool and torch.equal(got, ref) and 0 < int(got.sum()) < 50
+    assert not SAE.fired_mask(idx[:0], val[:0], 50).any()
