@@ -54,6 +54,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_multi.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_checksums.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_features.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_kernels.py --out docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_vs_saelens.py --out docs/benchmarks.md
 
 docs: install
