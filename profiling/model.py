@@ -31,9 +31,10 @@ grid):
   ``a`` gathered to the P row pairs and scattered into a (B, k, k) matrix. AuxK
   first (its nodes are the newest): the code's and the rows' gradients, index_select's
   backward (``zeros(d_sae, d_in).index_add``), gather's (two (B, n_dead)); then ``pow``'s
-  backward (3 B x d_in), the decoder's W_dec gradient (on CPU ``sparse.mm`` with the by-latent
-  pattern; elsewhere embedding_bag's dense backward) summed with AuxK's (3 d_sae x d_in at the
-  sum), ``_TopKEncode.backward``: ``sparse.mm``'s zeros and result (W_enc.grad); b_dec's share
+  backward (3 B x d_in), the decoder's W_dec gradient (on CPU ``latent_kernels.decoder_grads``
+  with the by-latent pattern; elsewhere embedding_bag's dense backward) summed with AuxK's (3 d_sae x d_in at the
+  sum), ``_TopKEncode.backward``: W_enc.grad (on CPU written once by ``latent_kernels``; elsewhere
+  ``sparse.mm``'s zeros and result); b_dec's share
   through x - b_dec is ``grad_b @ W_enc`` (no B x d_in gradient of x).
 * ``optimizer``: Adam as ``trainer.train.make_optimizer`` builds it: fused (no temporaries), per
   tensor (``denom`` of the previous parameter alive while the next one's ``sqrt`` and quotient
@@ -283,8 +284,9 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
         "backward.mse": _merge(dec, {"activations": 3 * Bd}, _grads(1 if nd else 0, s)),  # pow's backward
         # embedding_bag's dense W_dec gradient, summed with AuxK's (3 d_sae x d_in at the sum).
         "backward.decode": _merge(enc, {"saved": Bd}, _grads(3 if nd else 1, s)),
-        # W_dec.grad, sparse.mm's zeros and result (W_enc.grad); g and the CSR values.
-        "backward.encode": _merge(enc, {"saved": Bd, "activations": 12 * B * k}, _grads(3, s)),
+        # W_dec.grad and W_enc.grad: on CPU written once (latent_kernels.weight_grad); elsewhere
+        # sparse.mm's zeros and result; g and the CSR values.
+        "backward.encode": _merge(enc, {"saved": Bd, "activations": 12 * B * k}, _grads(2 if s.cpu_kernels else 3, s)),
     })
     return phases, _merge(after, casts)
 

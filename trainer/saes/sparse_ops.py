@@ -6,8 +6,11 @@ autograd then also makes the backward dense: ``B x d_sae`` gradients and two mor
 encoder's weight gradient is a CSR-times-dense product (``O(B k d_in)``; the CSR pattern is
 built once in the forward, :class:`ByLatent`, so no ``coalesce`` sort in the backward) and the
 decoder is an ``embedding_bag`` (a weighted sum of k decoder rows per token), as sparsify does
-with a fused kernel; on CPU its backward reuses the by-latent pattern (``sampled_addmm`` and
-``sparse.mm``) so each decoder row is read once per step, not once per entry. AuxK differs: ``k_aux`` (~d_in / 2) is a large fraction of the dead latents, so their
+with a fused kernel; on CPU its backward reuses the by-latent pattern so each decoder row is
+read once per step, not once per entry. On CPU the products run in numba
+(:mod:`trainer.saes.latent_kernels`), elsewhere as ``sparse.mm``, ``sampled_addmm`` and
+``embedding_bag``; the dense product is :func:`trainer.saes.linear.linear` and the selection
+:func:`trainer.saes.select.topk`. AuxK differs: ``k_aux`` (~d_in / 2) is a large fraction of the dead latents, so their
 pre-activations travel as a dense ``(B, n_dead)`` block and are decoded with a dense slice of
 ``W_dec`` (BLAS matmuls instead of gathering k_aux rows per token). All exact: tests compare
 against dense autograd in float64.
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from trainer.saes import latent_kernels
 from trainer.saes.linear import linear
 from trainer.saes.select import topk
 
@@ -105,8 +109,12 @@ class _TopKEncode(torch.autograd.Function):
                 grad_x = grad_x.addmm_(g_dead, weight.index_select(0, dead_idx))
             grad_x = grad_x.to(x_c.dtype)
         if need_w:
-            sel = ByLatent(order, crow, cols, (weight.shape[0], x_c.shape[0]))
-            grad_w = torch.sparse.mm(sel.csr(g), x_c.to(dt))
+            x_w = x_c.to(dt)
+            if latent_kernels.supported(g, x_w):
+                grad_w = latent_kernels.weight_grad(crow, cols, order, g, x_w)
+            else:
+                sel = ByLatent(order, crow, cols, (weight.shape[0], x_c.shape[0]))
+                grad_w = torch.sparse.mm(sel.csr(g), x_w)
             if g_dead is not None:
                 grad_w.index_add_(0, dead_idx, g_dead.t() @ x_c.to(dt))
         if need_b or need_b_dec:
@@ -174,13 +182,18 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, val, W_dec, idx, order, crow, cols):
         ctx.save_for_backward(val, W_dec, order, crow, cols)
         ctx.mark_non_differentiable(idx)
+        if latent_kernels.supported(val, W_dec) and idx.dtype == torch.int64:
+            return latent_kernels.decode(idx, val, W_dec)
         return F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum")
 
     @staticmethod
     def backward(ctx, grad_out):
         val, W_dec, order, crow, cols = ctx.saved_tensors
-        sel = ByLatent(order, crow, cols, (W_dec.shape[0], val.shape[0]))
         grad_out = grad_out.contiguous()
+        if all(ctx.needs_input_grad[:2]) and latent_kernels.supported(val, W_dec, grad_out):
+            grad_val, grad_w = latent_kernels.decoder_grads(crow, cols, order, val, W_dec, grad_out)
+            return grad_val, grad_w, None, None, None, None
+        sel = ByLatent(order, crow, cols, (W_dec.shape[0], val.shape[0]))
         grad_val = sel.sample(W_dec, grad_out) if ctx.needs_input_grad[0] else None
         grad_w = torch.sparse.mm(sel.csr(val), grad_out) if ctx.needs_input_grad[1] else None
         return grad_val, grad_w, None, None, None, None
