@@ -30,8 +30,8 @@ grid):
   one. dyncorr: the penalty's saved tensors, then on CPU each slice's gradient buffers; elsewhere
   ``a`` gathered to the P row pairs and scattered into a (B, k, k) matrix. AuxK
   first (its nodes are the newest): the code's and the rows' gradients, index_select's
-  backward (``zeros(d_sae, d_in).index_add``), gather's (two (B, n_dead)); then ``pow``'s
-  backward (3 B x d_in), the decoder's W_dec gradient (on CPU ``latent_kernels.decoder_grads``
+  backward (``zeros(d_sae, d_in).index_add``), gather's (two (B, n_dead)); then ``squared_error``'s
+  backward (one B x d_in), the decoder's W_dec gradient (on CPU ``latent_kernels.decoder_grads``
   with the by-latent pattern; elsewhere embedding_bag's dense backward) summed with AuxK's (3 d_sae x d_in at the
   sum), ``_TopKEncode.backward``: W_enc.grad (on CPU written once by ``latent_kernels``; elsewhere
   ``sparse.mm``'s zeros and result); b_dec's share
@@ -255,22 +255,22 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
     casts = {"activations": 2 * (n * d + B * d + n)} if bf16 else {}  # autocast's bf16 W_enc, x_c, b_enc
     # x_c; val (float32), idx, order, cols (int64); crow; dead_idx; pre_dead (float32, (B, n_dead)).
     enc = {"saved": Bd + 28 * B * k + 8 * (n + 1) + 8 * nd + Bnd}
-    dec = _merge(enc, {"saved": Bd, "activations": Bd})  # err (saved by pow); x_hat
+    dec = _merge(enc, {"saved": Bd, "activations": Bd})  # err (saved by squared_error); x_hat
     # pos (int64), ReLU'd values; the dense code and W_dec's dead rows, saved by mm (autocast: bf16 copies).
     aux = {"saved": 12 * B * ka + (Bnd + nD) * a // 4}
     phases = {
         # pre (B x d_sae) and pre_dead (in autocast's dtype, then float32), topk's val/idx, argsort's sort.
         "forward.encode": _merge({"saved": Bd, "activations": a * B * n + (a * B * nd if bf16 else 0) + Bnd
                                   + B * k * (a + 4 + 8) + 16 * B * k}, casts),
-        "forward.decode": _merge(dec, {"activations": 2 * Bd}, casts),  # batch_total_var's x - mean, pow
+        "forward.decode": _merge(dec, {"activations": Bd}, casts),  # batch_total_var's x - mean (then a dot)
     }
     if nd:
-        after = _merge(dec, aux, {"saved": Bd})  # + (e_hat - err)'s difference, saved by pow
+        after = _merge(dec, aux, {"saved": Bd})  # + err - e_hat, saved by squared_error
         phases.update({
             "forward.aux_code": _merge(dec, {"saved": 12 * B * ka, "activations": 2 * Bnd}, casts),  # zeros_like, scatter
             # mm: the float32 code and rows (+ autocast's bf16 copies), e_hat.
             "forward.aux_mm": _merge(dec, aux, {"activations": (Bnd + nD if bf16 else 0) + Bd}, casts),
-            "forward.aux_loss": _merge(dec, aux, {"activations": 3 * Bd}, casts),  # e_hat, e_hat - err, pow
+            "forward.aux_loss": _merge(dec, aux, {"activations": 2 * Bd}, casts),  # e_hat, err - e_hat (then a dot)
             "backward.aux_mm": _merge(after, {"activations": Bnd + nD}, _grads(0, s)),  # grad of code, of the rows
             # index_select's backward: zeros(d_sae, d_in).index_add(...) (W_dec.grad's AuxK part); the
             # code and the rows are gone, their gradients (same sizes) are not.
@@ -281,7 +281,8 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
     else:
         after = dec
     phases.update({
-        "backward.mse": _merge(dec, {"activations": 3 * Bd}, _grads(1 if nd else 0, s)),  # pow's backward
+        # squared_error's backward: err times a scalar (one B x d_in).
+        "backward.mse": _merge(dec, {"activations": Bd}, _grads(1 if nd else 0, s)),
         # embedding_bag's dense W_dec gradient, summed with AuxK's (3 d_sae x d_in at the sum).
         "backward.decode": _merge(enc, {"saved": Bd}, _grads(3 if nd else 1, s)),
         # W_dec.grad and W_enc.grad: on CPU written once (latent_kernels.weight_grad); elsewhere

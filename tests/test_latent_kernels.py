@@ -37,8 +37,9 @@ def test_products_match_dense_float64(dtype, B, d_sae, k, D):
     gv, gW = LK.decoder_grads(sel.crow, sel.cols, sel.order, vals.to(dtype), W.to(dtype), dense.to(dtype))
     torch.testing.assert_close(gW.to(**c), z.t() @ dense, **tol)
     torch.testing.assert_close(gv.to(**c), (dense @ W.t()).gather(1, idx), **tol)
-    x_hat = LK.decode(idx, vals.to(dtype), W.to(dtype))
-    torch.testing.assert_close(x_hat.to(**c), z @ W, **tol)
+    bias = torch.randn(D, generator=g, dtype=torch.float64)
+    x_hat = LK.decode(idx, vals.to(dtype), W.to(dtype), bias.to(dtype))
+    torch.testing.assert_close(x_hat.to(**c), z @ W + bias, **tol)
     for out in (wg, gv, gW, x_hat):
         assert out.dtype == dtype and torch.isfinite(out).all()
 
@@ -51,7 +52,7 @@ def test_results_do_not_depend_on_the_thread_count():
 
     def run():
         return (LK.weight_grad(sel.crow, sel.cols, sel.order, vals, dense),
-                *LK.decoder_grads(sel.crow, sel.cols, sel.order, vals, W, dense), LK.decode(idx, vals, W))
+                *LK.decoder_grads(sel.crow, sel.cols, sel.order, vals, W, dense), LK.decode(idx, vals, W, dense[0]))
 
     before = numba.get_num_threads()
     try:

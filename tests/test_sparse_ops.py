@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from trainer.saes.sparse_ops import ByLatent, aux_topk, dense_decode, densify, sparse_decode, topk_encode
+from trainer.saes.sparse_ops import ByLatent, aux_topk, dense_decode, densify, sparse_decode, squared_error, topk_encode
 
 
 def _dense_reference(x_c, w, b, k, dead, k_aux, W_dec, b_dec):
@@ -116,6 +116,24 @@ def test_dense_decode_float32_gradients_match_float64():
     for a, r in zip(got, ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squared_error_value_and_gradients(dtype):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(30, 17, generator=g, dtype=torch.float64)
+    x_hat = torch.randn(30, 17, generator=g, dtype=torch.float64)
+    a, b = (t.to(dtype).clone().requires_grad_(True) for t in (x, x_hat))
+    sq, err = squared_error(a, b)
+    assert not err.requires_grad and torch.equal(err, a.detach() - b.detach())
+    (3.0 * sq).backward()
+    ra, rb = x.clone().requires_grad_(True), x_hat.clone().requires_grad_(True)
+    ref = ((ra - rb) ** 2).sum()
+    (3.0 * ref).backward()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(sq.double(), ref.detach(), **tol)
+    torch.testing.assert_close(a.grad.double(), ra.grad, **tol)
+    torch.testing.assert_close(b.grad.double(), rb.grad, **tol)
 
 
 def test_by_latent_sample_is_the_sampled_product():

@@ -50,7 +50,8 @@ class Collective:
     def batch_total_var(self, x: Tensor) -> Tensor:
         """``sum_b ||x_b - mean(x)||^2`` over the global batch, divided by ``world_size``: a
         rank's sum of squares over it then averages (over the ranks) to the global ratio."""
-        return (x - x.mean(0)).pow(2).sum()
+        c = x - x.mean(0)
+        return torch.dot(c.view(-1), c.view(-1))  # one pass, no squared temporary
 
     def gather_rows(self, t: Tensor) -> Tensor:
         """Every rank's rows of ``t`` in rank order (the global batch); this rank's keep autograd."""
@@ -104,7 +105,8 @@ class ProcessGroup(Collective):
     def batch_total_var(self, x: Tensor) -> Tensor:
         n = x.shape[0] * self.world_size  # every rank's batch has the same size
         mean = self.sum(x.sum(0)) / n
-        return self.sum((x - mean).pow(2).sum()) / self.world_size
+        c = x - mean
+        return self.sum(torch.dot(c.view(-1), c.view(-1))) / self.world_size
 
     def gather_rows(self, t: Tensor) -> Tensor:
         parts = [torch.empty_like(t) for _ in range(self.world_size)]

@@ -7,19 +7,19 @@ zero-fills a ``(d_sae, d_in)`` result first and copies it once more (two extra p
 150 MB at d_sae 16,384, d_in 2,304), and the decoder's backward reads its ``grad_out`` rows
 twice (``sampled_addmm`` for the values' gradient, ``sparse.mm`` for the weights'). Here:
 
-* each gradient row is written once, its first four entries' sum initialising it;
-* four batch rows are read side by side (the time goes to fetching 9 KB rows from memory in
-  no predictable order: four streams in flight instead of one);
+* each gradient row is written once, its first group's sum initialising it;
+* :data:`GROUP` rows are read side by side (the time goes to fetching 9 KB rows from memory in
+  no predictable order: eight streams in flight instead of one);
 * the decoder's two products share one read of each ``grad_out`` row;
 * the latents are cut into blocks of about equal numbers of entries, so a frequent latent
   does not leave one thread with most of the work.
 
 The decoder's forward (:func:`decode`) is the same gather row by row: ``x_hat[b]`` sums the k
-decoder rows of its selection, four read side by side (``embedding_bag`` reads one at a time).
+decoder rows of its selection, eight read side by side (``embedding_bag`` reads one at a time).
 
 Every row's sum is added in the same order (its entries in ascending batch row, or in the
-selection's order for the decoder's forward, four at a time), so the result does not depend
-on the thread count.
+selection's order for the decoder's forward, a group at a time), so the result does not
+depend on the thread count.
 """
 
 from __future__ import annotations
@@ -27,37 +27,51 @@ from __future__ import annotations
 import torch
 from numba import njit, prange
 
-BLOCKS = 64  # latent blocks of ~equal entry counts, shared out among the threads
+BLOCKS = 64  # row / latent blocks of ~equal entry counts, shared out among the threads
+GROUP = 8  # rows gathered side by side
+
+
+@njit(inline="always")
+def _group_sum(v, r, i):
+    """``sum_g v[g] r[g][i]`` over a group of 8, as a balanced tree (a fixed order)."""
+    return (((v[0] * r[0][i] + v[1] * r[1][i]) + (v[2] * r[2][i] + v[3] * r[3][i]))
+            + ((v[4] * r[4][i] + v[5] * r[5][i]) + (v[6] * r[6][i] + v[7] * r[7][i])))
+
+
+@njit(inline="always")
+def _accumulate(o, v, r, first):
+    """``o (=|+=) sum_g v[g] r[g]``: ``first`` writes instead of adding (no zero fill)."""
+    if first:
+        for i in range(o.size):
+            o[i] = _group_sum(v, r, i)
+    else:
+        for i in range(o.size):
+            o[i] += _group_sum(v, r, i)
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath={"contract"})
 def _weight_grad(crow, cols, order, vals, dense, cuts, out):
     """``out[j] = sum_e vals[order[e]] * dense[cols[e]]`` over latent ``j``'s entries."""
-    D = dense.shape[1]
     zero = dense.dtype.type(0.0)
     for blk in prange(cuts.size - 1):
         for j in range(cuts[blk], cuts[blk + 1]):
             o = out[j]
             e, e1 = crow[j], crow[j + 1]
             first = True
-            while e + 4 <= e1:
-                v0, v1, v2, v3 = vals[order[e]], vals[order[e + 1]], vals[order[e + 2]], vals[order[e + 3]]
-                r0, r1, r2, r3 = dense[cols[e]], dense[cols[e + 1]], dense[cols[e + 2]], dense[cols[e + 3]]
-                if first:
-                    for i in range(D):
-                        o[i] = (v0 * r0[i] + v1 * r1[i]) + (v2 * r2[i] + v3 * r3[i])
-                    first = False
-                else:
-                    for i in range(D):
-                        o[i] += (v0 * r0[i] + v1 * r1[i]) + (v2 * r2[i] + v3 * r3[i])
-                e += 4
+            while e + GROUP <= e1:
+                v = (vals[order[e]], vals[order[e + 1]], vals[order[e + 2]], vals[order[e + 3]],
+                     vals[order[e + 4]], vals[order[e + 5]], vals[order[e + 6]], vals[order[e + 7]])
+                r = (dense[cols[e]], dense[cols[e + 1]], dense[cols[e + 2]], dense[cols[e + 3]],
+                     dense[cols[e + 4]], dense[cols[e + 5]], dense[cols[e + 6]], dense[cols[e + 7]])
+                _accumulate(o, v, r, first)
+                first = False
+                e += GROUP
             if first:
-                for i in range(D):
-                    o[i] = zero
+                o[:] = zero
             while e < e1:
-                v, r = vals[order[e]], dense[cols[e]]
-                for i in range(D):
-                    o[i] += v * r[i]
+                v1, r1 = vals[order[e]], dense[cols[e]]
+                for i in range(o.size):
+                    o[i] += v1 * r1[i]
                 e += 1
 
 
@@ -73,74 +87,67 @@ def _decoder_grads(crow, cols, order, vals, W, grad_out, cuts, grad_vals, grad_W
             o, w = grad_W[j], W[j]
             e, e1 = crow[j], crow[j + 1]
             first = True
-            while e + 4 <= e1:
-                p0, p1, p2, p3 = order[e], order[e + 1], order[e + 2], order[e + 3]
-                v0, v1, v2, v3 = vals[p0], vals[p1], vals[p2], vals[p3]
-                r0, r1, r2, r3 = grad_out[cols[e]], grad_out[cols[e + 1]], grad_out[cols[e + 2]], grad_out[cols[e + 3]]
-                d0 = d1 = d2 = d3 = zero
-                if first:
-                    for i in range(D):
-                        wi = w[i]
-                        d0 += wi * r0[i]
-                        d1 += wi * r1[i]
-                        d2 += wi * r2[i]
-                        d3 += wi * r3[i]
-                        o[i] = (v0 * r0[i] + v1 * r1[i]) + (v2 * r2[i] + v3 * r3[i])
-                    first = False
-                else:
-                    for i in range(D):
-                        wi = w[i]
-                        d0 += wi * r0[i]
-                        d1 += wi * r1[i]
-                        d2 += wi * r2[i]
-                        d3 += wi * r3[i]
-                        o[i] += (v0 * r0[i] + v1 * r1[i]) + (v2 * r2[i] + v3 * r3[i])
-                grad_vals[p0], grad_vals[p1], grad_vals[p2], grad_vals[p3] = d0, d1, d2, d3
-                e += 4
-            if first:
+            while e + GROUP <= e1:
+                p = (order[e], order[e + 1], order[e + 2], order[e + 3],
+                     order[e + 4], order[e + 5], order[e + 6], order[e + 7])
+                v = (vals[p[0]], vals[p[1]], vals[p[2]], vals[p[3]], vals[p[4]], vals[p[5]], vals[p[6]], vals[p[7]])
+                r = (grad_out[cols[e]], grad_out[cols[e + 1]], grad_out[cols[e + 2]], grad_out[cols[e + 3]],
+                     grad_out[cols[e + 4]], grad_out[cols[e + 5]], grad_out[cols[e + 6]], grad_out[cols[e + 7]])
+                d0 = d1 = d2 = d3 = d4 = d5 = d6 = d7 = zero
                 for i in range(D):
-                    o[i] = zero
+                    wi = w[i]
+                    d0 += wi * r[0][i]
+                    d1 += wi * r[1][i]
+                    d2 += wi * r[2][i]
+                    d3 += wi * r[3][i]
+                    d4 += wi * r[4][i]
+                    d5 += wi * r[5][i]
+                    d6 += wi * r[6][i]
+                    d7 += wi * r[7][i]
+                _accumulate(o, v, r, first)
+                first = False
+                grad_vals[p[0]], grad_vals[p[1]], grad_vals[p[2]], grad_vals[p[3]] = d0, d1, d2, d3
+                grad_vals[p[4]], grad_vals[p[5]], grad_vals[p[6]], grad_vals[p[7]] = d4, d5, d6, d7
+                e += GROUP
+            if first:
+                o[:] = zero
             while e < e1:
-                p = order[e]
-                v, r = vals[p], grad_out[cols[e]]
+                q = order[e]
+                v1, r1 = vals[q], grad_out[cols[e]]
                 d = zero
                 for i in range(D):
-                    d += w[i] * r[i]
-                    o[i] += v * r[i]
-                grad_vals[p] = d
+                    d += w[i] * r1[i]
+                    o[i] += v1 * r1[i]
+                grad_vals[q] = d
                 e += 1
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath={"contract"})
-def _decode(idx, vals, W, out):
-    """``out[b] = sum_p vals[b, p] W[idx[b, p]]``."""
+def _decode(idx, vals, W, bias, out):
+    """``out[b] = sum_p vals[b, p] W[idx[b, p]] + bias``, the bias added last."""
     B, k = idx.shape
-    D = W.shape[1]
     zero = W.dtype.type(0.0)
     for blk in prange(BLOCKS):
         for b in range(B * blk // BLOCKS, B * (blk + 1) // BLOCKS):
             o, ib, vb = out[b], idx[b], vals[b]
             p = 0
             first = True
-            while p + 4 <= k:
-                v0, v1, v2, v3 = vb[p], vb[p + 1], vb[p + 2], vb[p + 3]
-                r0, r1, r2, r3 = W[ib[p]], W[ib[p + 1]], W[ib[p + 2]], W[ib[p + 3]]
-                if first:
-                    for i in range(D):
-                        o[i] = (v0 * r0[i] + v1 * r1[i]) + (v2 * r2[i] + v3 * r3[i])
-                    first = False
-                else:
-                    for i in range(D):
-                        o[i] += (v0 * r0[i] + v1 * r1[i]) + (v2 * r2[i] + v3 * r3[i])
-                p += 4
+            while p + GROUP <= k:
+                v = (vb[p], vb[p + 1], vb[p + 2], vb[p + 3], vb[p + 4], vb[p + 5], vb[p + 6], vb[p + 7])
+                r = (W[ib[p]], W[ib[p + 1]], W[ib[p + 2]], W[ib[p + 3]],
+                     W[ib[p + 4]], W[ib[p + 5]], W[ib[p + 6]], W[ib[p + 7]])
+                _accumulate(o, v, r, first)
+                first = False
+                p += GROUP
             if first:
-                for i in range(D):
-                    o[i] = zero
+                o[:] = zero
             while p < k:
-                v, r = vb[p], W[ib[p]]
-                for i in range(D):
-                    o[i] += v * r[i]
+                v1, r1 = vb[p], W[ib[p]]
+                for i in range(o.size):
+                    o[i] += v1 * r1[i]
                 p += 1
+            for i in range(o.size):  # the row is in L1 by now
+                o[i] += bias[i]
 
 
 def supported(*tensors: torch.Tensor) -> bool:
@@ -180,12 +187,14 @@ def decoder_grads(crow: torch.Tensor, cols: torch.Tensor, order: torch.Tensor, v
     return grad_vals, grad_W
 
 
-def decode(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """``(B, d_in)``: ``sum_p vals[b, p] W[idx[b, p]]`` (``embedding_bag``'s weighted sum)."""
+def decode(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``(B, d_in)``: ``sum_p vals[b, p] W[idx[b, p]] + bias`` (``embedding_bag``'s weighted sum
+    plus ``b_dec``, added last as ``embedding_bag(...) + b_dec`` does)."""
     W = W.detach().contiguous()
     out = torch.empty(idx.shape[0], W.shape[1], dtype=W.dtype)
-    _decode(idx.contiguous().numpy(), vals.detach().contiguous().numpy(), W.numpy(), out.numpy())
+    _decode(idx.contiguous().numpy(), vals.detach().contiguous().numpy(), W.numpy(),
+            bias.detach().contiguous().numpy(), out.numpy())
     return out
 
 
-__all__ = ["BLOCKS", "decode", "decoder_grads", "supported", "weight_grad"]
+__all__ = ["BLOCKS", "GROUP", "decode", "decoder_grads", "supported", "weight_grad"]

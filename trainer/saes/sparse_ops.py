@@ -174,29 +174,30 @@ def dense_decode(code: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class _SparseDecode(torch.autograd.Function):
-    """``sum_p val[b, p] W_dec[idx[b, p]]`` with a backward read latent by latent (CPU): both
-    gradients are products with the :class:`ByLatent` pattern, so each decoder row is read
-    once per step instead of once per entry (``embedding_bag``'s backward)."""
+    """``sum_p val[b, p] W_dec[idx[b, p]] + b_dec`` with a backward read latent by latent (CPU):
+    both weight-side gradients are products with the :class:`ByLatent` pattern, so each decoder
+    row is read once per step instead of once per entry (``embedding_bag``'s backward)."""
 
     @staticmethod
-    def forward(ctx, val, W_dec, idx, order, crow, cols):
+    def forward(ctx, val, W_dec, b_dec, idx, order, crow, cols):
         ctx.save_for_backward(val, W_dec, order, crow, cols)
         ctx.mark_non_differentiable(idx)
-        if latent_kernels.supported(val, W_dec) and idx.dtype == torch.int64:
-            return latent_kernels.decode(idx, val, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum")
+        if latent_kernels.supported(val, W_dec, b_dec) and idx.dtype == torch.int64:
+            return latent_kernels.decode(idx, val, W_dec, b_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum") + b_dec
 
     @staticmethod
     def backward(ctx, grad_out):
         val, W_dec, order, crow, cols = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        grad_b = grad_out.sum(0) if ctx.needs_input_grad[2] else None
         if all(ctx.needs_input_grad[:2]) and latent_kernels.supported(val, W_dec, grad_out):
             grad_val, grad_w = latent_kernels.decoder_grads(crow, cols, order, val, W_dec, grad_out)
-            return grad_val, grad_w, None, None, None, None
+            return grad_val, grad_w, grad_b, None, None, None, None
         sel = ByLatent(order, crow, cols, (W_dec.shape[0], val.shape[0]))
         grad_val = sel.sample(W_dec, grad_out) if ctx.needs_input_grad[0] else None
         grad_w = torch.sparse.mm(sel.csr(val), grad_out) if ctx.needs_input_grad[1] else None
-        return grad_val, grad_w, None, None, None, None
+        return grad_val, grad_w, grad_b, None, None, None, None
 
 
 def sparse_decode(idx: torch.Tensor, val: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
@@ -207,8 +208,33 @@ def sparse_decode(idx: torch.Tensor, val: torch.Tensor, W_dec: torch.Tensor, b_d
     # embedding_bag needs val in W_dec's dtype (under autocast val may arrive in bf16).
     val = val.to(W_dec.dtype)
     if sel is not None and W_dec.device.type == "cpu":
-        return _SparseDecode.apply(val, W_dec, idx, sel.order, sel.crow, sel.cols) + b_dec
+        return _SparseDecode.apply(val, W_dec, b_dec, idx, sel.order, sel.crow, sel.cols)
     return F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum") + b_dec
+
+
+def squared_error(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum ||x - x_hat||^2, x - x_hat)``, differentiable w.r.t. ``x_hat`` through the sum: one
+    difference, one dot product, and a backward of one scaled copy (autograd's ``pow`` would make
+    a squared temporary and three passes back)."""
+    return _SquaredError.apply(x, x_hat)
+
+
+class _SquaredError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_hat):
+        err = x - x_hat
+        ctx.save_for_backward(err)
+        ctx.mark_non_differentiable(err)
+        ctx.set_materialize_grads(False)  # no (B, d_in) zeros for err's (absent) gradient
+        flat = err.view(-1)
+        return torch.dot(flat, flat), err
+
+    @staticmethod
+    def backward(ctx, grad_sum, _grad_err):
+        (err,) = ctx.saved_tensors
+        g = err * (-2.0 * grad_sum) if ctx.needs_input_grad[1] else None
+        gx = err * (2.0 * grad_sum) if ctx.needs_input_grad[0] else None
+        return gx, g
 
 
 def densify(idx: torch.Tensor, val: torch.Tensor, d_sae: int) -> torch.Tensor:
