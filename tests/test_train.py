@@ -1,5 +1,6 @@
 """sae train: exact resume after kill -9, the non-finite guard, the SAELens export, bad input."""
 
+import math
 import json
 import signal
 import subprocess
@@ -177,3 +178,20 @@ def test_incomplete_store_and_corrupted_chunk(store, tmp_path):
     msg = _err(["train", "--store", str(bad), "--out", str(tmp_path / "b"), "--d-sae", "32", "--batch-size", "64",
                 "--quiet", "--device", "cpu"])
     assert "chunk 2" in msg
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e9, math.inf])
+def test_clip_gradients_is_clip_grad_norm_bit_for_bit(max_norm):
+    from trainer.train import clip_gradients
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(30, 7, generator=g), torch.randn(11, generator=g) * 0.1]
+    a = [torch.zeros_like(t, requires_grad=True) for t in grads]
+    b = [torch.zeros_like(t, requires_grad=True) for t in grads]
+    for p, q, t in zip(a, b, grads):
+        p.grad, q.grad = t.clone(), t.clone()
+    na = clip_gradients(a, max_norm)
+    nb = torch.nn.utils.clip_grad_norm_(b, max_norm)
+    assert torch.equal(na, nb)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a, b))
+    assert (na > max_norm) == any(not torch.equal(p.grad, t) for p, t in zip(a, grads))
