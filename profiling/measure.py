@@ -135,12 +135,14 @@ def emulate_cuda_step() -> None:
     """Make this process run ``Trainer._step`` on CPU tensors as it runs on CUDA, for
     :func:`trace_cuda_step`: ``torch.autocast("cuda", bf16)`` becomes CPU autocast to bf16 (the
     same matmuls drop to bf16), the correlation penalty takes its torch path (``torch.unique``,
-    ``_CorrPenalty``) instead of the CPU-only fused kernels, and ``stats.update`` its
-    ``index_add_`` instead of the CPU scatter. Irreversible: call it in a child process only."""
+    ``_CorrPenalty``) instead of the CPU-only fused kernels, ``stats.update`` its
+    ``index_add_`` instead of the CPU scatter, and the TopK encoder one product over the whole
+    batch instead of CPU row blocks. Irreversible: call it in a child process only."""
     import torch
 
     import trainer.saes.corr_penalty as corr
     import trainer.saes.covariance as cov
+    import trainer.saes.sparse_ops as sparse_ops
 
     real = torch.autocast
     if getattr(real, "as_cuda", False):  # done already
@@ -156,6 +158,7 @@ def emulate_cuda_step() -> None:
     torch.autocast = _AsCuda
     corr.fused_pairs_supported = lambda *args: False
     cov.add_distinct = lambda *args: False
+    sparse_ops.encode_block_rows = lambda B, d_sae, device: B
 
 
 def _train_child(spec: dict[str, Any]) -> dict[str, Any]:

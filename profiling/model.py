@@ -240,6 +240,16 @@ def _baseline_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     }
 
 
+def _encode_rows(s: TrainSpec) -> int:
+    """Rows per product of the TopK encoder's forward (``sparse_ops.encode_block_rows``): row
+    blocks of ~16 MiB of pre-activations where the CPU kernels run, the whole batch elsewhere."""
+    from trainer.saes.sparse_ops import ENCODE_BLOCK_BYTES, ENCODE_MIN_ROWS
+
+    if not s.cpu_kernels or s.effective_dtype != "float32":
+        return s.batch_size
+    return max(ENCODE_MIN_ROWS, ENCODE_BLOCK_BYTES // (4 * s.d_sae))
+
+
 def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     """TopK/dyncorr phases, and what is alive once the forward (before the penalty) is done.
 
@@ -258,10 +268,15 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
     dec = _merge(enc, {"saved": Bd, "activations": Bd})  # err (saved by squared_error); x_hat
     # pos (int64), ReLU'd values; the dense code and W_dec's dead rows, saved by mm (autocast: bf16 copies).
     aux = {"saved": 12 * B * ka + (Bnd + nD) * a // 4}
+    rows = _encode_rows(s)
+    if rows < B:  # CPU: row blocks (sparse_ops.encode_block_rows); each block's pre, the parts so far
+        parts = Bnd + 12 * B * k  # every block's pre_dead, val (float32) and idx (int64)
+        encode = max(4 * rows * n + rows * k * 12 + parts, 2 * parts)  # a block in flight; the cat
+    else:  # pre (B x d_sae) and pre_dead (in autocast's dtype, then float32), topk's val/idx
+        encode = a * B * n + (a * B * nd if bf16 else 0) + Bnd + B * k * (a + 4 + 8)
     phases = {
-        # pre (B x d_sae) and pre_dead (in autocast's dtype, then float32), topk's val/idx, argsort's sort.
-        "forward.encode": _merge({"saved": Bd, "activations": a * B * n + (a * B * nd if bf16 else 0) + Bnd
-                                  + B * k * (a + 4 + 8) + 16 * B * k}, casts),
+        # ... and ByLatent's argsort.
+        "forward.encode": _merge({"saved": Bd, "activations": encode + 16 * B * k}, casts),
         "forward.decode": _merge(dec, {"activations": Bd}, casts),  # batch_total_var's x - mean (then a dot)
     }
     if nd:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from trainer.saes import sparse_ops
 from trainer.saes.sparse_ops import ByLatent, aux_topk, dense_decode, densify, sparse_decode, squared_error, topk_encode
 
 
@@ -18,11 +19,16 @@ def _dense_reference(x_c, w, b, k, dead, k_aux, W_dec, b_dec):
     return out
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["one-product", "row-blocks"])
 @pytest.mark.parametrize("x_grad", [False, True], ids=["data-x", "x-needs-grad"])
 @pytest.mark.parametrize("by_latent", [True, False], ids=["by-latent-decode", "embedding-bag-decode"])
-def test_values_and_gradients_match_dense_autograd_float64(x_grad, by_latent):
+def test_values_and_gradients_match_dense_autograd_float64(x_grad, by_latent, blocks, monkeypatch):
     """Both of b_dec's routes (through the decoder and through x - b_dec, which is grad_b @ W_enc
-    when x is data) and both decoder backwards, against dense autograd."""
+    when x is data), both decoder backwards, and the encoder's forward in one product or in row
+    blocks of 5 (the last one short), against dense autograd."""
+    if blocks:
+        monkeypatch.setattr(sparse_ops, "ENCODE_BLOCK_BYTES", 1)
+        monkeypatch.setattr(sparse_ops, "ENCODE_MIN_ROWS", 5)
     g = torch.Generator().manual_seed(0)
     B, d_in, d_sae, k, k_aux = 16, 12, 40, 5, 7
     x = torch.randn(B, d_in, dtype=torch.float64, generator=g)
@@ -61,10 +67,16 @@ def test_values_and_gradients_match_dense_autograd_float64(x_grad, by_latent):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
-def test_float32_cpu_kernels_match_float64_autograd(monkeypatch):
-    """float32 on CPU takes the fast kernels (oneDNN's product, the numba top-k): the same
-    selection as float64's dense reference, and values / gradients within float32 rounding."""
+@pytest.mark.parametrize("blocks", [False, True], ids=["one-product", "row-blocks"])
+def test_float32_cpu_kernels_match_float64_autograd(monkeypatch, blocks):
+    """float32 on CPU takes the fast kernels (oneDNN's product, the numba top-k), in one product
+    or in row blocks (no dead latents): the same selection as float64's dense reference, and
+    values / gradients within float32 rounding."""
     from trainer.saes import select
+
+    if blocks:
+        monkeypatch.setattr(sparse_ops, "ENCODE_BLOCK_BYTES", 1)
+        monkeypatch.setattr(sparse_ops, "ENCODE_MIN_ROWS", 20)  # 48 rows: blocks of 20, 20, 8
 
     calls = []
     real = select.topk_rows
@@ -92,7 +104,7 @@ def test_float32_cpu_kernels_match_float64_autograd(monkeypatch):
         return idx, val.detach().double(), w_.grad.double(), b_.grad.double()
 
     i32, v32, gw32, gb32 = grads(torch.float32, True)
-    assert calls == [k]
+    assert calls == ([k] * 3 if blocks else [k])
     i64, v64, gw64, gb64 = grads(torch.float64, False)
     assert torch.equal(i32, i64)
     for a, r in ((v32, v64), (gw32, gw64), (gb32, gb64)):
