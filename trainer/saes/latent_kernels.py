@@ -24,6 +24,7 @@ depend on the thread count.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from numba import njit, prange
 
@@ -49,30 +50,34 @@ def _accumulate(o, v, r, first):
             o[i] += _group_sum(v, r, i)
 
 
+@njit(inline="always")
+def _gather_sum(o, vals, vsel, rows, rsel, e, e1):
+    """``o = sum_{e <= p < e1} vals[vsel[p]] * rows[rsel[p]]``, a group of rows at a time, in
+    that order (0 when the range is empty)."""
+    first = True
+    while e + GROUP <= e1:
+        v = (vals[vsel[e]], vals[vsel[e + 1]], vals[vsel[e + 2]], vals[vsel[e + 3]],
+             vals[vsel[e + 4]], vals[vsel[e + 5]], vals[vsel[e + 6]], vals[vsel[e + 7]])
+        r = (rows[rsel[e]], rows[rsel[e + 1]], rows[rsel[e + 2]], rows[rsel[e + 3]],
+             rows[rsel[e + 4]], rows[rsel[e + 5]], rows[rsel[e + 6]], rows[rsel[e + 7]])
+        _accumulate(o, v, r, first)
+        first = False
+        e += GROUP
+    if first:
+        o[:] = rows.dtype.type(0.0)
+    while e < e1:
+        v1, r1 = vals[vsel[e]], rows[rsel[e]]
+        for i in range(o.size):
+            o[i] += v1 * r1[i]
+        e += 1
+
+
 @njit(cache=True, parallel=True, nogil=True, fastmath={"contract"})
 def _weight_grad(crow, cols, order, vals, dense, cuts, out):
     """``out[j] = sum_e vals[order[e]] * dense[cols[e]]`` over latent ``j``'s entries."""
-    zero = dense.dtype.type(0.0)
     for blk in prange(cuts.size - 1):
         for j in range(cuts[blk], cuts[blk + 1]):
-            o = out[j]
-            e, e1 = crow[j], crow[j + 1]
-            first = True
-            while e + GROUP <= e1:
-                v = (vals[order[e]], vals[order[e + 1]], vals[order[e + 2]], vals[order[e + 3]],
-                     vals[order[e + 4]], vals[order[e + 5]], vals[order[e + 6]], vals[order[e + 7]])
-                r = (dense[cols[e]], dense[cols[e + 1]], dense[cols[e + 2]], dense[cols[e + 3]],
-                     dense[cols[e + 4]], dense[cols[e + 5]], dense[cols[e + 6]], dense[cols[e + 7]])
-                _accumulate(o, v, r, first)
-                first = False
-                e += GROUP
-            if first:
-                o[:] = zero
-            while e < e1:
-                v1, r1 = vals[order[e]], dense[cols[e]]
-                for i in range(o.size):
-                    o[i] += v1 * r1[i]
-                e += 1
+            _gather_sum(out[j], vals, order, dense, cols, crow[j], crow[j + 1])
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath={"contract", "reassoc"})
@@ -123,29 +128,15 @@ def _decoder_grads(crow, cols, order, vals, W, grad_out, cuts, grad_vals, grad_W
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath={"contract"})
-def _decode(idx, vals, W, bias, out):
-    """``out[b] = sum_p vals[b, p] W[idx[b, p]] + bias``, the bias added last."""
-    B, k = idx.shape
-    zero = W.dtype.type(0.0)
+def _decode(idx, vals, W, bias, pos, out):
+    """``out[b] = sum_p vals[b, p] W[idx[b, p]] + bias``, the bias added last (``idx``, ``vals``
+    flat (B k,); ``pos`` = 0 .. B k - 1)."""
+    B = out.shape[0]
+    k = idx.size // B
     for blk in prange(BLOCKS):
         for b in range(B * blk // BLOCKS, B * (blk + 1) // BLOCKS):
-            o, ib, vb = out[b], idx[b], vals[b]
-            p = 0
-            first = True
-            while p + GROUP <= k:
-                v = (vb[p], vb[p + 1], vb[p + 2], vb[p + 3], vb[p + 4], vb[p + 5], vb[p + 6], vb[p + 7])
-                r = (W[ib[p]], W[ib[p + 1]], W[ib[p + 2]], W[ib[p + 3]],
-                     W[ib[p + 4]], W[ib[p + 5]], W[ib[p + 6]], W[ib[p + 7]])
-                _accumulate(o, v, r, first)
-                first = False
-                p += GROUP
-            if first:
-                o[:] = zero
-            while p < k:
-                v1, r1 = vb[p], W[ib[p]]
-                for i in range(o.size):
-                    o[i] += v1 * r1[i]
-                p += 1
+            o = out[b]
+            _gather_sum(o, vals, pos, W, idx, b * k, b * k + k)
             for i in range(o.size):  # the row is in L1 by now
                 o[i] += bias[i]
 
@@ -192,8 +183,8 @@ def decode(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor, bias: torch.T
     plus ``b_dec``, added last as ``embedding_bag(...) + b_dec`` does)."""
     W = W.detach().contiguous()
     out = torch.empty(idx.shape[0], W.shape[1], dtype=W.dtype)
-    _decode(idx.contiguous().numpy(), vals.detach().contiguous().numpy(), W.numpy(),
-            bias.detach().contiguous().numpy(), out.numpy())
+    _decode(idx.contiguous().view(-1).numpy(), vals.detach().contiguous().view(-1).numpy(), W.numpy(),
+            bias.detach().contiguous().numpy(), np.arange(idx.numel(), dtype=np.int64), out.numpy())
     return out
 
 
