@@ -143,8 +143,7 @@ def count_runs(pk, shift, bounds):
 @njit(cache=True, parallel=True, nogil=True)
 def run_sums(pk, shift, kb, k, bounds, uoff, vs, keys, q):
     """``keys[u]``: the u-th distinct key; ``q[u] = sum v_lo v_hi`` over its row pairs (``vs``: the
-    flat (B k,) sorted row values), summed in the values' dtype, in row-pair order from the
-    first product."""
+    flat (B k,) sorted row values), summed in the values' dtype."""
     kmask = (1 << kb) - 1
     smask = (1 << shift) - 1
     zero = vs.dtype.type(0.0)
@@ -153,20 +152,20 @@ def run_sums(pk, shift, kb, k, bounds, uoff, vs, keys, q):
         prev = -1
         acc = zero
         for e in range(bounds[t], bounds[t + 1]):
-            # Branch-free: runs are short (~1.6 row pairs a key at d_sae 16k), so a branch on
-            # each new key mispredicts about every other pair. Every pair writes its run's key
-            # and running sum; the run's last write is its total.
             x = pk[e]
             key = x >> shift
+            if key != prev:
+                if u >= uoff[t]:
+                    q[u] = acc
+                u += 1
+                keys[u] = key
+                prev = key
+                acc = zero
             slot = x & smask
             row = (slot >> (2 * kb)) * k
-            prod = vs[row + ((slot >> kb) & kmask)] * vs[row + (slot & kmask)]
-            new = key != prev
-            u += new
-            acc = prod if new else acc + prod  # a run starts at its first product (-0.0 + x = x)
-            keys[u] = key
+            acc += vs[row + ((slot >> kb) & kmask)] * vs[row + (slot & kmask)]
+        if u >= uoff[t]:
             q[u] = acc
-            prev = key
 
 
 @njit(cache=True, nogil=True, inline="always")
