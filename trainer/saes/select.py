@@ -1,21 +1,22 @@
 """Row-wise top-k of the encoder's pre-activations on CPU (numba), in about one read of them.
 
 ``torch.topk`` on a ``(4096, 16384)`` float32 block takes ~90 ms on two cores, ~3 GB/s:
-far from the memory bound of one pass. Here each row is read once from memory into L2 and
-then twice from L2:
+far from the memory bound of one pass (``benchmarks/bench_kernels.py`` times both). Here each
+row is read once from memory into L2 and then, in part, once more from there:
 
-1. The row is cut into about 4k groups (of 8 to 64 values, :func:`group_size`); each
-   group's maximum is a vectorised reduction. ``tau``, the k-th largest group maximum, is a value at least k entries reach
-   (the k groups whose maximum is at least ``tau`` each hold one), so every entry of the
-   row's top k is ``>= tau``.
-2. The entries ``>= tau`` (a few more than k: ~k + k / 8 at 256 groups of 64, for i.i.d. rows)
-   are gathered and a size-k min-heap keeps the largest, preferring the lower index on ties.
+1. The row is cut into about 4k groups (of 8 to 64 values, :func:`group_size`); each group's
+   maximum is a vectorised reduction. ``tau``, the k-th largest group maximum, is a value at
+   least k entries reach (the k groups whose maximum is at least ``tau`` each hold one), so
+   every entry of the row's top k is ``>= tau``.
+2. The entries ``>= tau``, looked for only in the groups whose maximum reaches it (about a
+   quarter; for i.i.d. rows about 1.1 k entries in all), go through a size-k min-heap that keeps
+   the largest, preferring the lower index on ties.
 
-A row holding NaN or +-inf (detected by its group sums, which propagate both) takes a plain
-heap over the whole row instead, in which NaN counts as the largest value, as in
-``torch.topk``, so a non-finite pre-activation still reaches the loss and the step is skipped.
-The result is the same set of values as ``torch.topk``; among exactly equal values at the
-k-th place the lower index is kept (``torch.topk`` leaves that choice unspecified).
+A row holding NaN or +-inf (read from the exponent bits while the maxima are formed) takes the
+heap over the whole row instead, in which NaN counts as the largest value, as in ``torch.topk``,
+so a non-finite pre-activation still reaches the loss and the step is skipped. The result is
+the same set of values as ``torch.topk``; among exactly equal values at the k-th place the
+lower index is kept (``torch.topk`` leaves that choice unspecified).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numba import njit, prange
-
 
 
 def group_size(S: int, k: int) -> int:
