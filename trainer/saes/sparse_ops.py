@@ -83,8 +83,8 @@ class _TopKEncode(torch.autograd.Function):
             val, idx, pre_dead = _encode_rows(x_c, weight, bias, k, dead_idx)
         else:
             # Row blocks: each block's pre-activations (~16 MiB) are selected while still in cache,
-            # and the (B, d_sae) block is never allocated (on CPU: 10% off product + top-k at
-            # d_sae 16k, batch 4096; docs/benchmarks.md).
+            # and the (B, d_sae) block is never allocated (at d_sae 16k, batch 4096: 2.03 vs 2.08 s
+            # per step; docs/benchmarks.md, bench_kernels.py's "encoder forward").
             parts = [_encode_rows(x_c[r0:r0 + rows], weight, bias, k, dead_idx) for r0 in range(0, B, rows)]
             val, idx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             pre_dead = None if dead_idx is None else torch.cat([p[2] for p in parts])
