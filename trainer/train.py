@@ -93,8 +93,10 @@ def make_loader(store: ActivationStore, cfg: RunConfig, dp: Collective, device: 
 
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``clip_grad_norm_``, bit for bit, minus its multiplication by exactly 1.0 when the norm is
-    below ``max_norm`` (two passes over the 150 MB weight gradients at d_sae 16k, for nothing).
+    """``clip_grad_norm_``, bit for bit while the norm is finite, minus its multiplication by
+    exactly 1.0 when the norm is below ``max_norm`` (two passes over the 150 MB weight gradients
+    at d_sae 16k, for nothing). A non-finite norm leaves the gradients as they are (the step is
+    skipped and they are dropped; ``clip_grad_norm_`` would multiply them by NaN).
     Returns the total norm; the caller reads it on the host anyway (the finiteness check)."""
     U = torch.nn.utils
     if not hasattr(U, "get_total_norm"):  # torch < 2.6

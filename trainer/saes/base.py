@@ -124,6 +124,6 @@ class SAE(nn.Module, ABC):
 
     @staticmethod
     def fired_mask(idx: torch.Tensor, val: torch.Tensor, d_sae: int) -> torch.Tensor:
-        # A count per latent of its positive entries: one pass, no boolean-mask gather (4x faster on CPU).
+        # A count per latent of its positive entries: one pass, no boolean-mask gather.
         hits = (val > 0).reshape(-1).to(torch.float32)
         return torch.bincount(idx.reshape(-1), weights=hits, minlength=d_sae)[:d_sae] > 0

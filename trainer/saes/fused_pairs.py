@@ -149,10 +149,10 @@ _SCRATCH = _Scratch()
 class LentArrays:
     """Arrays handed out as views that outlive the step: the batch's distinct keys and sums
     (``PairMoments``), which ``stats.update`` reads after the optimiser step and the trainer keeps
-    with the step's output until the next step is done. A fresh ~100 MB pair of them cost
-    100-150 ms of page faults per step inside a step at d_sae 16k (ad hoc timing; numpy's
-    huge-page advice does not always get huge pages there), so the buffer goes back to the pool
-    when its view is collected, whoever held it last; at most :data:`_KEEP` wait per name."""
+    with the step's output until the next step is done. A fresh ~100 MB pair of them costs its
+    page faults on every step (at d_sae 16k, 2.55 vs 2.62 s per dyncorr step with and without the
+    pool: docs/benchmarks.md), so the buffer goes back to the pool when its view is collected,
+    whoever held it last; at most :data:`_KEEP` wait per name."""
 
     def __init__(self) -> None:
         self._free: dict[str, list[np.ndarray]] = {}

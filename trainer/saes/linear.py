@@ -26,7 +26,7 @@ def _onednn_available() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for ``x`` (B, d_in), ``weight`` (d_out, d_in), ``bias`` (d_out,) or None,
+    """``x @ weight.T + bias`` for ``x`` (B, d_in), ``weight`` (d_out, d_in), ``bias`` (d_out,) or None.
     A product that autograd would have to differentiate takes ``addmm`` (oneDNN's op has no
     backward); callers on the fast path are autograd Functions and ``no_grad`` code."""
     global _onednn_ok

@@ -123,7 +123,7 @@ class _TopKEncode(torch.autograd.Function):
                 sel = ByLatent(order, crow, cols, (weight.shape[0], x_c.shape[0]))
                 grad_w = torch.sparse.mm(sel.csr(g), x_w)
             if g_dead is not None:
-                grad_w.index_add_(0, dead_idx, g_dead.t() @ x_c.to(dt))
+                grad_w.index_add_(0, dead_idx, g_dead.t() @ x_w)
         if need_b or need_b_dec:
             grad_b = torch.zeros(weight.shape[0], dtype=dt, device=g.device).index_add_(
                 0, idx.reshape(-1), g.reshape(-1))
