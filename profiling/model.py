@@ -12,11 +12,12 @@ step, torch's and numpy's on one timeline (``profiling.alloc_trace``), within 4.
 grid):
 
 * ``forward.*``: baseline keeps ``z`` (B x d_sae, saved by ReLU) while ``(z > 0).sum(-1)`` casts
-  the bool mask to a B x d_sae int64 copy (13 B d_sae bytes live). TopK: ``pre`` (B x d_sae)
-  and ``pre_dead`` (its dense (B, n_dead) index_select, float32) in ``_TopKEncode.forward``,
-  which saves x_c, val, idx and the by-latent CSR pattern (``order``, ``crow``, ``cols``); AuxK:
-  ``aux_topk``'s ``zeros_like`` and scattered (B, n_dead) code, ``W_dec.index_select(0,
-  dead_idx)`` (n_dead x d_in); ``gather`` saves pre_dead, ``mm`` the code and the rows.
+  the bool mask to a B x d_sae int64 copy (13 B d_sae bytes live). TopK: ``pre`` (B x d_sae,
+  or a row block of it) and AuxK's dense (B, n_dead) float32 code (``select.aux_code``: on CPU
+  selected from each block into one preallocated code; elsewhere an index_select, topk and a
+  scatter into ``zeros_like``) in ``_TopKEncode.forward``, which saves x_c, val, idx, the
+  by-latent CSR pattern (``order``, ``crow``, ``cols``) and the code; ``aux_decode`` saves
+  ``W_dec``'s dead rows (n_dead x d_in; under autocast ``mm`` saves bf16 copies of both).
 * ``penalty.*`` (dyncorr, ``trainer/saes/corr_penalty.py``): on CPU the fused kernels
   (``fused_pairs.py``) pack the P = B k (k-1) / 2 row pairs as one int64 each (``key << shift |
   b, p, q``), radix-sorted slice by slice through a second buffer (numpy arrays: RSS only), then U-long vectors for
@@ -29,11 +30,13 @@ grid):
 * ``backward.*``: the previous gradients are gone (``zero_grad``), the new ones appear one by
   one. dyncorr: the penalty's saved tensors, then on CPU each slice's gradient buffers; elsewhere
   ``a`` gathered to the P row pairs and scattered into a (B, k, k) matrix. AuxK
-  first (its nodes are the newest): the code's and the rows' gradients, index_select's
-  backward (``zeros(d_sae, d_in).index_add``), gather's (two (B, n_dead)); then ``squared_error``'s
-  backward (one B x d_in), the decoder's W_dec gradient (on CPU ``latent_kernels.decoder_grads``
-  with the by-latent pattern; elsewhere embedding_bag's dense backward) summed with AuxK's (3 d_sae x d_in at the
-  sum), ``_TopKEncode.backward``: W_enc.grad (on CPU written once by ``latent_kernels``; elsewhere
+  first (its nodes are the newest): the code's and the rows' gradients (on CPU the rows' as a
+  sparse tensor; elsewhere index_select's backward, ``zeros(d_sae, d_in).index_add``), the
+  code's waiting for the encoder; then ``squared_error``'s backward (one B x d_in), the
+  decoder's W_dec gradient (on CPU ``latent_kernels.decoder_grads`` with the by-latent pattern,
+  AuxK's rows added in place; elsewhere embedding_bag's dense backward summed with AuxK's: 3
+  d_sae x d_in at the sum), ``_TopKEncode.backward``: the code's gradient masked into a copy
+  (``sign(code).mul_``), W_enc.grad (on CPU written once by ``latent_kernels``; elsewhere
   ``sparse.mm``'s zeros and result); b_dec's share
   through x - b_dec is ``grad_b @ W_enc`` (no B x d_in gradient of x).
 * ``optimizer``: Adam as ``trainer.train.make_optimizer`` builds it: fused (no temporaries), per
@@ -254,55 +257,64 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
     """TopK/dyncorr phases, and what is alive once the forward (before the penalty) is done.
 
     ``_TopKEncode.forward`` saves x_c, val, idx, the CSR pattern (``order``, ``crow``, ``cols``) and
-    returns ``pre_dead``, the (B, n_dead) float32 index_select of the pre-activations; AuxK
-    (``aux_topk``) scatters its top ``ka`` into a fresh dense (B, n_dead) code and decodes it with
-    ``W_dec.index_select(0, dead_idx)`` (n_dead x d_in): ``gather`` saves pre_dead, ``mm`` the code
-    and the rows, until the backward reaches them."""
+    AuxK's dense (B, n_dead) float32 code (``select.aux_code``: on CPU float32 selected from each
+    block of pre-activations into one preallocated code; elsewhere ``index_select``, ``topk`` and a
+    scatter into ``zeros_like``), which it returns. ``aux_decode`` decodes it with ``W_dec``'s dead
+    rows (n_dead x d_in, saved; under autocast ``mm`` saves bf16 copies of both). Backward: the
+    code's gradient waits for the encoder's node, where ``sign(code).mul_(grad)`` masks it; on CPU
+    W_dec's AuxK gradient is a sparse tensor of its n_dead rows, added in place into the decoder's
+    dense one, elsewhere ``index_select``'s backward (a ``zeros(d_sae, d_in).index_add``)."""
     B, d, n, k, nd, ka = s.batch_size, s.d_in, s.d_sae, s.k, s.n_dead, s.ka
     bf16 = s.effective_dtype == "bfloat16"
     a = 2 if bf16 else 4
+    fast = s.cpu_kernels and not bf16  # sparse_ops' CPU paths: aux_code's kernel, _AuxDecode
     Bd, Bnd, nD = 4 * B * d, 4 * B * nd, 4 * nd * d  # float32 (B, d_in), (B, n_dead), (n_dead, d_in)
     casts = {"activations": 2 * (n * d + B * d + n)} if bf16 else {}  # autocast's bf16 W_enc, x_c, b_enc
-    # x_c; val (float32), idx, order, cols (int64); crow; dead_idx; pre_dead (float32, (B, n_dead)).
+    # x_c; val (float32), idx, order, cols (int64); crow; dead_idx; the AuxK code (float32, (B, n_dead)).
     enc = {"saved": Bd + 28 * B * k + 8 * (n + 1) + 8 * nd + Bnd}
     dec = _merge(enc, {"saved": Bd, "activations": Bd})  # err (saved by squared_error); x_hat
-    # pos (int64), ReLU'd values; the dense code and W_dec's dead rows, saved by mm (autocast: bf16 copies).
-    aux = {"saved": 12 * B * ka + (Bnd + nD) * a // 4}
+    # W_dec's dead rows (the code is enc's), or mm's bf16 copies of the code and the rows.
+    aux = {"saved": (Bnd + nD) * a // 4 if bf16 else nD}
     rows = _encode_rows(s)
-    if rows < B:  # CPU: row blocks (sparse_ops.encode_block_rows); each block's pre, the parts so far
-        parts = Bnd + 12 * B * k  # every block's pre_dead, val (float32) and idx (int64)
-        encode = max(4 * rows * n + rows * k * 12 + parts, 2 * parts)  # a block in flight; the cat
-    else:  # pre (B x d_sae) and pre_dead (in autocast's dtype, then float32), topk's val/idx
-        encode = a * B * n + (a * B * nd if bf16 else 0) + Bnd + B * k * (a + 4 + 8)
+    if rows < B:  # CPU: row blocks (sparse_ops.encode_block_rows); the code, each block's pre, the parts so far
+        parts = 12 * B * k  # every block's val (float32) and idx (int64)
+        encode = Bnd + max(4 * rows * n + rows * k * 12 + parts, 2 * parts)  # a block in flight; the cat
+    elif fast:  # pre (B x d_sae), topk's val/idx, the code from aux_code's kernel
+        encode = a * B * n + B * k * (a + 4 + 8) + Bnd
+    else:  # ... or from its torch path: index_select (float32), zeros_like, pos, gather, ReLU at the ReLU
+        encode = a * B * n + B * k * (a + 4 + 8) + (2 * Bnd + 16 * B * ka if nd else 0)
     phases = {
         # ... and ByLatent's argsort.
         "forward.encode": _merge({"saved": Bd, "activations": encode + 16 * B * k}, casts),
         "forward.decode": _merge(dec, {"activations": Bd}, casts),  # batch_total_var's x - mean (then a dot)
     }
+    pending = 0  # AuxK's gradients waiting during the decoder's backward: the code's (+ W_dec's sparse rows)
     if nd:
         after = _merge(dec, aux, {"saved": Bd})  # + err - e_hat, saved by squared_error
+        pending = Bnd + (nD if fast else 0)
         phases.update({
-            "forward.aux_code": _merge(dec, {"saved": 12 * B * ka, "activations": 2 * Bnd}, casts),  # zeros_like, scatter
-            # mm: the float32 code and rows (+ autocast's bf16 copies), e_hat.
-            "forward.aux_mm": _merge(dec, aux, {"activations": (Bnd + nD if bf16 else 0) + Bd}, casts),
+            # mm: e_hat (+ under autocast the float32 rows before their bf16 cast).
+            "forward.aux_mm": _merge(dec, aux, {"activations": (nD if bf16 else 0) + Bd}, casts),
             "forward.aux_loss": _merge(dec, aux, {"activations": 2 * Bd}, casts),  # e_hat, err - e_hat (then a dot)
             "backward.aux_mm": _merge(after, {"activations": Bnd + nD}, _grads(0, s)),  # grad of code, of the rows
-            # index_select's backward: zeros(d_sae, d_in).index_add(...) (W_dec.grad's AuxK part); the
-            # code and the rows are gone, their gradients (same sizes) are not.
-            "backward.aux_rows": _merge(dec, aux, _grads(2, s)),
-            # gather's backward: new_zeros (B, n_dead) and scatter_add's result, pre_dead still saved.
-            "backward.aux_gather": _merge(dec, {"saved": 8 * B * ka, "activations": 2 * Bnd + 8 * B * ka}, _grads(1, s)),
         })
+        if not fast:
+            # index_select's backward: zeros(d_sae, d_in).index_add(...) (W_dec.grad's AuxK part); the
+            # rows are gone, their gradient (same size) is not; the code's waits.
+            phases["backward.aux_rows"] = _merge(dec, aux, {"activations": Bnd + nD}, _grads(1, s))
     else:
         after = dec
+    full = 0 if fast or not nd else 1  # W_dec's AuxK part as a full d_sae x d_in buffer
     phases.update({
         # squared_error's backward: err times a scalar (one B x d_in).
-        "backward.mse": _merge(dec, {"activations": Bd}, _grads(1 if nd else 0, s)),
-        # embedding_bag's dense W_dec gradient, summed with AuxK's (3 d_sae x d_in at the sum).
-        "backward.decode": _merge(enc, {"saved": Bd}, _grads(3 if nd else 1, s)),
+        "backward.mse": _merge(dec, {"activations": Bd + pending}, _grads(full, s)),
+        # the decoder's dense W_dec gradient (+ AuxK's: in place on CPU, else a sum: 3 buffers at it).
+        "backward.decode": _merge(enc, {"saved": Bd, "activations": pending}, _grads(1 + 2 * full, s)),
         # W_dec.grad and W_enc.grad: on CPU written once (latent_kernels.weight_grad); elsewhere
-        # sparse.mm's zeros and result; g and the CSR values.
-        "backward.encode": _merge(enc, {"saved": Bd, "activations": 12 * B * k}, _grads(2 if s.cpu_kernels else 3, s)),
+        # sparse.mm's zeros and result; g and the CSR values; AuxK: the code's gradient and its
+        # masked copy, and the dead rows' product (n_dead x d_in) added into W_enc.grad.
+        "backward.encode": _merge(enc, {"saved": Bd, "activations": 12 * B * k + (2 * Bnd + nD if nd else 0)},
+                                  _grads(2 if s.cpu_kernels else 3, s)),
     })
     return phases, _merge(after, casts)
 

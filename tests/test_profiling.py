@@ -127,11 +127,13 @@ def test_cuda_prediction_within_tolerance_of_the_traced_step(measured, name):
     assert "CUDA step traced on CPU" in m.method
     cuda = replace(_spec(flat, d_in, dead), device="cuda", dtype="bfloat16")
     assert cuda.effective_dtype == "bfloat16"
-    # The traced step runs CPU kernels: the only difference the model knows is a bool sum's int64 copy.
+    # The traced step runs CPU kernels. The differences the model knows: a bool sum's int64 copy
+    # (CPU only), and W_enc's gradient, which CUDA's sparse.mm builds from a zeros buffer (one
+    # d_sae x d_in more than the CPU kernel that writes it once).
     est = estimate_training(replace(cuda, traced_on_cpu=True))
     ratio = est.step_total / m.peak_bytes
     assert abs(ratio - 1) <= TOLERANCE, (name, est.peak_phase, est.step_total, m.peak_bytes, ratio)
-    assert estimate_training(cuda).step_total <= est.step_total
+    assert estimate_training(cuda).step_total <= est.step_total + 4 * cuda.d_sae * cuda.d_in
 
 
 @pytest.mark.parametrize("dead_fraction", [0.0, 0.3, 1.0])

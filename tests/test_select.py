@@ -87,3 +87,64 @@ def test_group_size_bounds():
     assert group_size(1152, 32) == 9
     assert group_size(100, 64) == 8
     assert np.all([8 <= group_size(s, k) <= 64 for s in (64, 999, 10**6) for k in (1, 7, 300)])
+
+
+def _aux_reference(pre: torch.Tensor, dead_idx: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """float64: ReLU of the k_aux largest over dead_idx, by a stable sort (lowest position first on ties)."""
+    sub = pre.index_select(1, dead_idx).double()
+    order = torch.sort(-sub, dim=1, stable=True).indices[:, :min(k_aux, sub.shape[1])]
+    return torch.zeros_like(sub).scatter_(1, order, sub.gather(1, order).relu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k_aux", [1, 9, 30, 31, 500])
+def test_aux_code_matches_reference(dtype, k_aux):
+    """The AuxK kernel against a float64 reference: rows with ties at the threshold, all-negative
+    rows, +-0.0, k_aux from 1 to above n_dead (every dead latent kept)."""
+    g = torch.Generator().manual_seed(k_aux)
+    pre = torch.randn(40, 100, generator=g, dtype=torch.float64)
+    pre[::4] = torch.randint(-3, 4, (10, 100), generator=g).double()  # many exact ties
+    pre[1] = -pre[1].abs() - 1.0
+    pre[2, ::2] = -0.0
+    pre = pre.to(dtype)
+    dead_idx = torch.randperm(100, generator=g)[:31].sort().values
+    got = select.aux_code(pre, dead_idx, k_aux, dtype)
+    assert got.dtype == dtype and got.shape == (40, 31)
+    assert torch.equal(got.double(), _aux_reference(pre, dead_idx, k_aux))
+    assert not torch.signbit(got).any()  # ReLU gives +0.0, never -0.0
+
+
+def test_aux_code_fallback_selects_the_same_set(monkeypatch):
+    """Outside the kernel (here: a non-contiguous block) torch.topk picks; without ties, the same code."""
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(100, 12, generator=g).t()  # (12, 100), not contiguous
+    dead_idx = torch.arange(0, 100, 3)
+    calls = []
+    monkeypatch.setattr(select, "aux_code_rows", lambda *a: calls.append(1))
+    got = select.aux_code(pre, dead_idx, 10, torch.float32)
+    assert not calls
+    assert torch.equal(got.double(), _aux_reference(pre, dead_idx, 10))
+
+
+def test_aux_code_keeps_nan_rows_whole():
+    """A NaN among the dead latents' pre-activations keeps every entry (NaN passes ReLU), so the
+    AuxK loss turns non-finite and the trainer skips the step."""
+    pre = torch.randn(3, 20)
+    pre[1, 4] = float("nan")
+    dead_idx = torch.tensor([0, 4, 7, 9, 13])
+    got = select.aux_code(pre, dead_idx, 2, torch.float32)
+    assert torch.isnan(got[1, 1]) and (got[1] != 0).sum() >= 1
+    ref = _aux_reference(pre[[0, 2]], dead_idx, 2)
+    assert torch.equal(got[[0, 2]].double(), ref)
+    assert torch.equal(got[1, [0, 2, 3, 4]], pre[1, [0, 7, 9, 13]].relu())
+
+
+def test_aux_code_writes_into_out():
+    """``out``: a row block of the batch's code (contiguous) or a strided view, filled either way."""
+    g = torch.Generator().manual_seed(4)
+    pre = torch.randn(6, 50, generator=g)
+    dead_idx = torch.arange(3, 50, 4)
+    ref = _aux_reference(pre, dead_idx, 5).float()
+    for out in (torch.full((6, 12), 7.0), torch.full((12, 6), 7.0).t()):
+        got = select.aux_code(pre, dead_idx, 5, torch.float32, out=out)
+        assert torch.equal(out, ref) and torch.equal(got, ref)

@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from trainer.saes import sparse_ops
-from trainer.saes.sparse_ops import ByLatent, aux_topk, dense_decode, densify, sparse_decode, squared_error, topk_encode
+from trainer.saes.sparse_ops import ByLatent, aux_decode, densify, sparse_decode, squared_error, topk_encode
 
 
 def _dense_reference(x_c, w, b, k, dead, k_aux, W_dec, b_dec):
@@ -47,9 +47,9 @@ def test_values_and_gradients_match_dense_autograd_float64(x_grad, by_latent, bl
         x_ = x.clone().requires_grad_(x_grad)
         if sparse:
             dead_idx = dead.nonzero().squeeze(1)
-            val, idx, pre_dead, sel = topk_encode(x_, bd_, w_, b_, k, dead_idx)
+            val, idx, code, sel = topk_encode(x_, bd_, w_, b_, k, dead_idx, k_aux)
             x_hat = sparse_decode(idx, val, Wd_, bd_, sel if by_latent else None)
-            e_hat = dense_decode(aux_topk(pre_dead, k_aux), Wd_.index_select(0, dead_idx))
+            e_hat = aux_decode(code, Wd_, dead_idx)
             z = densify(idx, val, d_sae)
         else:
             ref = _dense_reference(x_ - bd_, w_, b_, k, dead, k_aux, Wd_, bd_)
@@ -112,22 +112,29 @@ def test_float32_cpu_kernels_match_float64_autograd(monkeypatch, blocks):
         torch.testing.assert_close(a, r, rtol=2e-5, atol=2e-5)
 
 
-def test_dense_decode_float32_gradients_match_float64():
-    """AuxK's decode on CPU float32 (its code gradient on oneDNN's product) against float64 autograd."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_aux_decode_gradients_match_float64_autograd(dtype):
+    """AuxK's decode on CPU (the code's gradient on oneDNN's product in float32; W_dec's as a
+    sparse tensor of the dead rows) against float64 autograd: W_dec also feeds a dense term, as
+    the live latents' decode does, and its gradient comes out dense, the two parts summed."""
     g = torch.Generator().manual_seed(6)
-    code = torch.randn(40, 30, generator=g).relu()
-    rows = torch.randn(30, 24, generator=g)
+    code = torch.randn(40, 7, generator=g).relu()
+    W = torch.randn(30, 24, generator=g)
+    dead_idx = torch.tensor([1, 4, 5, 11, 20, 28, 29])
     target = torch.randn(40, 24, generator=g)
 
-    def grads(dtype, fn):
-        c, r = (t.to(dtype).clone().requires_grad_(True) for t in (code, rows))
-        ((fn(c, r) - target.to(dtype)) ** 2).sum().backward()
-        return c.grad.double(), r.grad.double()
+    def grads(dt, sparse):
+        c, w = (t.to(dt).clone().requires_grad_(True) for t in (code, W))
+        e_hat = aux_decode(c, w, dead_idx) if sparse else c @ w[dead_idx]
+        (((e_hat - target.to(dt)) ** 2).sum() + (w ** 3).sum()).backward()
+        assert w.grad.layout == torch.strided
+        return c.grad.double(), w.grad.double()
 
-    got, ref = grads(torch.float32, dense_decode), grads(torch.float64, torch.matmul)
+    got, ref = grads(dtype, True), grads(torch.float64, False)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for a, r in zip(got, ref):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(a, r, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -166,18 +173,18 @@ def test_by_latent_sample_is_the_sampled_product():
 
 def test_no_dead_latents_gives_empty_aux():
     x = torch.randn(4, 6)
-    val, idx, pre_dead, _ = topk_encode(x, torch.zeros(6), torch.randn(10, 6), torch.zeros(10), 3, torch.zeros(0, dtype=torch.int64))
-    assert val.shape == idx.shape == (4, 3) and pre_dead.shape == (4, 0)
+    val, idx, code, _ = topk_encode(x, torch.zeros(6), torch.randn(10, 6), torch.zeros(10), 3, torch.zeros(0, dtype=torch.int64), 2)
+    assert val.shape == idx.shape == (4, 3) and code.shape == (4, 0)
     assert (val >= 0).all()
 
 
 def test_unused_outputs_still_give_exact_gradients():
-    """Only val used (no AuxK term): the unmaterialised pre_dead gradient is skipped, the rest exact."""
+    """Only val used (no AuxK term): the unmaterialised code gradient is skipped, the rest exact."""
     g = torch.Generator().manual_seed(1)
     x_c = torch.randn(9, 5, dtype=torch.float64, generator=g)
     w = torch.randn(20, 5, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.zeros(20, dtype=torch.float64, requires_grad=True)
-    val, idx, pre_dead, _ = topk_encode(x_c, torch.zeros(5, dtype=torch.float64), w, b, 4, torch.arange(0, 20, 2))
+    val, idx, code, _ = topk_encode(x_c, torch.zeros(5, dtype=torch.float64), w, b, 4, torch.arange(0, 20, 2), 3)
     (val ** 2).sum().backward()
     w2, b2 = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
     pre = x_c @ w2.t() + b2
@@ -193,10 +200,10 @@ def test_bf16_autocast_hands_over_weight_dtype():
     b = torch.zeros(16, requires_grad=True)
     W_dec = torch.randn(16, 6, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        val, idx, pre_dead, sel = topk_encode(x_c, torch.zeros(6), w, b, 3, torch.tensor([1, 5, 7]))
+        val, idx, code, sel = topk_encode(x_c, torch.zeros(6), w, b, 3, torch.tensor([1, 5, 7]), 2)
         x_hat = sparse_decode(idx, val, W_dec, torch.zeros(6), sel)
-        e_hat = aux_topk(pre_dead, 2) @ W_dec.index_select(0, torch.tensor([1, 5, 7]))
-    assert val.dtype == pre_dead.dtype == torch.float32
+        e_hat = code @ W_dec.index_select(0, torch.tensor([1, 5, 7]))
+    assert val.dtype == code.dtype == torch.float32
     (x_hat.float().pow(2).sum() + e_hat.float().pow(2).sum()).backward()
     for p in (w, b, W_dec):
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()

@@ -10,7 +10,7 @@ so results agree with a float64 reference to the same order (tests/test_linear.p
 
 It is used where no autograd graph goes through the product: the TopK encoder's forward
 (its backward is sparse and written by hand) and the AuxK decoder's backward
-(``sparse_ops.dense_decode``), where MKL is slowest: its ``(B, d_in) @ (n_dead, d_in).T``. Anything else
+(``sparse_ops.aux_decode``), where MKL is slowest: its ``(B, d_in) @ (n_dead, d_in).T``. Anything else
 (another dtype, autocast, a GPU, a torch without the op) takes ``torch.addmm``.
 """
 

@@ -11,8 +11,9 @@ read once per step, not once per entry. On CPU the products run in numba
 (:mod:`trainer.saes.latent_kernels`), elsewhere as ``sparse.mm``, ``sampled_addmm`` and
 ``embedding_bag``; the dense product is :func:`trainer.saes.linear.linear` and the selection
 :func:`trainer.saes.select.topk`. AuxK differs: ``k_aux`` (~d_in / 2) is a large fraction of the dead latents, so their
-pre-activations travel as a dense ``(B, n_dead)`` block and are decoded with a dense slice of
-``W_dec`` (BLAS matmuls instead of gathering k_aux rows per token). All exact: tests compare
+code is selected from each block of pre-activations into a dense ``(B, n_dead)`` block
+(:func:`trainer.saes.select.aux_code`) and decoded with a dense slice of ``W_dec`` (BLAS
+matmuls instead of gathering k_aux rows per token). All exact: tests compare
 against dense autograd in float64.
 
 Mixed precision: under ``torch.autocast`` the big matmul runs in the autocast dtype (bf16 on
@@ -30,7 +31,7 @@ from torch.nn import functional as F
 
 from trainer.saes import latent_kernels
 from trainer.saes.linear import linear
-from trainer.saes.select import topk
+from trainer.saes.select import aux_code, topk
 
 # CSR matmul is what the encoder backward needs; its "beta" notice would fire in every run.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
@@ -73,41 +74,44 @@ class ByLatent:
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, b_dec, weight, bias, k: int, dead_idx: torch.Tensor | None, box: list):
+    def forward(ctx, x, b_dec, weight, bias, k: int, dead_idx: torch.Tensor | None, k_aux: int, box: list):
         x_c = x - b_dec
-        if dead_idx is not None and not dead_idx.numel():
+        if dead_idx is not None and (not dead_idx.numel() or k_aux < 1):
             dead_idx = None
         B = x_c.shape[0]
         rows = encode_block_rows(B, weight.shape[0], x_c.device)
         if rows >= B:
-            val, idx, pre_dead = _encode_rows(x_c, weight, bias, k, dead_idx)
+            val, idx, code = _encode_rows(x_c, weight, bias, k, dead_idx, k_aux)
         else:
             # Row blocks: each block's pre-activations (~16 MiB) are selected while still in cache,
             # and the (B, d_sae) block is never allocated (at d_sae 16k, batch 4096: 2.03 vs 2.08 s
             # per step; docs/benchmarks.md, bench_kernels.py's "encoder forward").
-            parts = [_encode_rows(x_c[r0:r0 + rows], weight, bias, k, dead_idx) for r0 in range(0, B, rows)]
+            code = None if dead_idx is None else torch.empty(B, dead_idx.numel(), dtype=weight.dtype, device=x_c.device)
+            parts = [_encode_rows(x_c[r0:r0 + rows], weight, bias, k, dead_idx, k_aux,
+                                  None if code is None else code[r0:r0 + rows]) for r0 in range(0, B, rows)]
             val, idx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            pre_dead = None if dead_idx is None else torch.cat([p[2] for p in parts])
             del parts
         if dead_idx is None:
-            pre_dead = val.new_zeros(B, 0)
+            code = val.new_zeros(B, 0)
         sel = ByLatent.build(idx, weight.shape[0])
         box.append(sel)
-        ctx.save_for_backward(x_c, weight, idx, val, sel.order, sel.crow, sel.cols, dead_idx)
+        ctx.save_for_backward(x_c, weight, idx, val, sel.order, sel.crow, sel.cols, dead_idx, code)
         ctx.mark_non_differentiable(idx)
         ctx.set_materialize_grads(False)  # an unused output (no AuxK term) costs no dense matmul
-        return val, idx, pre_dead
+        return val, idx, code
 
     @staticmethod
-    def backward(ctx, grad_val, grad_idx, grad_pre_dead):
-        x_c, weight, idx, val, order, crow, cols, dead_idx = ctx.saved_tensors
+    def backward(ctx, grad_val, grad_idx, grad_code):
+        x_c, weight, idx, val, order, crow, cols, dead_idx, code = ctx.saved_tensors
         dt = weight.dtype
         # ReLU: no gradient where the selected pre-activation was <= 0.
         g = torch.zeros_like(val) if grad_val is None else grad_val.to(dt)
         g = torch.where(val > 0, g, torch.zeros((), dtype=dt, device=val.device))
         g_dead = None
-        if dead_idx is not None and grad_pre_dead is not None:
-            g_dead = grad_pre_dead.to(dt)
+        if dead_idx is not None and grad_code is not None:
+            # The code is ReLU(pre) where selected, else 0: its gradient reaches pre where it is > 0,
+            # and sign(code) is that 0/1 mask (torch.where is ~5x slower on CPU here), multiplied in place.
+            g_dead = torch.sign(code).mul_(grad_code)
         need_x, need_b_dec, need_w, need_b = ctx.needs_input_grad[:4]
         grad_x = grad_b_dec = grad_w = grad_b = None
         if need_x:
@@ -133,7 +137,7 @@ class _TopKEncode(torch.autograd.Function):
             # x_c = x - b_dec: b_dec's gradient is minus the sum over rows of x_c's, which is
             # grad_b @ W; one (d_sae) x (d_sae, d_in) product instead of the (B, d_in) gradient.
             grad_b_dec = (-grad_x.sum(0) if grad_x is not None else -(grad_b @ weight)).to(x_c.dtype)
-        return grad_x, grad_b_dec, grad_w, grad_b if need_b else None, None, None, None
+        return grad_x, grad_b_dec, grad_w, grad_b if need_b else None, None, None, None, None
 
 
 ENCODE_BLOCK_BYTES = 16 * 2**20  # pre-activations per row block on CPU: about half the L3 of one CCX
@@ -149,56 +153,62 @@ def encode_block_rows(B: int, d_sae: int, device: torch.device) -> int:
 
 
 def _encode_rows(x_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
-                 dead_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``val`` (ReLU'd), ``idx`` of the top k, and the dead latents' pre-activations, for rows ``x_c``."""
+                 dead_idx: torch.Tensor | None, k_aux: int, code_out: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``val`` (ReLU'd), ``idx`` of the top k, and AuxK's code over ``dead_idx`` (into ``code_out``
+    when given), for rows ``x_c``."""
     pre = linear(x_c, weight, bias)  # oneDNN on CPU; addmm elsewhere, where autocast applies (bf16 on CUDA)
     val, idx = topk(pre, k)
-    pre_dead = None if dead_idx is None else pre.index_select(1, dead_idx).to(weight.dtype)
-    return F.relu(val).to(weight.dtype), idx, pre_dead
+    # AuxK's selection while the block is in cache (CPU): no (B, n_dead) pre-activations kept.
+    code = None if dead_idx is None else aux_code(pre, dead_idx, k_aux, weight.dtype, out=code_out)
+    return F.relu(val).to(weight.dtype), idx, code
 
 
 def topk_encode(x: torch.Tensor, b_dec: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
-                dead_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ByLatent]:
-    """``val, idx`` of ``TopK_k(ReLU((x - b_dec) @ weight.T + bias))``, ``pre_dead``: the dense
-    ``(B, n_dead)`` pre-activations of the latents ``dead_idx`` (``(B, 0)`` when None or empty),
-    for AuxK, and the selection :class:`ByLatent`. Gradients flow to ``x``, ``b_dec``, ``weight``
-    and ``bias`` through ``val`` and ``pre_dead``; through ``val`` they touch only the selected
-    latents."""
+                dead_idx: torch.Tensor | None = None, k_aux: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ByLatent]:
+    """``val, idx`` of ``TopK_k(ReLU((x - b_dec) @ weight.T + bias))``; ``code``, AuxK's dense
+    ``(B, n_dead)`` code over the latents ``dead_idx``: ReLU of each row's ``k_aux`` largest of
+    their pre-activations, 0 elsewhere (``(B, 0)`` when None, empty or ``k_aux`` < 1); and the
+    selection :class:`ByLatent`. Gradients flow to ``x``, ``b_dec``, ``weight`` and ``bias``
+    through ``val`` and ``code``, touching only the selected (and positive) entries."""
     box: list[ByLatent] = []
-    val, idx, pre_dead = _TopKEncode.apply(x, b_dec, weight, bias, k, dead_idx, box)
-    return val, idx, pre_dead, box[0]
+    val, idx, code = _TopKEncode.apply(x, b_dec, weight, bias, k, dead_idx, k_aux, box)
+    return val, idx, code, box[0]
 
 
-def aux_topk(pre_dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-    """Dense ``(B, n_dead)`` AuxK code: ``ReLU`` of each row's top ``k_aux`` entries, 0 elsewhere."""
-    pos = torch.topk(pre_dead.detach(), min(k_aux, pre_dead.shape[1]), dim=-1, sorted=False).indices
-    return torch.zeros_like(pre_dead).scatter(1, pos, F.relu(pre_dead.gather(1, pos)))
-
-
-class _DenseDecode(torch.autograd.Function):
-    """``code @ rows`` whose backward takes :func:`~trainer.saes.linear.linear` for the code's
-    gradient ``grad @ rows.T`` (the product MKL runs slowest on CPU)."""
+class _AuxDecode(torch.autograd.Function):
+    """``code @ W_dec[dead_idx]`` on CPU. The backward takes :func:`~trainer.saes.linear.linear`
+    for the code's gradient ``grad @ rows.T`` (the product MKL runs slowest on CPU), and returns
+    W_dec's gradient as a sparse tensor of its ``n_dead`` rows, which autograd adds into the
+    decoder's dense gradient in place (``index_select``'s backward would fill a dense
+    ``(d_sae, d_in)`` zeros and add it: ~40 ms a step at d_sae 16k, docs/benchmarks.md)."""
 
     @staticmethod
-    def forward(ctx, code, rows):
-        ctx.save_for_backward(code, rows)
+    def forward(ctx, code, W_dec, dead_idx):
+        rows = W_dec.index_select(0, dead_idx)
+        ctx.save_for_backward(code, rows, dead_idx)
+        ctx.shape = W_dec.shape
         return code @ rows
 
     @staticmethod
     def backward(ctx, grad_out):
-        code, rows = ctx.saved_tensors
+        code, rows, dead_idx = ctx.saved_tensors
         grad_code = linear(grad_out, rows) if ctx.needs_input_grad[0] else None
-        grad_rows = code.t() @ grad_out if ctx.needs_input_grad[1] else None
-        return grad_code, grad_rows
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.sparse_coo_tensor(dead_idx.unsqueeze(0), code.t() @ grad_out, ctx.shape,
+                                             is_coalesced=bool((dead_idx[1:] > dead_idx[:-1]).all()),
+                                             check_invariants=False)  # rows of W_dec: in range by construction
+        return grad_code, grad_w, None
 
 
-def dense_decode(code: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``code @ rows`` for AuxK's dense ``(B, n_dead)`` code and the dead latents' decoder rows.
-    On CPU without autocast through :class:`_DenseDecode`; elsewhere (a GPU, autocast's casts)
-    plain autograd."""
-    if code.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and code.dtype == rows.dtype:
-        return _DenseDecode.apply(code, rows)
-    return code @ rows
+def aux_decode(code: torch.Tensor, W_dec: torch.Tensor, dead_idx: torch.Tensor) -> torch.Tensor:
+    """``code @ W_dec[dead_idx]`` for AuxK's dense ``(B, n_dead)`` code. On CPU without autocast
+    through :class:`_AuxDecode`; elsewhere (a GPU, autocast's casts) plain autograd."""
+    if code.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and code.dtype == W_dec.dtype:
+        return _AuxDecode.apply(code, W_dec, dead_idx)
+    return code @ W_dec.index_select(0, dead_idx)
 
 
 class _SparseDecode(torch.autograd.Function):

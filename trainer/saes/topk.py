@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from trainer.saes.base import SAE, SAEOutput, StepContext
-from trainer.saes.sparse_ops import aux_topk, dense_decode, densify, sparse_decode, squared_error, topk_encode
+from trainer.saes.sparse_ops import aux_decode, densify, sparse_decode, squared_error, topk_encode
 
 
 class TopKSAE(SAE):
@@ -23,7 +23,7 @@ class TopKSAE(SAE):
         dead_idx = None
         if self.training and self.cfg.k_aux > 0:
             dead_idx = self.dead_mask().nonzero().squeeze(1)
-        val, idx, pre_dead, sel = topk_encode(x, self.b_dec, self.W_enc, self.b_enc, k, dead_idx)
+        val, idx, aux_code, sel = topk_encode(x, self.b_dec, self.W_enc, self.b_enc, k, dead_idx, self.cfg.k_aux)
         x_hat = sparse_decode(idx, val, self.W_dec, self.b_dec, sel)
         sq, err = squared_error(x, x_hat)
         # Scale-free loss: fraction of variance unexplained (sparsify / OpenAI).
@@ -31,11 +31,11 @@ class TopKSAE(SAE):
         fvu = sq / total_var
         terms = {"fvu": fvu.detach()}
         loss = fvu
-        if pre_dead.shape[1]:
+        if aux_code.shape[1]:
             # AuxK: dead latents learn to explain what the live ones leave over. k_aux is a large
             # share of the dead latents, so a dense decode with their W_dec rows (gathered once)
             # beats gathering k_aux rows per token.
-            e_hat = dense_decode(aux_topk(pre_dead, self.cfg.k_aux), self.W_dec.index_select(0, dead_idx))
+            e_hat = aux_decode(aux_code, self.W_dec, dead_idx)
             aux = squared_error(err, e_hat)[0] / total_var  # err carries no gradient
             loss = loss + self.cfg.aux_coef * aux
             terms["auxk_loss"] = aux.detach()
