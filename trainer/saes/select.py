@@ -146,8 +146,8 @@ def aux_code_rows(pre, bits, dead, k_aux, bit_masks, sign, out):
 
     The threshold is found bit by bit on the values' order-preserving integer keys (flip every
     bit of a negative float, the sign bit of a positive one): one counting pass per bit, which
-    vectorises and never branches on the data (a quickselect mispredicts about every other
-    comparison on random rows: 4x slower here). A row holding NaN keeps every entry (NaN passes
+    vectorises and never branches on the data (a quickselect, which mispredicts about every
+    other comparison on random rows, ran 2x slower here: docs/benchmarks.md). A row holding NaN keeps every entry (NaN passes
     ReLU, as in torch), so the AuxK loss turns non-finite and the step is skipped."""
     B = pre.shape[0]
     n = dead.shape[0]
@@ -172,7 +172,9 @@ def aux_code_rows(pre, bits, dead, k_aux, bit_masks, sign, out):
                     v = vals[j]
                     o[j] = zero if v <= zero else v
                 continue
-            t = none  # the largest key that at least k_aux keys reach: the k_aux-th largest
+            # t: the k_aux-th largest key, built from the top bit down, or as soon as exactly
+            # k_aux keys reach it, that bound: either way the keys above t, then those equal to it, are the k_aux.
+            t = none
             for i in range(bit_masks.shape[0] - 1, -1, -1):
                 cand = t | bit_masks[i]
                 c = 0
