@@ -173,7 +173,8 @@ def test_by_latent_sample_is_the_sampled_product():
 
 def test_no_dead_latents_gives_empty_aux():
     x = torch.randn(4, 6)
-    val, idx, code, _ = topk_encode(x, torch.zeros(6), torch.randn(10, 6), torch.zeros(10), 3, torch.zeros(0, dtype=torch.int64), 2)
+    val, idx, code, _ = topk_encode(x, torch.zeros(6), torch.randn(10, 6), torch.zeros(10), 3,
+                                    torch.zeros(0, dtype=torch.int64), 2)
     assert val.shape == idx.shape == (4, 3) and code.shape == (4, 0)
     assert (val >= 0).all()
 

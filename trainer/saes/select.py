@@ -172,8 +172,9 @@ def aux_code_rows(pre, bits, dead, k_aux, bit_masks, sign, out):
                     v = vals[j]
                     o[j] = zero if v <= zero else v
                 continue
-            # t: the k_aux-th largest key, built from the top bit down, or as soon as exactly
-            # k_aux keys reach it, that bound: either way the keys above t, then those equal to it, are the k_aux.
+            # t: the k_aux-th largest key, built from the top bit down, or, once exactly k_aux
+            # keys reach it, that bound: either way the keys above t, then those equal to it,
+            # are the k_aux largest.
             t = none
             for i in range(bit_masks.shape[0] - 1, -1, -1):
                 cand = t | bit_masks[i]
