@@ -35,8 +35,8 @@ grid):
   code's waiting for the encoder; then ``squared_error``'s backward (one B x d_in), the
   decoder's W_dec gradient (on CPU ``latent_kernels.decoder_grads`` with the by-latent pattern,
   AuxK's rows added in place; elsewhere embedding_bag's dense backward summed with AuxK's: 3
-  d_sae x d_in at the sum), ``_TopKEncode.backward``: the code's gradient masked into a copy
-  (``sign(code).mul_``), W_enc.grad (on CPU written once by ``latent_kernels``; elsewhere
+  d_sae x d_in at the sum), ``_TopKEncode.backward``: the code's gradient masked in place
+  (``latent_kernels.mask_to_positive_``), W_enc.grad (on CPU written once by ``latent_kernels``; elsewhere
   ``sparse.mm``'s zeros and result); b_dec's share
   through x - b_dec is ``grad_b @ W_enc`` (no B x d_in gradient of x).
 * ``optimizer``: Adam as ``trainer.train.make_optimizer`` builds it: fused (no temporaries), per
@@ -261,7 +261,8 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
     block of pre-activations into one preallocated code; elsewhere ``index_select``, ``topk`` and a
     scatter into ``zeros_like``), which it returns. ``aux_decode`` decodes it with ``W_dec``'s dead
     rows (n_dead x d_in, saved; under autocast ``mm`` saves bf16 copies of both). Backward: the
-    code's gradient waits for the encoder's node, where ``sign(code).mul_(grad)`` masks it; on CPU
+    code's gradient waits for the encoder's node, which masks it in place
+    (``latent_kernels.mask_to_positive_``); on CPU
     W_dec's AuxK gradient is a sparse tensor of its n_dead rows, added in place into the decoder's
     dense one, elsewhere ``index_select``'s backward (a ``zeros(d_sae, d_in).index_add``)."""
     B, d, n, k, nd, ka = s.batch_size, s.d_in, s.d_sae, s.k, s.n_dead, s.ka
@@ -311,9 +312,11 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
         # the decoder's dense W_dec gradient (+ AuxK's: in place on CPU, else a sum: 3 buffers at it).
         "backward.decode": _merge(enc, {"saved": Bd, "activations": pending}, _grads(1 + 2 * full, s)),
         # W_dec.grad and W_enc.grad: on CPU written once (latent_kernels.weight_grad); elsewhere
-        # sparse.mm's zeros and result; g and the CSR values; AuxK: the code's gradient and its
-        # masked copy, and the dead rows' product (n_dead x d_in) added into W_enc.grad.
-        "backward.encode": _merge(enc, {"saved": Bd, "activations": 12 * B * k + (2 * Bnd + nD if nd else 0)},
+        # sparse.mm's zeros and result; g and the CSR values; AuxK: the code's gradient (masked in
+        # place: on CPU tensors by a kernel, elsewhere through two bool masks) and the dead rows' product
+        # (n_dead x d_in) added into W_enc.grad.
+        "backward.encode": _merge(enc, {"saved": Bd, "activations": 12 * B * k + (
+            Bnd + (0 if s.cpu_kernels else 2 * B * nd) + nD if nd else 0)},
                                   _grads(2 if s.cpu_kernels else 3, s)),
     })
     return phases, _merge(after, casts)

@@ -69,3 +69,18 @@ def test_supported_dtypes_and_devices():
     assert LK.supported(x, x) and LK.supported(x.double(), x.double())
     assert not LK.supported(x, x.double()) and not LK.supported(x.bfloat16(), x.bfloat16())
     assert not LK.supported(x.half(), x.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mask_to_positive_in_place(dtype):
+    """AuxK's gradient mask: kept where the code is > 0, 0 where it is 0, -0.0 or NaN; in place,
+    on the kernel (contiguous CPU) and on masked_fill_ (a strided view)."""
+    g = torch.Generator().manual_seed(2)
+    code = torch.randn(37, 29, generator=g, dtype=torch.float64).relu().to(dtype)
+    code[3, 4], code[5, 6] = -0.0, float("nan")
+    grad = torch.randn(37, 29, generator=g, dtype=torch.float64).to(dtype)
+    ref = torch.where(code > 0, grad, torch.zeros((), dtype=dtype))
+    for g_in, c_in in ((grad.clone(), code), (grad.t().contiguous().t(), code.t().contiguous().t())):
+        out = LK.mask_to_positive_(g_in, c_in)
+        assert out is g_in
+        assert torch.equal(out, ref)

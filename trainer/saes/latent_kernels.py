@@ -189,3 +189,22 @@ def decode(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor, bias: torch.T
 
 
 __all__ = ["BLOCKS", "GROUP", "decode", "decoder_grads", "supported", "weight_grad"]
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _keep_positive(grad, code):
+    n = grad.shape[0]
+    for blk in prange(BLOCKS):
+        for i in range(n * blk // BLOCKS, n * (blk + 1) // BLOCKS):
+            grad[i] = grad[i] if code[i] > 0 else 0.0
+
+
+def mask_to_positive_(grad: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """``grad`` with 0 wherever ``code`` is not > 0 (NaN included), in place, without the bool
+    mask and float copy of it that ``grad.mul_(code > 0)`` makes: AuxK's code gradient, which
+    with every latent dead is a step's largest tensor. Kernel for contiguous CPU float32/64,
+    ``masked_fill_`` otherwise."""
+    if supported(grad, code) and grad.is_contiguous() and code.is_contiguous() and grad.shape == code.shape:
+        _keep_positive(grad.view(-1).numpy(), code.view(-1).numpy())
+        return grad
+    return grad.masked_fill_(~(code > 0), 0)

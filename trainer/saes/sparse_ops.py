@@ -109,9 +109,10 @@ class _TopKEncode(torch.autograd.Function):
         g = torch.where(val > 0, g, torch.zeros((), dtype=dt, device=val.device))
         g_dead = None
         if dead_idx is not None and grad_code is not None:
-            # The code is ReLU(pre) where selected, else 0: its gradient reaches pre where it is > 0,
-            # and sign(code) is that 0/1 mask (torch.where is ~5x slower on CPU here), multiplied in place.
-            g_dead = torch.sign(code).mul_(grad_code)
+            # The code is ReLU(pre) where selected, else 0: its gradient reaches pre where it is > 0.
+            # Masked in place (the code's gradient has no other reader): a (B, n_dead) copy would
+            # be the step's largest temporary with every latent dead (docs/benchmarks.md, wh2.py).
+            g_dead = latent_kernels.mask_to_positive_(grad_code.to(dt), code)
         need_x, need_b_dec, need_w, need_b = ctx.needs_input_grad[:4]
         grad_x = grad_b_dec = grad_w = grad_b = None
         if need_x:
