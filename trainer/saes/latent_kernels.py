@@ -194,9 +194,14 @@ __all__ = ["BLOCKS", "GROUP", "decode", "decoder_grads", "supported", "weight_gr
 @njit(cache=True, parallel=True, nogil=True)
 def _keep_positive(grad, code):
     n = grad.shape[0]
+    zero = grad.dtype.type(0.0)
     for blk in prange(BLOCKS):
-        for i in range(n * blk // BLOCKS, n * (blk + 1) // BLOCKS):
-            grad[i] = grad[i] if code[i] > 0 else 0.0
+        # A slice per block: indexing the whole array with the block's (signed) positions keeps
+        # numba's negative-index check in the loop, which then does not vectorise (16x slower).
+        g = grad[n * blk // BLOCKS: n * (blk + 1) // BLOCKS]
+        c = code[n * blk // BLOCKS: n * (blk + 1) // BLOCKS]
+        for i in range(g.size):
+            g[i] = g[i] if c[i] > zero else zero
 
 
 def mask_to_positive_(grad: torch.Tensor, code: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,8 @@ class _TopKEncode(torch.autograd.Function):
         if dead_idx is not None and grad_code is not None:
             # The code is ReLU(pre) where selected, else 0: its gradient reaches pre where it is > 0.
             # Masked in place (the code's gradient has no other reader): a (B, n_dead) copy would
-            # be the step's largest temporary with every latent dead (docs/benchmarks.md, wh2.py).
+            # be the step's largest temporary with every latent dead; torch.where is also ~9x slower
+            # than the kernel (docs/benchmarks.md, wh2.py).
             g_dead = latent_kernels.mask_to_positive_(grad_code.to(dt), code)
         need_x, need_b_dec, need_w, need_b = ctx.needs_input_grad[:4]
         grad_x = grad_b_dec = grad_w = grad_b = None
