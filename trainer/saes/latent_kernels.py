@@ -188,9 +188,6 @@ def decode(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor, bias: torch.T
     return out
 
 
-__all__ = ["BLOCKS", "GROUP", "decode", "decoder_grads", "supported", "weight_grad"]
-
-
 @njit(cache=True, parallel=True, nogil=True)
 def _keep_positive(grad, code):
     n = grad.shape[0]
@@ -213,3 +210,6 @@ def mask_to_positive_(grad: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         _keep_positive(grad.view(-1).numpy(), code.view(-1).numpy())
         return grad
     return grad.masked_fill_(~(code > 0), 0)
+
+
+__all__ = ["BLOCKS", "GROUP", "decode", "decoder_grads", "mask_to_positive_", "supported", "weight_grad"]
