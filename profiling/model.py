@@ -359,8 +359,8 @@ def _dense_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
     U, cells = unique_pairs(s), _dense_cells(n)
     small = _penalty_small(s)
     return {
-        # the compare's bool per entry and its packbits (the bitmap of the pairs).
-        "penalty.mark": {"penalty": small + cells + cells // 8},
+        # the bitmap of the pairs (pair_kernels.pair_bitmap: a bit per entry, no bool array).
+        "penalty.mark": {"penalty": small + cells // 8},
         # bitmap, per-latent counts and offsets; keys and q (the moments).
         "penalty.R": {"penalty": small + cells // 8 + 16 * n + U * (8 + c)},
         # saved and held (s, perm, vs, bitmap, offsets, mu~, s_diag) and the moments; the
