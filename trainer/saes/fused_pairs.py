@@ -410,10 +410,10 @@ class DensePairs:
     def release(self) -> None:
         """Put the dense array back at rest and give it back: this object is unusable afterwards."""
         if self.keys is not None:
+            numba.set_num_threads(kernel_threads())
             if self.qd.size <= _FILL_PER_WRITE * self.keys.size:  # a sequential fill beats U scattered writes
-                self.qd.fill(-0.0)
+                kern.fill(self.qd, self.qd.dtype.type(-0.0), n_slices())
             else:
-                numba.set_num_threads(kernel_threads())
                 kern.reset_pairs(self.qd, self.layout.base, self.keys.view(np.uint64), self.off, -0.0)
             self._state["keys"] = None
             _CLEAN.give(self.qd)
