@@ -211,12 +211,24 @@ def _serve(info):
                 res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(DEV) / 2**20
             _say(res)
             return
-        prepare(cmd)
-        _sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        extra = step(cmd["i"])
-        _sync()
-        _say({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, **(extra or {})})
+        # A round is `reps` consecutive steps (prepare untimed before each), reported per step:
+        # short steps are timed over a span the timer and the machine's noise do not dominate.
+        reps = int(cmd.get("reps", 1))
+        wall = cpu = 0.0
+        seen = {}
+        for r in range(reps):
+            prepare(cmd)
+            _sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            extra = step(cmd["i"] * reps + r) or {}
+            _sync()
+            wall += time.perf_counter() - t0
+            cpu += time.process_time() - c0
+            for key, v in extra.items():
+                seen.setdefault(key, []).append(v)
+        out = {key: (any(v) if all(isinstance(x, bool) for x in v) else
+                     sum(v) / reps if all(isinstance(x, float) for x in v) else v[-1]) for key, v in seen.items()}
+        _say({**out, "wall": wall / reps, "cpu": cpu / reps, "reps": reps})
 '''
 
 # Our trainer: a real ``Trainer`` on a small store of the same width, whose ``_step`` (forward,
@@ -332,21 +344,32 @@ class StepWorker:
 
 
 def timed_rounds(workers: dict[str, StepWorker], repeats: int, *, warmup: int = 1, start: int = 0,
-                 log: bool = True, **kw: Any) -> dict[str, list[dict[str, Any]]]:
-    """``warmup`` untimed steps per worker, then ``repeats`` rounds in rotated order."""
+                 round_s: float = 0.0, max_reps: int = 64, log: bool = True,
+                 **kw: Any) -> dict[str, list[dict[str, Any]]]:
+    """``warmup`` untimed steps per worker, then ``repeats`` rounds in rotated order. With
+    ``round_s`` a round of a worker whose warm-up step took less is as many consecutive steps as
+    fill about that many seconds, sized on one more untimed step (1 to ``max_reps``; each result is
+    the mean per step, ``reps`` says how many): a 15 ms step timed alone after another process ran mostly measures cold caches and
+    timer noise, not the steady state of a training run."""
     names = list(workers)
     for name in names:  # all started in parallel; wait until each is set up
         workers[name].info  # noqa: B018
+    reps = dict.fromkeys(names, 1)
     for w in range(warmup):
         for name in names:
-            workers[name].step(start + w, **kw)
+            t = workers[name].step(start + w, **kw)
+            if w == warmup - 1 and t["wall"] < round_s:
+                # A first step carries one-off costs (allocations, JIT): size the rounds on a second.
+                t = workers[name].step(start + w, **kw)
+                reps[name] = max(1, min(max_reps, round(round_s / max(t["wall"], 1e-9))))
     res: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for r, order in enumerate(rounds(names, repeats)):
         for name in order:
-            t = workers[name].step(start + warmup + r, **kw)
+            t = workers[name].step(start + warmup + r, reps=reps[name], **kw)
             res[name].append(t)
             if log:
-                print(f"  round {r + 1}/{repeats} {name}: {t['wall']:.3f} s wall, {t['cpu']:.3f} s CPU"
+                print(f"  round {r + 1}/{repeats} {name}: {t['wall']:.4f} s wall, {t['cpu']:.4f} s CPU per step"
+                      + (f" (mean of {t['reps']})" if t.get("reps", 1) > 1 else "")
                       + (" (SKIPPED: non-finite)" if t.get("skipped") else ""), file=sys.stderr, flush=True)
     return res
 

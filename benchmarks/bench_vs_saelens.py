@@ -28,7 +28,9 @@ d_sae 16,384, k 64, batch 4,096 (``--quick``: d_sae 2,048, batch 1,024), float32
 
 Each setup runs in its own process (SAELens with its own interpreter), driven step by step over a
 pipe, so they are timed alternately in one run: one untimed warm-up step each, then ``--repeats``
-rounds of one step per setup in rotated order; tokens/s = batch / median step wall time. Two
+rounds per setup in rotated order, a round being as many consecutive steps as fill about
+``--round-s`` seconds (one for the steps at d_sae 16,384; 10-40 at the demo's size), timed step by
+step and averaged; tokens/s = batch / median step wall time. Two
 scenarios: no dead latents (a fresh SAE: AuxK is skipped on both sides), and the same
 ``--dead-frac`` of latents forced dead on every step on both sides (AuxK active: k_aux = d_in / 2
 on both). Ratios ours / SAELens are of tokens/s; the CPU time of each step (all threads) is the
@@ -108,20 +110,27 @@ def check_saelens(python: str) -> str | None:
     return None
 
 
+def _s(seconds: float) -> str:
+    """Seconds with 3 decimals, 4 below 0.1 s (the demo-size steps take ~15 ms)."""
+    return f"{seconds:.3f}" if seconds >= 0.1 else f"{seconds:.4f}"
+
+
 def _section(label: str, res: dict[str, list[dict]], B: int, main_size: bool) -> tuple[list[str], bool]:
     """One scenario's table; whether every goal in it is met."""
     wall = {n: C.med(t["wall"] for t in res[n]) for n in res}
     cpu = {n: C.med(t["cpu"] for t in res[n]) for n in res}
     lines = [f"#### {label}", "",
-             "| implementation | tokens/s | step wall s (median) | step CPU s (median) | wall s of each step "
+             "| implementation | tokens/s | step wall s (median) | step CPU s (median) | wall s per step, each round "
              "| encoder matmul alone s (median) | step outside the matmul | torch addmm alone s (median) "
              "| ours / SAELens (wall) | ours / SAELens (CPU time) | step / topk's step | goal | |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     ok_all = True
     topk = wall.get("ours topk")
     for n in res:
-        each = ", ".join(f"{t['wall']:.2f}" for t in res[n])
-        row = f"| {n} | {B / wall[n]:,.0f} | {wall[n]:.3f} | {cpu[n]:.3f} | {each} |"
+        each = ", ".join(_s(t["wall"]) for t in res[n])
+        steps = {t.get("reps", 1) for t in res[n]}
+        each += "" if steps == {1} else f" ({'/'.join(map(str, sorted(steps)))} steps each)"
+        row = f"| {n} | {B / wall[n]:,.0f} | {_s(wall[n])} | {_s(cpu[n])} | {each} |"
         if n == "sae-lens":
             lines.append(row + " | | | | | | | |")
             continue
@@ -138,8 +147,8 @@ def _section(label: str, res: dict[str, list[dict]], B: int, main_size: bool) ->
             goals.append(f"<= {GOAL_VS_TOPK:g}x topk")
             oks.append(vs_topk <= GOAL_VS_TOPK)
         ok_all &= all(oks)
-        row += (f" {mm:.3f} | {1 - mm / wall[n]:.0%} |" if mm else " | |")
-        row += f" {mm_addmm:.3f} |" if mm_addmm else " |"
+        row += (f" {_s(mm)} | {1 - mm / wall[n]:.0%} |" if mm else " | |")
+        row += f" {_s(mm_addmm)} |" if mm_addmm else " |"
         row += f" **{r:.2f}x** | {rc:.2f}x | {'' if vs_topk is None else f'{vs_topk:.2f}x'} |"
         row += f" {', '.join(goals)} | {', '.join(C.met(o) for o in oks)} |"
         lines.append(row)
@@ -182,7 +191,8 @@ def _run_size(a, device: torch.device, d_in: int, d_sae: int, B: int, work: Path
         start = 0
         for label, frac in scenarios:
             print(f"scenario: {label}", file=sys.stderr, flush=True)
-            res = C.timed_rounds(workers, a.repeats, warmup=1, start=start, dead_frac=frac, time_matmul=True)
+            res = C.timed_rounds(workers, a.repeats, warmup=1, start=start, round_s=a.round_s, dead_frac=frac,
+                                 time_matmul=True)
             start += a.repeats + 1
             results.append((label, res))
     finally:
@@ -205,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"d_sae {DEMO_SIZE[1]}, batch {DEMO_SIZE[2]})")
     ap.add_argument("--archs", nargs="+", default=["topk", "dyncorr"], choices=["topk", "dyncorr"])
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per scenario, default 5 (quick: 3)")
+    ap.add_argument("--round-s", type=float, default=0.5,
+                    help="seconds of consecutive steps per round and setup (the step count is set from the warm-up "
+                         "step, at most 64; 0: one step per round)")
     ap.add_argument("--n-batches", type=int, default=3, help="distinct batches, cycled")
     ap.add_argument("--dead-frac", type=float, default=0.1,
                     help="fraction of latents forced dead in the AuxK scenario (0: skip that scenario)")
@@ -250,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"Ours: torch {torch.__version__}, {ours_threads} threads, torch's huge-page advice "
                 f"{'on' if ours_thp else 'off'} (`THP_MEM_ALLOC_ENABLE`, which importing `trainer` sets: "
                 "trainer/hugepages.py; SAELens runs with torch's default, off). Float32 weights on both; one untimed "
-                f"warm-up step per setup and scenario, then the median of {a.repeats} rotated rounds. "
+                f"warm-up step per setup and scenario, then the median of {a.repeats} rotated rounds, a round being "
+                f"as many consecutive steps as fill ~{a.round_s:g} s (each round's mean per step is listed). "
                 "\"encoder matmul alone\": the step's one dense operation (`(x - b_dec) @ W_enc.T + b_enc`) on the "
                 "kernel our step uses (`trainer/saes/linear.py`: "
                 f"{'oneDNN, bias fused' if any(w.info.get('onednn') for w in workers.values()) else 'torch addmm'}), "
