@@ -29,7 +29,7 @@ d_sae 16,384, k 64, batch 4,096 (``--quick``: d_sae 2,048, batch 1,024), float32
 Each setup runs in its own process (SAELens with its own interpreter), driven step by step over a
 pipe, so they are timed alternately in one run: one untimed warm-up step each, then ``--repeats``
 rounds per setup in rotated order, a round being as many consecutive steps as fill about
-``--round-s`` seconds (one for the steps at d_sae 16,384; 10-40 at the demo's size), timed step by
+``--round-s`` seconds (one for the steps at d_sae 16,384; about 10-30 at the demo's size), timed step by
 step and averaged; tokens/s = batch / median step wall time. Two
 scenarios: no dead latents (a fresh SAE: AuxK is skipped on both sides), and the same
 ``--dead-frac`` of latents forced dead on every step on both sides (AuxK active: k_aux = d_in / 2

@@ -14,9 +14,10 @@ sorted independently and every later pass runs slice by slice in parallel, no ru
 
 Sorting. A slice's keys span ``(its latents as lo) x d_sae`` values, ~25 bits at d_sae 16384:
 two or three stable counting passes on digits of at most 13 bits of ``key - base``
-(:func:`radix_sort_slices`) sort it in ~1/4 of numpy's comparison sort (measured 50 vs 225 ms on 8.3M pairs, 2 threads). A
-stable sort on the key alone gives the very order of sorting the whole int64: within a slice
-``pack_pairs`` writes the pairs in ascending ``(b, p, q)``, which is the order of their low bits.
+(:func:`radix_sort_slices`) sort it in ~1/4 of numpy's comparison sort (measured 50 vs 225 ms on
+8.3M pairs, 2 threads). A stable sort on the key alone gives the very order of sorting the whole
+int64: within a slice ``pack_pairs`` writes the pairs in ascending ``(b, p, q)``, which is the
+order of their low bits.
 """
 
 from __future__ import annotations
