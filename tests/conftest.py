@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 # One cache for the whole session, outside the user's: the tiny model is built once, the
-# demo GGUF converted once, and nothing from ~/.cache leaks into the results.
-os.environ.setdefault("ACTCACHE_CACHE", tempfile.mkdtemp(prefix="actcache-test-cache-"))
+# demo GGUF converted once, and nothing from ~/.cache leaks into the results. xdist workers
+# inherit the variable, so only the process that made the directory removes it: left behind,
+# one per run filled the CI disk.
+if "ACTCACHE_CACHE" not in os.environ:
+    _session_cache = tempfile.mkdtemp(prefix="actcache-test-cache-")
+    os.environ["ACTCACHE_CACHE"] = _session_cache
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
