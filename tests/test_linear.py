@@ -57,3 +57,43 @@ def test_a_failing_onednn_call_falls_back_for_good(monkeypatch):
     x, w, b = _operands(3)
     assert torch.equal(L.linear(x, w, b), torch.addmm(b, x, w.t()))
     assert L._onednn_ok is False
+
+
+@pytest.mark.skipif(not L._onednn_available(), reason="this torch has no oneDNN linear")
+def test_packed_weight_gives_the_same_bits(monkeypatch):
+    """The encoder's row blocks share one packed weight: each block's product is bit-identical to
+    the unpacked one, and a block of another size still works."""
+    monkeypatch.setattr(L, "_onednn_ok", None)
+    x, w, b = _operands(3, B=96, d_in=128, d_out=520)
+    packed = L.pack_weight(w, 32)
+    assert packed.is_mkldnn
+    for r0, r1 in ((0, 32), (32, 64), (64, 96), (0, 7)):
+        assert torch.equal(L.linear(x[r0:r1], packed, b), L.linear(x[r0:r1], w, b))
+
+
+def test_pack_weight_leaves_what_linear_would_not_take_to_onednn(monkeypatch):
+    monkeypatch.setattr(L, "_onednn_ok", None)
+    _, w, _ = _operands(4)
+    w64 = w.double()
+    assert L.pack_weight(w64, 16) is w64
+    with torch.enable_grad():
+        wg = w.clone().requires_grad_(True)
+        assert L.pack_weight(wg, 16) is wg
+    monkeypatch.setattr(L, "_onednn_ok", False)
+    assert L.pack_weight(w, 16) is w
+
+
+@pytest.mark.skipif(not L._onednn_available(), reason="this torch has no oneDNN linear")
+def test_packed_weight_survives_onednn_failing(monkeypatch):
+    """If oneDNN's product fails after the weight was packed, addmm gets the dense weight back."""
+    monkeypatch.setattr(L, "_onednn_ok", None)
+    x, w, b = _operands(5)
+    packed = L.pack_weight(w, 64)
+
+    def fail(*a):
+        raise RuntimeError("oneDNN refused")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", fail)
+    got = L.linear(x, packed, b)
+    assert L._onednn_ok is False
+    assert torch.allclose(got, torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-5)

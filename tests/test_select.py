@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.saes import select
-from trainer.saes.select import group_size, topk
+from trainer.saes.select import narrow_limit, topk
 
 
 def _distinct_rows(B: int, S: int, seed: int) -> torch.Tensor:
@@ -15,14 +15,33 @@ def _distinct_rows(B: int, S: int, seed: int) -> torch.Tensor:
     return (base + 0.5 * torch.rand(B, S, generator=g)) * torch.randn(B, 1, generator=g).exp()
 
 
-@pytest.mark.parametrize("B,S,k", [(64, 16384, 64), (96, 4608, 16), (33, 1152, 32), (17, 1000, 3), (8, 515, 8)])
+@pytest.mark.parametrize("B,S,k", [(64, 16384, 64), (96, 4608, 16), (33, 1152, 64), (33, 1152, 32), (17, 1000, 3),
+                                   (8, 515, 8), (5, 64, 64), (6, 300, 1), (7, 40, 39)])
 def test_same_values_and_indices_as_torch_topk(B, S, k):
     pre = _distinct_rows(B, S, seed=S + k) - 0.3 * S
-    assert -(-S // group_size(S, k)) >= 2 * k  # these shapes take the kernel, not the fallback
     val, idx = topk(pre, k)
     ref_val, ref_idx = torch.topk(pre, k, dim=-1, sorted=False)
     assert torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
     assert torch.equal(val.sort(1).values, ref_val.sort(1).values)
+    assert torch.equal(pre.gather(1, idx), val)
+    assert (idx[:, 1:] > idx[:, :-1]).all()  # ascending index order
+
+
+@pytest.mark.parametrize("limit", [0, 1, 100, 10**6])
+def test_any_compaction_point_gives_the_same_selection(limit):
+    """Compacting the keys early (even before the first bit), late, or never: the same top k.
+    Rows of all-equal values, of a few values repeated and of mixed signs included."""
+    g = torch.Generator().manual_seed(limit)
+    pre = torch.randn(12, 700, generator=g)
+    pre[3] = 0.25
+    pre[4] = torch.randint(0, 3, (700,), generator=g).float() - 1
+    pre[5, ::7] = -0.0
+    k = 50
+    val, idx = torch.empty(12, k), torch.empty(12, k, dtype=torch.int64)
+    p = pre.numpy()
+    select.topk_rows(p, p.view(np.uint32), k, select._MASKS32, limit, val.numpy(), idx.numpy())
+    ref = torch.sort(-pre, dim=1, stable=True).indices[:, :k].sort(1).values  # ties: the lowest index
+    assert torch.equal(idx, ref)
     assert torch.equal(pre.gather(1, idx), val)
 
 
@@ -70,23 +89,25 @@ def test_non_finite_rows_rank_like_torch_topk():
 def test_kernel_runs_on_numpy_views_and_falls_back_elsewhere(monkeypatch):
     calls = []
     real = select.topk_rows
-    monkeypatch.setattr(select, "topk_rows", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(select, "topk_rows", lambda *a: calls.append(a[2]) or real(*a))
     pre = _distinct_rows(8, 4096, seed=4)
     topk(pre, 8)
-    assert calls == [8]
-    # float64, a transposed view, autograd, and k too large a share of the row: torch.topk.
-    for args in ((pre.double(), 8), (pre.t(), 2), (pre.clone().requires_grad_(True), 8), (pre, 1500)):
+    topk(pre, 1500)  # a large share of the row too
+    assert calls == [8, 1500]
+    # float64, a transposed view, autograd: torch.topk.
+    for args in ((pre.double(), 8), (pre.t(), 2), (pre.clone().requires_grad_(True), 8)):
         v, i = topk(*args)
         ref = torch.topk(*args, dim=-1, sorted=False)
         assert torch.equal(i.sort(1).values, ref.indices.sort(1).values)
-    assert calls == [8]
+    assert calls == [8, 1500]
+    with pytest.raises(RuntimeError):
+        topk(pre, 4097)  # more than the row holds: torch's own error
 
 
-def test_group_size_bounds():
-    assert group_size(16384, 64) == 64
-    assert group_size(1152, 32) == 9
-    assert group_size(100, 64) == 8
-    assert np.all([8 <= group_size(s, k) <= 64 for s in (64, 999, 10**6) for k in (1, 7, 300)])
+def test_narrow_limit_bounds():
+    assert narrow_limit(16384, 64) == 2048
+    assert narrow_limit(1152, 64) == 144
+    assert narrow_limit(300, 64) == 128  # at least 2k
 
 
 def _aux_reference(pre: torch.Tensor, dead_idx: torch.Tensor, k_aux: int) -> torch.Tensor:

@@ -80,7 +80,7 @@ def test_float32_cpu_kernels_match_float64_autograd(monkeypatch, blocks):
 
     calls = []
     real = select.topk_rows
-    monkeypatch.setattr(select, "topk_rows", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(select, "topk_rows", lambda *a: calls.append(a[2]) or real(*a))
     g = torch.Generator().manual_seed(5)
     B, d_in, d_sae, k = 48, 64, 2048, 8
     x = torch.randn(B, d_in, generator=g) * 2

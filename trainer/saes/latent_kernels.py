@@ -188,6 +188,48 @@ def decode(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor, bias: torch.T
     return out
 
 
+@njit(cache=True, nogil=True)
+def _by_latent(flat, k, d, order, crow, cols):
+    """A counting sort of the selection's flat entries (uint64 latents) by latent, stable (each
+    latent's entries in ascending position), into ``order``, ``crow``, ``cols``; False (the
+    arrays unfinished) when a latent is not below d."""
+    crow[:] = 0
+    for lat in flat:
+        if lat >= d:
+            return False
+        crow[lat + _U1] += 1
+    for j in range(d):
+        crow[j + 1] += crow[j]
+    nxt = crow[:-1].copy()
+    for e in range(flat.size):
+        lat = flat[e]
+        o = nxt[lat]
+        nxt[lat] = o + 1
+        order[o] = e
+        cols[o] = e // k
+    return True
+
+
+_U1 = np.uint64(1)
+
+
+def by_latent(idx: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``order, crow, cols`` of :class:`~trainer.saes.sparse_ops.ByLatent` for a (B, k) CPU int64
+    selection, by one counting sort: what ``argsort(stable=True)``, ``bincount`` and ``cumsum``
+    give, in two passes over the entries (0.63 ms for the argsort alone at B 512, k 64). None
+    where it does not apply: another device or dtype, or an index outside ``0 .. d_sae - 1``."""
+    if idx.device.type != "cpu" or idx.dtype != torch.int64 or idx.dim() != 2:
+        return None
+    n = idx.numel()
+    order, cols = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    crow = torch.empty(d_sae + 1, dtype=torch.int64)
+    # Unsigned: a negative index becomes a huge one, refused by the same bound check.
+    flat = idx.contiguous().view(-1).numpy().view(np.uint64)
+    if not _by_latent(flat, max(1, idx.shape[1]), np.uint64(d_sae), order.numpy(), crow.numpy(), cols.numpy()):
+        return None
+    return order, crow, cols
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def _keep_positive(grad, code):
     n = grad.shape[0]
@@ -212,4 +254,4 @@ def mask_to_positive_(grad: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return grad.masked_fill_(~(code > 0), 0)
 
 
-__all__ = ["BLOCKS", "GROUP", "decode", "decoder_grads", "mask_to_positive_", "supported", "weight_grad"]
+__all__ = ["BLOCKS", "GROUP", "by_latent", "decode", "decoder_grads", "mask_to_positive_", "supported", "weight_grad"]

@@ -1,23 +1,24 @@
-"""Row-wise top-k of the encoder's pre-activations on CPU (numba), in about one read of them,
-and AuxK's selection among the dead latents (:func:`aux_code`).
+"""Row-wise top-k of the encoder's pre-activations on CPU (numba), and AuxK's selection among
+the dead latents (:func:`aux_code`).
 
-``torch.topk`` on a ``(4096, 16384)`` float32 block takes ~90 ms on two cores, ~3 GB/s:
-far from the memory bound of one pass (``benchmarks/bench_kernels.py`` times both). Here each
-row is read once from memory into L2 and then, in part, once more from there:
+``torch.topk`` on a ``(4096, 16384)`` float32 block takes ~90 ms on two cores, ~3 GB/s: far
+from the memory bound of one pass (``benchmarks/bench_kernels.py`` times both). Here each row is
+read once from memory, then worked on in L1/L2:
 
-1. The row is cut into about 4k groups (of 8 to 64 values, :func:`group_size`); each group's
-   maximum is a vectorised reduction. ``tau``, the k-th largest group maximum, is a value at
-   least k entries reach (the k groups whose maximum is at least ``tau`` each hold one), so
-   every entry of the row's top k is ``>= tau``.
-2. The entries ``>= tau``, looked for only in the groups whose maximum reaches it (about a
-   quarter; for i.i.d. rows about 1.1 k entries in all), go through a size-k min-heap that keeps
-   the largest, preferring the lower index on ties.
+1. Each value becomes an order-preserving unsigned key (flip every bit of a negative float, the
+   sign bit of a positive one), and the row's k-th largest key is narrowed bit by bit from the
+   top: one counting pass per bit (:func:`_refine`), which vectorises and never branches on the
+   data, until at most 1/8 of the row reaches the bound (the sign and exponent bits, and a few
+   more).
+2. The keys that reach it are compacted with their positions, and the remaining bits are found
+   on those alone; one last pass over them keeps the keys above the k-th, then those equal to
+   it from the lowest index, in ascending index order.
 
-A row holding NaN or +-inf (read from the exponent bits while the maxima are formed) takes the
-heap over the whole row instead, in which NaN counts as the largest value, as in ``torch.topk``,
-so a non-finite pre-activation still reaches the loss and the step is skipped. The result is
-the same set of values as ``torch.topk``; among exactly equal values at the k-th place the
-lower index is kept (``torch.topk`` leaves that choice unspecified).
+A row holding NaN takes a size-k min-heap over the whole row instead, in which NaN counts as the
+largest value, as in ``torch.topk``, so a non-finite pre-activation still reaches the loss and
+the step is skipped. The result is the same set of values as ``torch.topk``; among exactly equal
+values at the k-th place the lower index is kept (``torch.topk`` leaves that choice unspecified;
+here -0.0 ranks just below +0.0, which only ever picks between zeros that ReLU makes equal).
 """
 
 from __future__ import annotations
@@ -25,11 +26,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numba import njit, prange
-
-
-def group_size(S: int, k: int) -> int:
-    """Values per group: ~4k groups, so a quarter of them reach ``tau`` (the k-th of 4k maxima)."""
-    return max(8, min(64, S // (4 * k)))
 
 
 @njit(inline="always")
@@ -73,67 +69,101 @@ def _heap_select(row, cand, n, k, hv, hi):
             _sift_down(hv, hi, 0, k)
 
 
-_EXP = np.int32(0x7F800000)  # float32 exponent bits: all set for +-inf and NaN
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _candidates(row, bits, k, group, maxima, cand):
-    """The ascending positions of the entries ``>= tau`` into ``cand``, their count returned;
-    -1 when the row holds a non-finite value. fastmath vectorises the group maxima; finiteness
-    is read from the exponent bits (integer tests that fastmath cannot fold away)."""
-    S = row.shape[0]
-    n_groups = maxima.shape[0]
-    bad = np.int32(0)
-    for g in range(n_groups):
-        g0 = g * group
-        m = row[g0]
-        for j in range(g0, min(g0 + group, S)):
-            m = max(m, row[j])
-            bad |= np.int32((bits[j] & _EXP) == _EXP)
-        maxima[g] = m
-    if bad:
-        return -1
-    tau = np.partition(maxima, n_groups - k)[n_groups - k]
-    n = 0
-    for g in range(n_groups):
-        if maxima[g] >= tau:  # about a quarter of the groups: the others hold no candidate
-            for j in range(g * group, min(g * group + group, S)):
-                cand[n] = j  # branch-free compaction
-                n += row[j] >= tau
-    return n
+@njit(inline="always")
+def _refine(keys, k, bit_masks, t, top, n_ge, limit):
+    """Narrow ``t``, a lower bound reached by ``n_ge`` >= k of ``keys`` (unsigned), towards the
+    k-th largest key, bit ``top`` downwards, while more than ``limit`` keys reach it. One counting
+    pass per bit, which vectorises and never branches on the data. Returns ``t, top, n_ge`` where
+    ``top`` is the next bit to try, -1 once t is final: the k-th largest key itself, or a bound
+    exactly k keys reach. Either way the keys above t, then those equal to it, are the k largest."""
+    while top >= 0 and n_ge > limit:
+        cand = t | bit_masks[top]
+        c = 0
+        for key in keys:  # iterated, not indexed: a signed index's wrap-around check stops LLVM vectorising
+            c += key >= cand
+        if c >= k:
+            t, n_ge = cand, c
+            if c == k:  # exactly k keys reach it: no tie to break
+                return t, -1, n_ge
+        top -= 1
+    return t, top, n_ge
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def topk_rows(pre, k, group, val, idx):
-    """``val, idx`` (B, k): the k largest entries of each row of ``pre`` (B, S), unsorted."""
+def topk_rows(pre, bits, k, bit_masks, limit, val, idx):
+    """``val, idx`` (B, k): the k largest entries of each row of ``pre`` (B, S), in ascending index
+    order (module docstring). ``bits``: ``pre`` viewed as unsigned integers of its width,
+    ``bit_masks[i] = 1 << i`` in that type; ``limit``: at most this many keys reaching the bound
+    before the rest of the search runs on them alone."""
     B, S = pre.shape
-    n_groups = (S + group - 1) // group
-    bits = pre.view(np.int32)
-    n_blocks = min(B, 64)  # rows in blocks, so the scratch arrays are allocated once per block
+    sign = bit_masks[-1]
+    ones = ~(sign ^ sign)
+    n_blocks = min(B, 64)
     for blk in prange(n_blocks):
+        keys = np.empty(S, dtype=bits.dtype)
+        sub = np.empty(S, dtype=bits.dtype)
         cand = np.empty(S, dtype=np.int64)
-        maxima = np.empty(n_groups, dtype=pre.dtype)
         for b in range(blk * B // n_blocks, (blk + 1) * B // n_blocks):
-            n = -1
-            if n_groups >= k:
-                n = _candidates(pre[b], bits[b], k, group, maxima, cand)
-            if n < 0:  # a non-finite row, or too few groups: every entry is a candidate
+            row, brow, vb, ib = pre[b], bits[b], val[b], idx[b]
+            nan = False
+            for j in range(S):
+                u = brow[j]
+                keys[j] = u ^ (ones if u & sign else sign)
+                nan |= row[j] != row[j]
+            if nan:
                 for j in range(S):
                     cand[j] = j
-                n = S
-            _heap_select(pre[b], cand, n, k, val[b], idx[b])
+                _heap_select(row, cand, S, k, vb, ib)
+                order = np.argsort(ib)  # the heap's order, put in ascending index order
+                hv, hi = vb[order], ib[order]
+                vb[:] = hv
+                ib[:] = hi
+                continue
+            # The top bits over the whole row, until few keys reach the bound; the rest over those
+            # keys alone, which alone go through the final selection.
+            t, top, _ = _refine(keys, k, bit_masks, sign ^ sign, bit_masks.shape[0] - 1, S, limit)
+            n = 0
+            for j in range(S):  # branch-free compaction
+                kj = keys[j]
+                sub[n] = kj
+                cand[n] = j
+                n += kj >= t
+            t = _refine(sub[:n], k, bit_masks, t, top, n, 0)[0]
+            ties = k
+            for q in range(n):
+                ties -= sub[q] > t
+            p = 0
+            for q in range(n):
+                kq = sub[q]
+                if kq > t or (kq == t and ties > 0):
+                    ties -= kq == t
+                    vb[p] = row[cand[q]]
+                    ib[p] = cand[q]
+                    p += 1
+
+
+_MASKS32 = np.left_shift(np.ones(32, dtype=np.uint32), np.arange(32, dtype=np.uint32))
+
+
+def narrow_limit(S: int, k: int) -> int:
+    """Keys reaching the bound (at most) before :func:`topk_rows` compacts them: 1/8 of the row,
+    and at least 2k. At B 512 / 4096 rows, k 64 (d_sae 1152 / 4608 / 16384): 0.48 / 10.9 / 36.5 ms,
+    against 0.62 / 11.0 / 36.0 ms at 1/32 and 0.50 / 11.0 / 36.1 ms at 1/4; compacting at 2k keys
+    instead costs 58 ms at d_sae 16384 (docs/benchmarks.md)."""
+    return max(2 * k, S // 8)
 
 
 def topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values, indices`` of each row's k largest entries, like ``torch.topk(pre, k, sorted=False)``:
-    the numba kernel for a contiguous float32 CPU block, ``torch.topk`` otherwise."""
+    """``values, indices`` of each row's k largest entries, like ``torch.topk(pre, k, sorted=False)``
+    (the same set, here in ascending index order): the numba kernel for a contiguous float32 CPU
+    block, ``torch.topk`` otherwise."""
     if pre.device.type != "cpu" or pre.dtype != torch.float32 or pre.dim() != 2 or not pre.is_contiguous() \
-            or pre.requires_grad or not 0 < k or -(-pre.shape[1] // group_size(pre.shape[1], k)) < 2 * k:
-        # Elsewhere, and where k is a large share of the row (AuxK's k_aux), torch's own is as fast.
+            or pre.requires_grad or not 0 < k <= pre.shape[1]:
         return torch.topk(pre, k, dim=-1, sorted=False)
     val = torch.empty(pre.shape[0], k, dtype=pre.dtype)
     idx = torch.empty(pre.shape[0], k, dtype=torch.int64)
-    topk_rows(pre.numpy(), k, group_size(pre.shape[1], k), val.numpy(), idx.numpy())
+    p = pre.numpy()
+    topk_rows(p, p.view(np.uint32), k, _MASKS32, narrow_limit(pre.shape[1], k), val.numpy(), idx.numpy())
     return val, idx
 
 
@@ -172,19 +202,7 @@ def aux_code_rows(pre, bits, dead, k_aux, bit_masks, sign, out):
                     v = vals[j]
                     o[j] = zero if v <= zero else v
                 continue
-            # t: the k_aux-th largest key, built from the top bit down, or, once exactly k_aux
-            # keys reach it, that bound: either way the keys above t, then those equal to it,
-            # are the k_aux largest.
-            t = none
-            for i in range(bit_masks.shape[0] - 1, -1, -1):
-                cand = t | bit_masks[i]
-                c = 0
-                for j in range(n):
-                    c += keys[j] >= cand
-                if c >= k_aux:
-                    t = cand
-                    if c == k_aux:  # exactly k_aux keys reach it: no tie to break
-                        break
+            t = _refine(keys, k_aux, bit_masks, none, bit_masks.shape[0] - 1, n, 0)[0]
             ties = k_aux
             for j in range(n):
                 ties -= keys[j] > t

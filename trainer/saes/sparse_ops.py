@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from trainer.saes import latent_kernels
-from trainer.saes.linear import linear
+from trainer.saes.linear import linear, pack_weight
 from trainer.saes.select import aux_code, topk
 
 # CSR matmul is what the encoder backward needs; its "beta" notice would fire in every run.
@@ -51,6 +51,9 @@ class ByLatent:
 
     @classmethod
     def build(cls, idx: torch.Tensor, d_sae: int) -> ByLatent:
+        built = latent_kernels.by_latent(idx, d_sae)  # CPU: one counting sort
+        if built is not None:
+            return cls(*built, (d_sae, idx.shape[0]))
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=idx.device)
@@ -87,7 +90,8 @@ class _TopKEncode(torch.autograd.Function):
             # and the (B, d_sae) block is never allocated (at d_sae 16k, batch 4096: 2.03 vs 2.08 s
             # per step; docs/benchmarks.md, bench_kernels.py's "encoder forward").
             code = None if dead_idx is None else torch.empty(B, dead_idx.numel(), dtype=weight.dtype, device=x_c.device)
-            parts = [_encode_rows(x_c[r0:r0 + rows], weight, bias, k, dead_idx, k_aux,
+            w = pack_weight(weight, rows)  # oneDNN's layout once for every block (bit-identical)
+            parts = [_encode_rows(x_c[r0:r0 + rows], w, bias, k, dead_idx, k_aux,
                                   None if code is None else code[r0:r0 + rows]) for r0 in range(0, B, rows)]
             val, idx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             del parts
