@@ -287,8 +287,8 @@ class StepWorker:
         self._err = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".stderr", delete=False)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
-        # Each side runs with its own library's allocator setting, not one this process inherited:
-        # importing `trainer` asks torch for huge pages (trainer/hugepages.py), SAELens does not.
+        # Both sides run with torch's default allocator setting, not one this process inherited
+        # (trainer/hugepages.py).
         env.pop("THP_MEM_ALLOC_ENABLE", None)
         self.proc = subprocess.Popen([python, "-c", source, json.dumps(params)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True, env=env, cwd=str(REPO))

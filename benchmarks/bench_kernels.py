@@ -10,6 +10,8 @@ On the same float32 tensors (seeded), each kernel against the torch call it repl
   ``torch.topk(sorted=False)``;
 * the encoder's forward as the trainer runs it (``sparse_ops.topk_encode``: row blocks of
   ~16 MiB of pre-activations) vs the same in one product over the batch;
+* the selection's by-latent CSR pattern (``latent_kernels.by_latent``, a counting sort) vs
+  ``argsort(stable=True)``, ``bincount`` and ``cumsum``;
 * the sparse decoder (``latent_kernels.decode``) vs ``embedding_bag`` plus ``b_dec``; the
   decoder's backward (``latent_kernels.decoder_grads``) vs ``sampled_addmm`` and ``sparse.mm``;
   the encoder's weight gradient (``latent_kernels.weight_grad``) vs ``sparse.mm``.
@@ -62,6 +64,15 @@ def _one_product(x, b_dec, W, b, k):
     return val.relu(), idx, ByLatent.build(idx, W.shape[0])
 
 
+def _pattern_torch(idx: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`ByLatent`'s arrays by stable argsort, bincount and cumsum (its path off CPU)."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(d_sae + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
+    return order, crow, torch.div(order, idx.shape[1], rounding_mode="floor")
+
+
 def _sparse_pairs(x, W, b_dec, idx, val, repeats):
     """The sparse decoder and weight gradients, ours vs torch's, checked first."""
     sel = ByLatent.build(idx, W.shape[0])
@@ -73,7 +84,10 @@ def _sparse_pairs(x, W, b_dec, idx, val, repeats):
     torch.testing.assert_close(gv, sel.sample(W, grad_out), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(LK.weight_grad(sel.crow, sel.cols, sel.order, val, x),
                                torch.sparse.mm(sel.csr(val), x), rtol=1e-4, atol=1e-3)
+    if not all(torch.equal(a, r) for a, r in zip(LK.by_latent(idx, W.shape[0]), _pattern_torch(idx, W.shape[0]))):
+        raise SystemExit("the counting sort's CSR pattern differs from argsort's")
     return {
+        "CSR pattern": _pair(lambda: LK.by_latent(idx, W.shape[0]), lambda: _pattern_torch(idx, W.shape[0]), repeats),
         "decode": _pair(lambda: LK.decode(idx, val, W, b_dec),
                         lambda: torch.nn.functional.embedding_bag(idx, W, per_sample_weights=val, mode="sum") + b_dec,
                         repeats),

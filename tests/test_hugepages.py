@@ -1,4 +1,4 @@
-"""trainer asks torch's CPU allocator for transparent huge pages when it is imported before torch."""
+"""trainer leaves torch's CPU allocator at its default (no huge-page advice); a user can opt in."""
 
 from __future__ import annotations
 
@@ -40,21 +40,17 @@ def _probe(first: str, **env: str) -> tuple[int, str]:
 
 @pytest.mark.skipif(not (THP.exists() and SMAPS.exists()) or "[never]" in THP.read_text(),
                     reason="no transparent huge pages on this kernel")
-def test_importing_trainer_before_torch_backs_large_tensors_with_huge_pages():
+def test_importing_trainer_leaves_torchs_default_and_the_user_can_opt_in():
     huge, env = _probe("trainer")
-    assert env == "1" and huge >= 32 << 10  # most of the 64 MB, in 2 MB pages
-    # torch first: trainer can no longer change the allocator, and does not pretend to.
-    huge, env = _probe("torch")
-    assert env == "None" and huge < 8 << 10
-    # The user's opt-out wins.
-    huge, env = _probe("trainer", **{ENV: "0"})
-    assert env == "0" and huge < 8 << 10
+    assert env == "None" and huge < 8 << 10  # torch's default: no advice, 4 KB pages
+    huge, env = _probe("trainer", **{ENV: "1"})
+    assert env == "1" and huge >= 32 << 10  # the user's setting: most of the 64 MB in 2 MB pages
 
 
-def test_the_request_is_skipped_once_torch_is_loaded(monkeypatch):
-    import torch  # noqa: F401
-
-    from trainer.hugepages import request_huge_pages
+def test_huge_pages_requested_reads_the_environment(monkeypatch):
+    from trainer.hugepages import huge_pages_requested
 
     monkeypatch.delenv(ENV, raising=False)
-    assert request_huge_pages() is False and ENV not in os.environ
+    assert huge_pages_requested() is False
+    monkeypatch.setenv(ENV, "1")
+    assert huge_pages_requested() is True

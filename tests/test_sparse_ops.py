@@ -208,3 +208,47 @@ def test_bf16_autocast_hands_over_weight_dtype():
     (x_hat.float().pow(2).sum() + e_hat.float().pow(2).sum()).backward()
     for p in (w, b, W_dec):
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def _topk_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+               b_dec: torch.Tensor, k: int) -> torch.Tensor:
+    val, idx, _, sel = topk_encode(x, b_dec, W_enc, b_enc, k)
+    return squared_error(x, sparse_decode(idx, val, W_dec, b_dec, sel))[0]
+
+
+def test_gradient_storage_is_reused_only_when_nothing_else_holds_it():
+    """The weights' gradients land in storage kept from the previous step once .grad was set to
+    None; accumulating into a live .grad, or a caller still holding the old gradient, gets a
+    fresh array, and every gradient equals a fresh computation's."""
+    g = torch.Generator().manual_seed(7)
+    W_enc = torch.randn(96, 24, generator=g).requires_grad_(True)
+    W_dec = torch.randn(96, 24, generator=g).requires_grad_(True)
+    b_enc, b_dec = torch.zeros(96, requires_grad=True), torch.zeros(24, requires_grad=True)
+    xs = [torch.randn(40, 24, generator=g) for _ in range(3)]
+
+    def grads_of(x):  # a reference without the buffers: separate leaves, same values
+        leaves = [t.detach().clone().requires_grad_(True) for t in (W_enc, b_enc, W_dec, b_dec)]
+        _topk_loss(x, leaves[0], leaves[1], leaves[2], leaves[3], 5).backward()
+        return leaves[0].grad, leaves[2].grad
+
+    _topk_loss(xs[0], W_enc, b_enc, W_dec, b_dec, 5).backward()
+    ptrs = W_enc.grad.data_ptr(), W_dec.grad.data_ptr()
+    W_enc.grad = W_dec.grad = None
+    _topk_loss(xs[1], W_enc, b_enc, W_dec, b_dec, 5).backward()
+    assert (W_enc.grad.data_ptr(), W_dec.grad.data_ptr()) == ptrs  # reused
+    ref_enc, ref_dec = grads_of(xs[1])
+    assert torch.equal(W_enc.grad, ref_enc) and torch.equal(W_dec.grad, ref_dec)
+
+    # Accumulation: .grad still set, so the new gradient must not overwrite it.
+    _topk_loss(xs[2], W_enc, b_enc, W_dec, b_dec, 5).backward()
+    ref2_enc, ref2_dec = grads_of(xs[2])
+    torch.testing.assert_close(W_enc.grad, ref_enc + ref2_enc, rtol=0, atol=1e-5)
+    torch.testing.assert_close(W_dec.grad, ref_dec + ref2_dec, rtol=0, atol=1e-5)
+
+    # A caller keeps the old gradient across zero_grad: it must stay as it was.
+    kept_enc, kept_dec = W_enc.grad, W_dec.grad
+    before = kept_enc.clone(), kept_dec.clone()
+    W_enc.grad = W_dec.grad = None
+    _topk_loss(xs[0], W_enc, b_enc, W_dec, b_dec, 5).backward()
+    assert torch.equal(kept_enc, before[0]) and torch.equal(kept_dec, before[1])
+    assert W_enc.grad.data_ptr() != kept_enc.data_ptr()

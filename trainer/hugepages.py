@@ -1,33 +1,22 @@
-"""Ask torch's CPU allocator for transparent huge pages, before torch is imported.
+"""torch's transparent-huge-page advice for its CPU allocator: left at torch's default (off).
 
-A training step allocates and frees the same large arrays every step (the B x d_sae
-pre-activations, the d_sae x d_in gradients: 0.15-0.27 GB each at d_sae 16,384). glibc hands
-every block above its mmap threshold back to the kernel on free, so each step faults them in
-again, 4 KB at a time: ~0.25 s of a 2.5 s step at that size (docs/benchmarks.md). torch's
-``THP_MEM_ALLOC_ENABLE=1`` makes its CPU allocator ``madvise(MADV_HUGEPAGE)`` blocks of 2 MB and
-more, so the same memory faults in 2 MB at a time. torch reads the variable once, at its first
-allocation (during ``import torch``), hence the variable is set here, in ``trainer``'s package
-init, which runs before any trainer module imports torch. A process that imported torch first
-keeps its setting; ``THP_MEM_ALLOC_ENABLE=0`` in the environment opts out. On kernels whose THP
-mode is ``never`` the advice is a no-op.
+``THP_MEM_ALLOC_ENABLE=1``, read by torch once at its first allocation, makes torch
+``madvise(MADV_HUGEPAGE)`` every block of 2 MB and more, so it faults in 2 MB at a time.
+``trainer`` used to set it at import: when a step allocated (B, d_sae) arrays (0.27 GB each at
+d_sae 16,384), fewer faults saved ~0.28 s of a 2.5 s step. The step no longer allocates those
+(row blocks of pre-activations, gradient storage kept between steps), and on this project's VM
+the advice now costs more than it saves: topk at d_sae 16,384, batch 4,096, 1.83-1.85 s per
+step without it, 2.00-2.02 s with it (system time 0.09 vs 0.41-0.44 s a step); dyncorr within
+noise either way (docs/benchmarks.md). A user can still set it in the environment.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
-__all__ = ["ENV", "huge_pages_requested", "request_huge_pages"]
+__all__ = ["ENV", "huge_pages_requested"]
 
 ENV = "THP_MEM_ALLOC_ENABLE"
-
-
-def request_huge_pages() -> bool:
-    """Set ``THP_MEM_ALLOC_ENABLE=1`` unless the user set it or torch is already loaded; returns
-    whether this process's torch allocator uses huge-page advice."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault(ENV, "1")
-    return huge_pages_requested()
 
 
 def huge_pages_requested() -> bool:

@@ -157,21 +157,27 @@ def _cuts(crow: torch.Tensor) -> torch.Tensor:
 
 
 def weight_grad(crow: torch.Tensor, cols: torch.Tensor, order: torch.Tensor, vals: torch.Tensor,
-                dense: torch.Tensor) -> torch.Tensor:
+                dense: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(d_sae, D)``: row ``j`` is the sum of ``vals`` (B, k) times the ``dense`` (B, D) rows
-    over latent ``j``'s entries of the pattern (``crow``, ``cols``, ``order``)."""
-    out = torch.empty(crow.numel() - 1, dense.shape[1], dtype=dense.dtype)
+    over latent ``j``'s entries of the pattern (``crow``, ``cols``, ``order``); every row of
+    ``out`` (contiguous, when given) is written."""
+    if out is None:
+        out = torch.empty(crow.numel() - 1, dense.shape[1], dtype=dense.dtype)
     _weight_grad(crow.numpy(), cols.numpy(), order.numpy(), vals.detach().contiguous().view(-1).numpy(),
                  dense.detach().contiguous().numpy(), _cuts(crow).numpy(), out.numpy())
     return out
 
 
 def decoder_grads(crow: torch.Tensor, cols: torch.Tensor, order: torch.Tensor, vals: torch.Tensor,
-                  W: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  W: torch.Tensor, grad_out: torch.Tensor, grad_W: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sparse decoder's ``(grad_vals (B, k), grad_W (d_sae, d_in))`` for ``x_hat[b] = sum_p
-    vals[b, p] W[idx[b, p]]``, given ``grad_out`` (B, d_in)."""
+    vals[b, p] W[idx[b, p]]``, given ``grad_out`` (B, d_in); every row of ``grad_W`` (contiguous,
+    when given) is written."""
     vals, W = vals.detach().contiguous(), W.detach().contiguous()
-    grad_vals, grad_W = torch.empty_like(vals), torch.empty_like(W)
+    grad_vals = torch.empty_like(vals)
+    if grad_W is None:
+        grad_W = torch.empty_like(W)
     _decoder_grads(crow.numpy(), cols.numpy(), order.numpy(), vals.view(-1).numpy(), W.numpy(),
                    grad_out.detach().contiguous().numpy(), _cuts(crow).numpy(), grad_vals.view(-1).numpy(),
                    grad_W.numpy())

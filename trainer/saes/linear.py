@@ -43,31 +43,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             except RuntimeError:
                 # A torch build whose oneDNN rejects the call: the portable kernel from now on.
                 _onednn_ok = False
-    if weight.is_mkldnn:  # from pack_weight, before oneDNN failed
-        weight = weight.to_dense()
     return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-
-
-def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """``weight`` in oneDNN's blocked layout for products of ``rows`` rows, where :func:`linear`
-    takes oneDNN for it (float32 on CPU, no autograd through it); ``weight`` itself elsewhere.
-
-    Each oneDNN product packs the panels of its weight itself; products that share one weight
-    (the TopK encoder's row blocks) pack it once this way instead, with the same result to the bit
-    (tests/test_linear.py). At d_sae 16,384, d_in 2,304: 16 blocks of 256 rows 1.45 vs 1.48 s
-    with the 53 ms pack included (docs/benchmarks.md)."""
-    global _onednn_ok
-    if (_onednn_ok is False or weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2
-            or torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and weight.requires_grad)):
-        return weight
-    if _onednn_ok is None:
-        _onednn_ok = _onednn_available()
-    if not _onednn_ok or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return weight
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
-    except RuntimeError:
-        return weight
 
 
 def uses_onednn(x: torch.Tensor) -> bool:

@@ -24,14 +24,48 @@ sparse kernels (which need matching dtypes) and the optimiser see one dtype.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from trainer.saes import latent_kernels
-from trainer.saes.linear import linear, pack_weight
+from trainer.saes.linear import linear
 from trainer.saes.select import aux_code, topk
+
+class GradBuffers:
+    """Storage for the weights' gradients that the sparse backward writes whole, kept from one
+    step to the next. The gradient goes out as a fresh view of it, which autograd's AccumulateGrad
+    then takes as the parameter's ``.grad`` without a copy; ``zero_grad(set_to_none=True)`` drops
+    that view and the storage waits here. A fresh (d_sae, d_in) array per step costs its page
+    faults and the kernel's zeroing of every page, which on this project's VM (free pages handed
+    back to the host) is most of the step's system time: 1.92 vs 1.85-1.88 s per step at d_sae
+    16,384 (docs/benchmarks.md). The storage is reused only while nothing else holds it (the
+    previous ``.grad`` still set, for accumulation, or kept by the caller), checked on its use
+    count; otherwise, or where torch does not expose that count, a new array is allocated."""
+
+    def __init__(self) -> None:
+        # id(param) -> (a weak reference to it, its storage); an entry goes when its param does.
+        # (Not a WeakKeyDictionary: its lookups compare tensors with ==, which is elementwise.)
+        self._bufs: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def take(self, param: torch.Tensor) -> torch.Tensor | None:
+        """A (contiguous, uninitialised) gradient for ``param``, None where none can be reused."""
+        if param.device.type != "cpu" or not hasattr(torch._C, "_storage_Use_Count"):
+            return None
+        ref, buf = self._bufs.get(id(param), (None, None))
+        if ref is None or ref() is not param or buf.shape != param.shape or buf.dtype != param.dtype:
+            buf = torch.empty(param.shape, dtype=param.dtype)
+            if ref is None or ref() is not param:
+                weakref.finalize(param, self._bufs.pop, id(param), None)
+            self._bufs[id(param)] = (weakref.ref(param), buf)
+        elif torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2:  # buf's and this call's own
+            return None
+        return buf.view(buf.shape)
+
+
+GRAD_BUFFERS = GradBuffers()
 
 # CSR matmul is what the encoder backward needs; its "beta" notice would fire in every run.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
@@ -90,8 +124,7 @@ class _TopKEncode(torch.autograd.Function):
             # and the (B, d_sae) block is never allocated (at d_sae 16k, batch 4096: 2.03 vs 2.08 s
             # per step; docs/benchmarks.md, bench_kernels.py's "encoder forward").
             code = None if dead_idx is None else torch.empty(B, dead_idx.numel(), dtype=weight.dtype, device=x_c.device)
-            w = pack_weight(weight, rows)  # oneDNN's layout once for every block (bit-identical)
-            parts = [_encode_rows(x_c[r0:r0 + rows], w, bias, k, dead_idx, k_aux,
+            parts = [_encode_rows(x_c[r0:r0 + rows], weight, bias, k, dead_idx, k_aux,
                                   None if code is None else code[r0:r0 + rows]) for r0 in range(0, B, rows)]
             val, idx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             del parts
@@ -128,7 +161,7 @@ class _TopKEncode(torch.autograd.Function):
         if need_w:
             x_w = x_c.to(dt)
             if latent_kernels.supported(g, x_w):
-                grad_w = latent_kernels.weight_grad(crow, cols, order, g, x_w)
+                grad_w = latent_kernels.weight_grad(crow, cols, order, g, x_w, GRAD_BUFFERS.take(weight))
             else:
                 sel = ByLatent(order, crow, cols, (weight.shape[0], x_c.shape[0]))
                 grad_w = torch.sparse.mm(sel.csr(g), x_w)
@@ -236,7 +269,8 @@ class _SparseDecode(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_b = grad_out.sum(0) if ctx.needs_input_grad[2] else None
         if all(ctx.needs_input_grad[:2]) and latent_kernels.supported(val, W_dec, grad_out):
-            grad_val, grad_w = latent_kernels.decoder_grads(crow, cols, order, val, W_dec, grad_out)
+            grad_val, grad_w = latent_kernels.decoder_grads(crow, cols, order, val, W_dec, grad_out,
+                                                            GRAD_BUFFERS.take(W_dec))
             return grad_val, grad_w, grad_b, None, None, None, None
         sel = ByLatent(order, crow, cols, (W_dec.shape[0], val.shape[0]))
         grad_val = sel.sample(W_dec, grad_out) if ctx.needs_input_grad[0] else None
