@@ -64,15 +64,6 @@ def _one_product(x, b_dec, W, b, k):
     return val.relu(), idx, ByLatent.build(idx, W.shape[0])
 
 
-def _pattern_torch(idx: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:class:`ByLatent`'s arrays by stable argsort, bincount and cumsum (its path off CPU)."""
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    crow = torch.zeros(d_sae + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
-    return order, crow, torch.div(order, idx.shape[1], rounding_mode="floor")
-
-
 def _sparse_pairs(x, W, b_dec, idx, val, repeats):
     """The sparse decoder and weight gradients, ours vs torch's, checked first."""
     sel = ByLatent.build(idx, W.shape[0])
@@ -84,10 +75,11 @@ def _sparse_pairs(x, W, b_dec, idx, val, repeats):
     torch.testing.assert_close(gv, sel.sample(W, grad_out), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(LK.weight_grad(sel.crow, sel.cols, sel.order, val, x),
                                torch.sparse.mm(sel.csr(val), x), rtol=1e-4, atol=1e-3)
-    if not all(torch.equal(a, r) for a, r in zip(LK.by_latent(idx, W.shape[0]), _pattern_torch(idx, W.shape[0]))):
+    if not all(torch.equal(a, r) for a, r in zip(LK.by_latent(idx, W.shape[0]), ByLatent.arrays(idx, W.shape[0]))):
         raise SystemExit("the counting sort's CSR pattern differs from argsort's")
     return {
-        "CSR pattern": _pair(lambda: LK.by_latent(idx, W.shape[0]), lambda: _pattern_torch(idx, W.shape[0]), repeats),
+        "CSR pattern": _pair(lambda: LK.by_latent(idx, W.shape[0]), lambda: ByLatent.arrays(idx, W.shape[0]),
+                             repeats),
         "decode": _pair(lambda: LK.decode(idx, val, W, b_dec),
                         lambda: torch.nn.functional.embedding_bag(idx, W, per_sample_weights=val, mode="sum") + b_dec,
                         repeats),

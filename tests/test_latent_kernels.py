@@ -86,21 +86,12 @@ def test_mask_to_positive_in_place(dtype):
         assert torch.equal(out, ref)
 
 
-def _by_latent_torch(idx: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pattern by argsort (stable), bincount and cumsum: what the counting sort must give."""
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    crow = torch.zeros(d_sae + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
-    return order, crow, torch.div(order, idx.shape[1], rounding_mode="floor")
-
-
 @pytest.mark.parametrize("B,d_sae,k", [(300, 500, 7), (64, 2000, 4), (40, 64, 13), (1, 10, 1), (0, 8, 3)])
 def test_by_latent_counting_sort_is_the_stable_argsort(B, d_sae, k):
     idx = _selection(B, d_sae, k, seed=k) if B else torch.zeros(0, k, dtype=torch.int64)
     got = LK.by_latent(idx, d_sae)
     assert got is not None
-    for a, r in zip(got, _by_latent_torch(idx, d_sae)):
+    for a, r in zip(got, ByLatent.arrays(idx, d_sae)):  # the torch ops' path
         assert torch.equal(a, r)
     sel = ByLatent.build(idx, d_sae)  # the CPU build takes it
     assert torch.equal(sel.order, got[0]) and torch.equal(sel.crow, got[1]) and torch.equal(sel.cols, got[2])

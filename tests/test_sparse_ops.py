@@ -252,3 +252,23 @@ def test_gradient_storage_is_reused_only_when_nothing_else_holds_it():
     _topk_loss(xs[0], W_enc, b_enc, W_dec, b_dec, 5).backward()
     assert torch.equal(kept_enc, before[0]) and torch.equal(kept_dec, before[1])
     assert W_enc.grad.data_ptr() != kept_enc.data_ptr()
+
+
+def test_a_training_loop_reuses_the_gradient_storage():
+    """An SAE module under Adam with zero_grad(set_to_none=True), as the Trainer runs it: both
+    weight gradients land in the same storage every step."""
+    from trainer.config import SAEConfig
+    from trainer.saes import build_sae
+    from trainer.saes.base import StepContext
+
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(arch="topk", d_in=32, d_sae=128, k=8))
+    opt = torch.optim.Adam(sae.parameters())
+    x = torch.randn(64, 32)
+    seen = set()
+    for step in range(3):
+        sae(x, StepContext(step=step, k=8)).loss.backward()
+        seen.add((sae.W_enc.grad.data_ptr(), sae.W_dec.grad.data_ptr()))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert len(seen) == 1

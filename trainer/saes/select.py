@@ -8,8 +8,8 @@ read once from memory, then worked on in L1/L2:
 1. Each value becomes an order-preserving unsigned key (flip every bit of a negative float, the
    sign bit of a positive one), and the row's k-th largest key is narrowed bit by bit from the
    top: one counting pass per bit (:func:`_refine`), which vectorises and never branches on the
-   data, until at most 1/8 of the row reaches the bound (the sign and exponent bits, and a few
-   more).
+   data, until at most 1/8 of the row (and at least 2k keys, :func:`narrow_limit`) reaches the
+   bound: the sign and exponent bits, and a few more.
 2. The keys that reach it are compacted with their positions, and the remaining bits are found
    on those alone; one last pass over them keeps the keys above the k-th, then those equal to
    it from the lowest index, in ascending index order.

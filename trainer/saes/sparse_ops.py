@@ -86,14 +86,17 @@ class ByLatent:
     @classmethod
     def build(cls, idx: torch.Tensor, d_sae: int) -> ByLatent:
         built = latent_kernels.by_latent(idx, d_sae)  # CPU: one counting sort
-        if built is not None:
-            return cls(*built, (d_sae, idx.shape[0]))
+        return cls(*(built if built is not None else cls.arrays(idx, d_sae)), (d_sae, idx.shape[0]))
+
+    @staticmethod
+    def arrays(idx: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``order, crow, cols`` by torch ops on any device (a stable argsort, bincount, cumsum):
+        what :func:`~trainer.saes.latent_kernels.by_latent` gives on CPU in one counting sort."""
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=idx.device)
         torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
-        cols = torch.div(order, idx.shape[1], rounding_mode="floor")
-        return cls(order, crow, cols, (d_sae, idx.shape[0]))
+        return order, crow, torch.div(order, idx.shape[1], rounding_mode="floor")
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """The pattern with ``values`` (B, k), each at its entry's place."""
