@@ -420,16 +420,20 @@ def test_dense_array_returns_to_rest(monkeypatch):
     at_rest()
 
 
+@pytest.mark.parametrize("presorted", [False, True], ids=["shuffled-rows", "ascending-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_sort_rows_kernel_equals_torch_sort_and_min_var(dtype):
-    """The fused path's row sort (a bitmap walk) gives torch.sort's rows, permutation and values,
-    and corr_penalty's min_var, including zero values, ties, NaN, k = 2, B = 1; a row that
-    repeats a latent or holds one outside 0 .. d - 1 is refused (None)."""
+def test_sort_rows_kernel_equals_torch_sort_and_min_var(dtype, presorted):
+    """The fused path's row sort (a bitmap walk, or a copy of rows already ascending, as the CPU
+    top-k gives them) gives torch.sort's rows, permutation and values, and corr_penalty's min_var,
+    including zero values, ties, NaN, k = 2, B = 1; a row that repeats a latent or holds one
+    outside 0 .. d - 1 is refused (None)."""
     from trainer.saes.fused_pairs import sort_rows
 
     g = torch.Generator().manual_seed(1)
     for d, B, k in [(1000, 64, 12), (70, 1, 2), (64, 9, 64), (130, 20, 3)]:
         idx = torch.rand(B, d, generator=g).argsort(dim=1)[:, :k]
+        if presorted:
+            idx = idx.sort(dim=1).values
         val = (torch.rand(B, k, generator=g, dtype=F64) * 3).to(dtype)
         val[val < 0.3] = 0.0
         val[0, : min(2, k)] = 1.5  # a tie for the largest value
@@ -450,6 +454,9 @@ def test_sort_rows_kernel_equals_torch_sort_and_min_var(dtype):
     for bad in (idx[-1, 0], d, -1):  # a repeated latent, one past the end, a negative one
         wrong = idx.clone()
         wrong[-1, 1] = bad
+        assert sort_rows(wrong, val, s_diag) is None
+        wrong = idx.clone()
+        wrong[-1, -1] = bad  # last: an ascending row otherwise
         assert sort_rows(wrong, val, s_diag) is None
     assert sort_rows(idx.int(), val, s_diag) is not None
 

@@ -549,8 +549,9 @@ def _above(a, b):
 @njit(cache=True, parallel=True, nogil=True)
 def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
     """Each row of ``idx`` (B, k; uint64) sorted into ``s``, with ``perm`` (``s[b] = idx[b,
-    perm[b]]``) and ``vs[b] = v[b, perm[b]]``, by walking a bitmap of the row's latents in order:
-    for distinct latents the one order there is, torch.sort's. Returns the number of rows it
+    perm[b]]``) and ``vs[b] = v[b, perm[b]]``, by walking a bitmap of the row's latents in order
+    (a row already strictly ascending, as the CPU top-k leaves it, is copied): for distinct
+    latents the one order there is, torch.sort's. Returns the number of rows it
     could not sort, a latent repeated or outside ``0 .. d - 1`` (the caller sorts them otherwise),
     and the smallest ``s_diag[l]`` over the entries in a co-active pair (``|v|`` times the row's
     largest other ``|v|`` non-zero, as ``corr_penalty``'s ``_min_var``): inf if none, NaN if one
@@ -567,17 +568,34 @@ def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
         mv = np.inf
         for b in range(B * c // n_chunks, B * (c + 1) // n_chunks):
             top1 = top2 = none  # the row's two largest |v| (top2 = top1 on a tie), NaN the largest as in topk
+            ascending = idx[b, k - 1] < d
             for p in range(k):
-                lat = idx[b, p]
-                if lat < d:
-                    bits[lat >> _U6] |= _U1 << (lat & _U63)
-                    pos[lat] = p
                 a = abs(v[b, p])
                 if _above(a, top1):
                     top2 = top1
                     top1 = a
                 elif _above(a, top2):
                     top2 = a
+                if p > 0 and idx[b, p] <= idx[b, p - 1]:
+                    ascending = False
+            if ascending:  # already sorted (the CPU top-k's order): no bitmap walk
+                for p in range(k):
+                    lat = idx[b, p]
+                    s[b, p] = lat
+                    perm[b, p] = p
+                    vs[b, p] = v[b, p]
+                    a = abs(v[b, p])
+                    other = top2 if a == top1 else top1
+                    if a * other != 0.0:
+                        x = s_diag[lat]
+                        if x < mv or x != x:
+                            mv = x if mv == mv else mv
+                continue
+            for p in range(k):
+                lat = idx[b, p]
+                if lat < d:
+                    bits[lat >> _U6] |= _U1 << (lat & _U63)
+                    pos[lat] = p
             o = 0
             for w in range(words):
                 word = bits[w]
