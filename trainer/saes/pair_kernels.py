@@ -546,6 +546,24 @@ def _above(a, b):
     return a > b or (a != a and b == b)
 
 
+@njit(inline="always")
+def _sorted_entry(lat, p, o, b, v, s_diag, top1, top2, mv, s, perm, vs):
+    """Row ``b``'s entry ``p`` (latent ``lat``) into sorted slot ``o`` (dropped past k: the caller
+    refuses that row), and ``mv`` lowered to ``s_diag[lat]`` if the entry is in a co-active pair
+    (``|v|`` times the row's largest other ``|v|``, from ``top1, top2``, non-zero); NaN sticks."""
+    if o < s.shape[1]:
+        s[b, o] = lat
+        perm[b, o] = p
+        vs[b, o] = v[b, p]
+    a = abs(v[b, p])
+    other = top2 if a == top1 else top1
+    if a * other != 0.0:
+        x = s_diag[lat]
+        if x < mv or x != x:
+            mv = x if mv == mv else mv
+    return mv
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
     """Each row of ``idx`` (B, k; uint64) sorted into ``s``, with ``perm`` (``s[b] = idx[b,
@@ -580,16 +598,7 @@ def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
                     ascending = False
             if ascending:  # already sorted (the CPU top-k's order): no bitmap walk
                 for p in range(k):
-                    lat = idx[b, p]
-                    s[b, p] = lat
-                    perm[b, p] = p
-                    vs[b, p] = v[b, p]
-                    a = abs(v[b, p])
-                    other = top2 if a == top1 else top1
-                    if a * other != 0.0:
-                        x = s_diag[lat]
-                        if x < mv or x != x:
-                            mv = x if mv == mv else mv
+                    mv = _sorted_entry(idx[b, p], p, p, b, v, s_diag, top1, top2, mv, s, perm, vs)
                 continue
             for p in range(k):
                 lat = idx[b, p]
@@ -605,18 +614,8 @@ def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
                 while word != 0:
                     lat = np.uint64(w) * _U64 + _cttz(word)
                     word &= word - _U1
-                    p = pos[lat]
-                    if o < k:
-                        s[b, o] = lat
-                        perm[b, o] = p
-                        vs[b, o] = v[b, p]
+                    mv = _sorted_entry(lat, pos[lat], o, b, v, s_diag, top1, top2, mv, s, perm, vs)
                     o += 1
-                    a = abs(v[b, p])
-                    other = top2 if a == top1 else top1
-                    if a * other != 0.0:
-                        x = s_diag[lat]
-                        if x < mv or x != x:
-                            mv = x if mv == mv else mv
             if o != k:
                 refused[c] += 1
         low[c] = mv
