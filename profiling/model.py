@@ -211,12 +211,15 @@ def _scratch_bytes(s: TrainSpec) -> int:
     """Kept between steps by the fused kernels. Sorted path: ``fused_pairs._SCRATCH``, the packed
     row pairs and the radix sort's second buffer (P int64 each), R and rr (U each), every one
     allocated with 1/8 headroom (given back after the backward). Dense path: ``fused_pairs._CLEAN``,
-    the array of the pairs' sums over the upper triangle (given back at rest after the backward)."""
+    the array of the pairs' sums over the upper triangle (held by the moments, given back at rest
+    by the statistics' update), and in ``_SCRATCH`` the pairs' weights over the same triangle (with
+    1/8 headroom, given back after the backward)."""
     if not _fused(s):
         return 0
     P, U, c = n_pairs(s.batch_size, s.k), unique_pairs(s), COV_DTYPES[s.cov_dtype]
     if _dense(s):
-        return c * _dense_cells(s.d_sae)
+        cells = _dense_cells(s.d_sae)
+        return c * cells + c * (cells + cells // 8)
     return 2 * 8 * (P + P // 8) + 2 * c * (U + U // 8)
 
 
@@ -324,9 +327,12 @@ def _topk_phases(s: TrainSpec) -> tuple[dict[str, dict[str, int]], dict[str, int
 
 def _moments_bytes(s: TrainSpec) -> int:
     """dyncorr's ``PairMoments`` in ``SAEOutput.extras`` (``penalty_and_moments`` hands them to
-    ``stats.update``): the U distinct pair keys (int64) and sums, ``sum z`` and ``sum z^2`` (d_sae)."""
+    ``stats.update``): the U distinct pair keys (int64) and sums (the dense path leaves its sums in
+    its array instead: ``_scratch_bytes``), ``sum z`` and ``sum z^2`` (d_sae)."""
     c = COV_DTYPES[s.cov_dtype]
-    return unique_pairs(s) * (8 + c) + 2 * s.d_sae * c if s.arch == "dyncorr" and s.k >= 2 else 0
+    if s.arch != "dyncorr" or s.k < 2:
+        return 0
+    return (0 if _dense(s) else unique_pairs(s) * (8 + c)) + 2 * s.d_sae * c
 
 
 def _penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
@@ -352,17 +358,19 @@ def fused_slices() -> tuple[int, int]:
 
 
 def _dense_penalty_phases(s: TrainSpec) -> dict[str, dict[str, int]]:
-    """The dense-triangle path (``DensePairs``); its array of sums is persistent (_scratch_bytes).
+    """The dense-triangle path (``DensePairs``); its arrays of sums and weights are persistent
+    (_scratch_bytes).
     Arrays numba allocates inside the kernels (the row cuts, the per-chunk and per-group partial
     sums, num and gw) are not in the measured value, nor here."""
     B, n, k, c = s.batch_size, s.d_sae, s.k, COV_DTYPES[s.cov_dtype]
-    U, cells = unique_pairs(s), _dense_cells(n)
+    cells = _dense_cells(n)
     small = _penalty_small(s)
     return {
         # the bitmap of the pairs (pair_kernels.pair_bitmap: a bit per entry, no bool array).
         "penalty.mark": {"penalty": small + cells // 8},
-        # bitmap, per-latent counts and offsets; keys and q (the moments).
-        "penalty.R": {"penalty": small + cells // 8 + 16 * n + U * (8 + c)},
+        # bitmap, per-latent counts and offsets (the sums stay in the array, the weights go to the
+        # second one: both persistent).
+        "penalty.R": {"penalty": small + cells // 8 + 16 * n},
         # saved and held (s, perm, vs, bitmap, offsets, mu~, s_diag) and the moments; the
         # per-latent gradient vectors, the entries' gradients.
         "backward.penalty": {"penalty": _dense_saved(s) + 3 * n * c + B * k * c},
@@ -439,9 +447,10 @@ def _torch_saved(s: TrainSpec) -> int:
 
 def _update_phase(s: TrainSpec) -> dict[str, int]:
     """``LatentStatistics.update(idx, val, moments=...)``: the moments' sums times a scalar
-    (U + d_sae), the diagonal's keys (d_sae int64); the moments are the current output's."""
+    (U + d_sae; the dense path adds its sums in place: d_sae), the diagonal's keys (d_sae int64);
+    the moments are the current output's."""
     c, U, n = COV_DTYPES[s.cov_dtype], unique_pairs(s), s.d_sae
-    return {"penalty": _moments_bytes(s) + U * c + n * (8 + c)}
+    return {"penalty": _moments_bytes(s) + (0 if _dense(s) else U * c) + n * (8 + c)}
 
 
 @functools.lru_cache(maxsize=None)

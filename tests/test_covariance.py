@@ -120,8 +120,9 @@ def test_update_from_penalty_moments_equals_plain_update(beta, steps, eps):
     data = list(batches(steps, seed=21, zero_frac=0.1))
     for idx, val in data:
         _, _, mom = penalty_and_moments(b, idx, val.clone().requires_grad_(True))
-        assert mom.q.grad_fn is None and not mom.q.requires_grad
-        assert torch.equal(mom.keys, torch.unique(mom.keys)), "keys distinct and ascending"
+        keys, q = mom.pairs()
+        assert q.grad_fn is None and not q.requires_grad
+        assert torch.equal(keys, torch.unique(keys)), "keys distinct and ascending"
         a.update(idx, val)
         b.update(idx, val, moments=mom)
     assert (a.step, a.scale, a.diag_extra, a.n_folds) == (b.step, b.scale, b.diag_extra, b.n_folds)
@@ -244,9 +245,10 @@ def test_penalty_same_through_either_merge(monkeypatch):
         out.append((loss.detach(), v.grad, mom, diag))
     (l1, g1, m1, d1), (l2, g2, m2, d2) = out
     assert_rel(l1, l2, 1e-13, "loss")
-    assert torch.equal(m1.keys, m2.keys)
+    (k1, q1), (k2, q2) = m1.pairs(), m2.pairs()
+    assert torch.equal(k1, k2)
     assert (g1 - g2).abs().max() <= 1e-13 * g1.abs().max()
-    assert_rel(m1.q, m2.q, 1e-13, "moments q")
+    assert_rel(q1, q2, 1e-13, "moments q")
     assert all(torch.equal(d1[n], d2[n]) for n in ("n_pairs", "nonfinite", "min_var"))
     for n in ("mean_abs_R", "max_abs_R"):
         assert_rel(d1[n], d2[n], 1e-13, n)
@@ -294,16 +296,18 @@ def test_dense_pairs_equal_sorted_pairs(d, B, k, hot, dtype):
         args = (st.M_buf.view(-1), 0.95 * st.scale, 0.05 / idx.shape[0], mu_t, s_diag.rsqrt())
         fp, dp = FusedPairs.build(s, vs, d), DensePairs.build(s, vs, d)
         a, b = fp.terms(*args), dp.terms(*args, with_r=True)
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.q, b.q)
+        b_keys, b_q = b.triangle.pairs()  # the dense path hands its sums over in the dense array
+        assert b.keys is None and b.q is None
+        assert torch.equal(a.keys, b_keys) and torch.equal(a.q, b_q)
         assert torch.equal(fp.R, dp.R) and torch.equal(fp.rr, dp.rr)
         assert np.array_equal(a.sums, b.sums) and (a.kept, a.bad) == (b.kept, b.bad)
         if zero_rows:
             assert a.kept < a.keys.numel(), "pairs with product sum 0 are kept, masked"
         row_keys, prods = pairs.row_pairs(s, vs, d)
         uniq, inv = torch.unique(row_keys, return_inverse=True)
-        assert torch.equal(b.keys, uniq)
+        assert torch.equal(b_keys, uniq)
         ref = torch.zeros(uniq.numel(), dtype=F64).index_add_(0, inv, prods.double())
-        assert_rel(b.q, ref, 1e-14 if dtype == F64 else 1e-6, "q")
+        assert_rel(b_q, ref, 1e-14 if dtype == F64 else 1e-6, "q")
         dp.release()
         fp.release()
 
@@ -334,13 +338,14 @@ def test_penalty_dense_path_equals_sorted_and_torch(d, B, k, hot, dtype, monkeyp
     dense, fused, ref = (_penalty_run(st, idx, val, p, monkeypatch) for p in ("dense", "sorted", "torch"))
     tol = 1e-13 if dtype == F64 else 2e-5
     (l1, g1, m1, d1), (l2, g2, m2, d2) = dense, fused
-    assert torch.equal(l1, l2) and torch.equal(m1.keys, m2.keys) and torch.equal(m1.q, m2.q)
+    (k1, q1), (k2, q2), (k3, q3) = (m.pairs() for m in (m1, m2, ref[2]))
+    assert torch.equal(l1, l2) and torch.equal(k1, k2) and torch.equal(q1, q2)
     assert all(torch.equal(d1[n], d2[n]) for n in corr_penalty.DIAGNOSTICS)
     assert (g1 - g2).abs().max() <= tol * g2.abs().max()
     l3, g3, m3, d3 = ref
     assert_rel(l1, l3, tol, "loss vs torch")
-    assert torch.equal(m1.keys, m3.keys)
-    assert_rel(m1.q, m3.q, tol, "q vs torch")
+    assert torch.equal(k1, k3)
+    assert_rel(q1, q3, tol, "q vs torch")
     assert (g1 - g3).abs().max() <= tol * g3.abs().max()
     assert all(torch.equal(d1[n], d3[n]) for n in ("n_pairs", "nonfinite", "min_var"))
 
@@ -383,8 +388,42 @@ def test_dense_triangle_rule_and_its_edge(monkeypatch):
         chosen.release()
         out[n] = [_penalty_run(st, idx, val, p, monkeypatch) for p in ("dense", "sorted")]
         (l1, g1, m1, _), (l2, g2, m2, _) = out[n]
-        assert torch.equal(l1, l2) and torch.equal(m1.q, m2.q) and (g1 - g2).abs().max() <= 1e-13 * g2.abs().max()
+        assert torch.equal(l1, l2) and torch.equal(m1.pairs()[1], m2.pairs()[1])
+        assert (g1 - g2).abs().max() <= 1e-13 * g2.abs().max()
     assert fused_pairs.dense_triangle is dense_triangle
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_update_from_dense_sums_equals_update_from_sorted_pairs(dtype, monkeypatch):
+    """The statistics' update from the dense path's array (one pass over the whole triangle) gives
+    the very bits of the update from the sorted path's distinct keys and sums, step after step,
+    and leaves the array at rest; its keys and sums read before the update stay readable."""
+    from trainer.saes import fused_pairs
+
+    d = 90
+    st = {path: _stats_with_history(d, dtype, seed=11, k=6) for path in ("dense", "sorted")}
+    for t, (idx, val) in enumerate(batches(6, d=d, k=6, n_alive=80, seed=12, zero_frac=0.2, dtype=dtype)):
+        moments = {}
+        for path, stats in st.items():
+            monkeypatch.setattr(fused_pairs, "dense_triangle", lambda *a, p=path: p == "dense")
+            v = val.clone().requires_grad_(True)
+            loss, _, moments[path] = penalty_and_moments(stats, idx, v)
+            loss.backward()
+        assert moments["dense"].keys is None and moments["dense"].triangle is not None
+        assert moments["sorted"].triangle is None
+        if t == 0:
+            read = moments["dense"].pairs()  # read before the update: kept
+        for path, stats in st.items():
+            stats.update(idx, val, moments=moments[path])
+        assert torch.equal(st["dense"].M_buf, st["sorted"].M_buf), f"step {t}"
+        assert torch.equal(st["dense"].mu, st["sorted"].mu)
+        if t == 0:
+            assert moments["dense"].pairs() is read
+        else:
+            with pytest.raises(RuntimeError, match="already added"):
+                moments["dense"].pairs()
+        arrays = list(fused_pairs._CLEAN._free.values())
+        assert arrays and all(bool((a == 0).all()) and bool(np.signbit(a).all()) for a in arrays)
 
 
 def test_dense_array_returns_to_rest(monkeypatch):

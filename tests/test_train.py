@@ -54,9 +54,11 @@ def test_kill_9_then_resume_reaches_the_same_weights(store, tmp_path, arch):
     deadline = time.time() + 120
     # Kill once at least one checkpoint exists and the run is mid-way.
     while time.time() < deadline and proc.poll() is None:
-        state = out / A.CHECKPOINT / A.CKPT_STATE
-        if state.exists() and json.loads(state.read_text())["step"] >= 20:
-            break
+        try:  # a checkpoint is swapped in by two renames: between them the path is briefly absent
+            if json.loads((out / A.CHECKPOINT / A.CKPT_STATE).read_text())["step"] >= 20:
+                break
+        except FileNotFoundError:
+            pass
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ class SAEOutput:
     terms: dict[str, torch.Tensor]  # loss components, detached, for logging
     fired: torch.Tensor  # (d_sae,) bool: latents active on this batch
     l0: torch.Tensor  # mean active latents per token
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # tensors, and dyncorr's PairMoments
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:

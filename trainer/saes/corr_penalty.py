@@ -167,7 +167,7 @@ class _FusedCorrPenalty(torch.autograd.Function):
         s, perm, vs, min_var = rows
         pairs = build_pairs(s, vs, d)
         t = pairs.terms(stats.M_buf.view(-1), (1.0 - beta) * stats.scale, beta / B, mu_t, s_diag.rsqrt())
-        box.append(PairMoments(t.keys, t.q, m, q_diag, B))
+        box.append(PairMoments(t.keys, t.q, m, q_diag, B, t.triangle))
         n_pairs = torch.tensor(t.kept)
         P = n_pairs.clamp(min=1).to(v.dtype)
         loss = torch.tensor(t.sums[0], dtype=v.dtype) / P

@@ -146,10 +146,14 @@ class LatentStatistics(torch.nn.Module):
         self.scale = scale
         c = beta / (B * scale)
         flat = self.M_buf.view(-1)
-        if flat.is_cuda and not distinct:  # atomics would make repeated keys non-deterministic
-            flat.index_put_((moments.keys.long(),), moments.q * c, accumulate=True)  # sort-based, deterministic
-        elif not (distinct and add_distinct(flat, moments.keys, moments.q, c)):  # CPU, distinct: in parallel
-            flat.index_add_(0, moments.keys, moments.q * c)  # CPU: deterministic, ~2x faster than index_put_
+        # The dense path's sums go in by one pass over the triangle, which also readies their array
+        # for the next batch; other moments as their distinct keys and sums.
+        if not (moments.triangle is not None and moments.triangle.add_to(flat, c)):
+            keys, q = moments.pairs()
+            if flat.is_cuda and not distinct:  # atomics would make repeated keys non-deterministic
+                flat.index_put_((keys.long(),), q * c, accumulate=True)  # sort-based, deterministic
+            elif not (distinct and add_distinct(flat, keys, q, c)):  # CPU, distinct: in parallel
+                flat.index_add_(0, keys, q * c)  # CPU: deterministic, ~2x faster than index_put_
         diag = torch.arange(d, device=dev).mul_(d + 1)  # the diagonal: distinct keys
         flat.index_add_(0, diag, moments.q_diag * c)
         self.step += 1

@@ -9,7 +9,7 @@ import torch
 from trainer.config import SAEConfig
 from trainer.saes.base import SAEOutput, StepContext
 from trainer.saes.corr_penalty import penalty_and_moments
-from trainer.saes.covariance import LatentStatistics, PairMoments
+from trainer.saes.covariance import LatentStatistics
 from trainer.saes.topk import TopKSAE
 
 # bfloat16 is not offered: it rounds away most of each step's beta-sized increment of M.
@@ -36,8 +36,7 @@ class DynCorrSAE(TopKSAE):
         out.extras["idx"], out.extras["val"] = idx, val  # for stats.update in after_step
         corr, diag, mom = penalty_and_moments(self.stats, idx, val)
         # The batch's distinct pairs and sums, for stats.update: it then skips rebuilding them.
-        out.extras["pair_keys"], out.extras["pair_q"] = mom.keys, mom.q
-        out.extras["latent_sum"], out.extras["latent_sq_sum"] = mom.m, mom.q_diag
+        out.extras["moments"] = mom
         out.loss = out.loss + ctx.lam * self.dp.own_rows_grad(corr)
         out.terms["corr_loss"] = corr.detach()
         for name, v in diag.items():
@@ -47,5 +46,4 @@ class DynCorrSAE(TopKSAE):
     def after_step(self, out: SAEOutput) -> None:
         super().after_step(out)
         x = out.extras
-        mom = PairMoments(x["pair_keys"], x["pair_q"], x["latent_sum"], x["latent_sq_sum"], x["idx"].shape[0])
-        self.stats.update(x["idx"], x["val"].detach(), moments=mom)
+        self.stats.update(x["idx"], x["val"].detach(), moments=x["moments"])

@@ -11,9 +11,11 @@ does the same on other devices and is the reference the tests hold both to.
   them (~4 ms for the 1M row pairs of B 512, k 64, measured on 2 cores).
 * :class:`DensePairs` (dense triangle): the products summed straight into a dense array of the
   d_sae x d_sae upper triangle (:class:`TriangleLayout`); the distinct pairs are the entries
-  that were written, read in ascending order from a bitmap of them, and the backward reads each
-  row pair's weight from the same array. No sort, but ~d_sae^2 / 2 entries of memory and a few
-  sequential passes over them per batch.
+  that were written (a bitmap of them gives their order). The forward sweeps the triangle once,
+  vectorised, writing each pair's weight into a second array that the backward reads; the sums
+  stay where they are and go into the running statistics by one more sweep (:class:`DenseSums`),
+  which also puts the array back at rest. No sort, no keys written out, but ~d_sae^2 entries of
+  memory (two triangles) and a few sequential passes over them per batch.
 
 The choice (:func:`dense_triangle`) depends only on the shapes, so it is the same on every step
 of a run (and in every process of one): the dense path is taken when the triangle holds at most
@@ -23,11 +25,13 @@ sequential ones over the triangle, the sorted path's a sort of the row pairs. Pe
 backward, measured on 2 shared cores (triangle / row pairs: dense vs sorted): B 512, k 64, 0.64
 (d_sae 1152) 6 vs 27 ms, 2.0 11 vs 31 ms, 4.6 19 vs 33 ms, 8.1 26 vs 34 ms, 16 even; B 4096,
 k 64, 1.0 (d_sae 4096) 73 vs 249 ms, 4.1 168 vs 281 ms, 8.1 265 vs 361 ms. Up to 4 it is 1.7x
-faster or more, and its array (2 d^2 bytes in float32, at most 16 bytes per row pair) is no
-larger than the sorted path's scratch (18 bytes per row pair); beyond, the gain shrinks while
-the memory grows. The byte cap bounds what a large batch could ask for. Both paths give the
-very same keys, sums, ``R``, ``rr``, kept pairs and loss (the sums are added in the same order);
-their gradients agree to rounding.
+faster or more, and its two arrays (2 d^2 bytes each in float32, the second with 1/8 headroom:
+at most ~34 bytes per row pair) stay near the sorted path's scratch and moments (18 bytes per
+row pair, 12 per distinct pair); beyond, the gain shrinks while the memory grows. The byte cap
+(per array) bounds what a large batch could ask for. Both paths give the very same keys, sums,
+``R``, ``rr``, kept pairs, loss and statistics update (the sums are added in the same order);
+their gradients agree to rounding. (The timings above predate the sweep, which made the dense
+path faster still: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -44,14 +48,14 @@ from torch import Tensor
 
 from trainer.saes import pair_kernels as kern
 
-__all__ = ["DENSE_MAX_BYTES", "DENSE_RATIO", "DensePairs", "FusedPairs", "PairTerms", "add_distinct", "build_pairs",
-           "dense_entries", "dense_triangle", "fused_pairs_supported", "kernel_threads", "n_slices", "sort_rows",
-           "triangle_layout"]
+__all__ = ["DENSE_MAX_BYTES", "DENSE_RATIO", "DensePairs", "DenseSums", "FusedPairs", "PairTerms", "add_distinct",
+           "build_pairs", "dense_entries", "dense_triangle", "fused_pairs_supported", "kernel_threads", "n_slices",
+           "sort_rows", "triangle_layout"]
 
 _FLOATS = (torch.float32, torch.float64)
 # The dense path's rule (dense_triangle; the module docstring says why these numbers).
 DENSE_RATIO = 4.0  # triangle entries per row pair, at most
-DENSE_MAX_BYTES = 128 * 2**20  # the dense triangle's array (dense_entries), at most
+DENSE_MAX_BYTES = 128 * 2**20  # each of the dense triangle's two arrays (dense_entries), at most
 
 
 def _layout(B: int, k: int) -> tuple[int, int]:
@@ -185,10 +189,10 @@ _LENT = LentArrays()
 
 
 class _CleanArrays:
-    """The dense path's arrays, kept between batches at rest (every entry -0.0, "no pair"): a
-    fresh one costs its page faults and a fill, putting a used one back a fill in cache or its U
-    pairs' writes. An array is taken for one batch and given back clean; one per size and dtype
-    is kept."""
+    """The dense path's arrays of sums, kept between batches at rest (every entry -0.0, "no pair"):
+    a fresh one costs its page faults and a fill, while the statistics' update puts a used one back
+    at rest in the pass that reads it. An array is taken for one batch and given back clean; one
+    per size and dtype is kept."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[int, np.dtype], np.ndarray] = {}
@@ -205,15 +209,17 @@ _CLEAN = _CleanArrays()
 
 
 class PairTerms(NamedTuple):
-    """What the penalty's forward needs from a batch's pairs: the distinct keys (U,) int64,
-    ascending, with ``q = sum_b v_lo v_hi`` (U,) (the moments); ``[sum R^2, sum |R|, max |R|]``
-    (float64), the kept pairs (``q != 0``) and the non-finite ``R``."""
+    """What the penalty's forward needs from a batch's pairs: the moments, as the distinct keys
+    (U,) int64, ascending, with ``q = sum_b v_lo v_hi`` (U,) (sorted path) or as the dense array of
+    those sums (``triangle``, dense path; its ``pairs()`` reads the keys and sums out);
+    ``[sum R^2, sum |R|, max |R|]`` (float64), the kept pairs (``q != 0``) and the non-finite ``R``."""
 
-    keys: Tensor
-    q: Tensor
+    keys: Tensor | None
+    q: Tensor | None
     sums: np.ndarray
     kept: int
     bad: int
+    triangle: DenseSums | None = None
 
 
 def add_distinct(flat: Tensor, keys: Tensor, values: Tensor, scale: float) -> bool:
@@ -329,21 +335,81 @@ class FusedPairs:
         return torch.from_numpy(g), torch.from_numpy(num), torch.from_numpy(gmu)
 
 
+class DenseSums:
+    """One batch's pair sums left in the dense array (``DensePairs``' moments): they go into the
+    running statistics by one pass over the triangle (:meth:`add_to`), which also puts the array
+    back at rest for the next batch. The distinct keys and sums are read out only when asked for
+    (:meth:`pairs`). A batch whose update never runs (a skipped step) is collected with its array
+    still holding sums: it is put back at rest then (numpy, not a kernel: this may run in any
+    thread)."""
+
+    def __init__(self, qd: np.ndarray, bm: np.ndarray, off: np.ndarray, d: int) -> None:
+        self.d, self._bm, self._off = d, bm, off
+        self._state = {"qd": qd}
+        self._pairs: tuple[Tensor, Tensor] | None = None
+        self._give_back = weakref.finalize(self, _put_back, self._state)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self._off[-1])
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        """The distinct keys (U,) int64, ascending, and their sums ``q`` (U,): what the sorted path
+        hands over (read before :meth:`add_to`, or kept from a read before it)."""
+        if self._pairs is None:
+            qd = self._state["qd"]
+            if qd is None:
+                raise RuntimeError("these pair sums were already added into the statistics (add_to)")
+            U = self.n_pairs
+            keys, q = np.empty(U, dtype=np.int64), np.empty(U, dtype=qd.dtype)
+            layout = triangle_layout(self.d)
+            numba.set_num_threads(kernel_threads())
+            kern.dense_pairs(self._bm, np.uint64(self.d), layout.words, layout.base, self._off, qd, keys, q)
+            self._pairs = torch.from_numpy(keys), torch.from_numpy(q)
+        return self._pairs
+
+    def add_to(self, flat: Tensor, scale: float) -> bool:
+        """``flat[lo * d + hi] += scale * q`` for every pair (``flat``: the d x d second-moment
+        buffer, flat) and the array back at rest; False (nothing done) where the kernel does not
+        apply (then add :meth:`pairs` instead)."""
+        qd = self._state["qd"]
+        if qd is None or flat.device.type != "cpu" or not flat.is_contiguous() \
+                or flat.numpy().dtype != qd.dtype or flat.numel() != self.d * self.d:
+            return False
+        numba.set_num_threads(kernel_threads())
+        layout = triangle_layout(self.d)
+        kern.triangle_update(qd, layout.words, layout.base, flat.numpy(), self.d, scale, qd.dtype.type(-0.0),
+                             kernel_threads())
+        self._state["qd"] = None
+        self._give_back.detach()
+        _CLEAN.give(qd)
+        return True
+
+
+def _put_back(state: dict) -> None:
+    """The array of a batch collected before its sums were added: back at rest, into the pool."""
+    qd = state["qd"]
+    if qd is not None:
+        qd.fill(-0.0)
+        _CLEAN.give(qd)
+
+
 @dataclass
 class DensePairs:
     """One batch's pairs summed into a dense array of the upper triangle (the dense-triangle path,
     module docstring; layout: :class:`TriangleLayout`; kernels in :mod:`pair_kernels`). ``qd``
-    holds the sums after :meth:`build`, the pairs' weights ``w = R rr`` after :meth:`terms`, and
-    is put back at rest by :meth:`release`."""
+    holds the sums after :meth:`build`; :meth:`terms` hands it over as the batch's moments
+    (:class:`DenseSums`) and writes the pairs' weights ``w = R rr`` into a second array, ``wd``,
+    which the backward reads and :meth:`release` gives back."""
 
     s: np.ndarray  # (B, k) int64, the sorted rows
     vs: np.ndarray  # (B, k) their values
     d: int
-    qd: np.ndarray  # (dense_entries(d),) taken from _CLEAN
+    qd: np.ndarray | None  # (dense_entries(d),) taken from _CLEAN; None once terms() handed it over
     bm: np.ndarray  # (entries / 64,) uint64: which entries of qd hold a pair
     off: np.ndarray  # (d + 1,) where each lo latent's pairs start among the distinct keys
     cut: np.ndarray  # (B, n_slices + 1) uint64: each row's positions per slice of lo latents (row_cuts)
-    keys: np.ndarray | None = None  # set by terms(): the entries release() puts back at rest
+    scratch: dict[str, np.ndarray] = field(default_factory=dict)  # wd, from _SCRATCH, given back by release()
     num: Tensor | None = None  # (d,) sum_j R_ij^2, from terms()
     gw: Tensor | None = None  # (d,) sum_j w_ij mu_j, from terms()
     R: Tensor | None = None  # (U,), only from terms(..., with_r=True)
@@ -351,8 +417,9 @@ class DensePairs:
     coef: float = 0.0  # from latent_grads(), for entry_grads()
 
     def __post_init__(self) -> None:
-        self._state = {"qd": self.qd, "off": self.off, "keys": None}
-        self._give_back = weakref.finalize(self, _put_back, self._state)
+        # Runs once: from release(), or when a batch without backward is collected.
+        self._give_back = weakref.finalize(self, _SCRATCH.give, self.scratch)
+        self._sums = DenseSums(self.qd, self.bm, self.off, self.d)  # owns qd from here: back at rest if unused
 
     @property
     def layout(self) -> TriangleLayout:
@@ -374,22 +441,30 @@ class DensePairs:
 
     def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor, *,
               with_r: bool = False) -> PairTerms:
-        """The keys and sums, and :meth:`FusedPairs.correlations`' sums and counts, in one pass
-        over the pairs (``R`` and ``rr`` written to ``self.R``, ``self.rr`` only ``with_r``: the
-        backward reads the weights from the dense array)."""
-        U = int(self.off[-1])
-        keys, q = _LENT.take("keys", U, np.int64), _LENT.take("q", U, self.qd.dtype)
-        R, rr = (np.empty(U if with_r else 0, dtype=self.qd.dtype) for _ in range(2))
+        """:meth:`FusedPairs.correlations`' sums and counts, and the batch's sums handed over as a
+        :class:`DenseSums` (``PairTerms.triangle``), in one sweep of the triangle; ``R`` and ``rr``
+        per pair (``self.R``, ``self.rr``) only ``with_r``: the backward reads the weights from
+        ``wd``."""
+        qd, layout = self.qd, self.layout
+        self.scratch["wd"] = _SCRATCH.take("wd", qd.size, qd.dtype)
+        wd = self.scratch["wd"][:qd.size]
+        Rd, rrd = (np.empty(qd.size if with_r else 0, dtype=qd.dtype) for _ in range(2))
         numba.set_num_threads(kernel_threads())
-        layout = self.layout
-        sums, kept, bad, num, gw = kern.dense_terms(self.qd, self.bm, np.uint64(self.d), layout.words, layout.base,
-                                                    self.off, M.numpy(), m_scale, q_scale, mu.numpy(), rs.numpy(), keys,
-                                                    q, R, rr, n_slices())
-        self.keys = self._state["keys"] = keys
+        sums, kept, bad, num, gw = kern.dense_terms(qd, wd, self.bm, np.uint64(self.d), layout.words, layout.base,
+                                                    self.off, M.numpy(), m_scale, q_scale, mu.numpy(), rs.numpy(), Rd,
+                                                    rrd, n_slices())
         self.num, self.gw = torch.from_numpy(num), torch.from_numpy(gw)
         if with_r:
-            self.R, self.rr = torch.from_numpy(R), torch.from_numpy(rr)
-        return PairTerms(torch.from_numpy(keys), torch.from_numpy(q), sums, kept, bad)
+            self.R, self.rr = (self._read_out(a) for a in (Rd, rrd))
+        self.qd = None
+        return PairTerms(None, None, sums, kept, bad, self._sums)
+
+    def _read_out(self, dense: np.ndarray) -> Tensor:
+        out = np.empty(int(self.off[-1]), dtype=dense.dtype)
+        layout = self.layout
+        kern.dense_pairs(self.bm, np.uint64(self.d), layout.words, layout.base, self.off, dense,
+                         np.empty(0, dtype=np.int64), out)
+        return torch.from_numpy(out)
 
     def latent_grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor]:
         """``sum_j R_ij^2`` and ``sum_j a_ij mu_j`` per latent, ``a = coef R rr`` (both summed by
@@ -403,40 +478,21 @@ class DensePairs:
         one kernel over the row pairs (:func:`pair_kernels.dense_entry_grads`)."""
         out = np.empty(idx.shape, dtype=self.vs.dtype)
         numba.set_num_threads(kernel_threads())
-        kern.dense_entry_grads(self.s.view(np.uint64), perm.numpy(), self.vs, self.cut, self.qd, self.layout.base,
-                               self.coef, g_lat.numpy(), c2_lat.numpy(), kernel_threads(), out)
+        kern.dense_entry_grads(self.s.view(np.uint64), perm.numpy(), self.vs, self.cut, self.scratch["wd"],
+                               self.layout.base, self.coef, g_lat.numpy(), c2_lat.numpy(), kernel_threads(), out)
         return torch.from_numpy(out)
 
     def release(self) -> None:
-        """Put the dense array back at rest and give it back: this object is unusable afterwards."""
-        if self.keys is not None:
-            numba.set_num_threads(kernel_threads())
-            if self.qd.size <= _FILL_PER_WRITE * self.keys.size:  # a sequential fill beats U scattered writes
-                kern.fill(self.qd, self.qd.dtype.type(-0.0), n_slices())
-            else:
-                kern.reset_pairs(self.qd, self.layout.base, self.keys.view(np.uint64), self.off, -0.0)
-            self._state["keys"] = None
-            _CLEAN.give(self.qd)
-        self._give_back.detach()
-        self.qd = self.vs = None
+        """Give the weights' array back (after the backward): this object is unusable afterwards.
+        The sums stay with the moments (:class:`DenseSums`) until the statistics' update."""
+        self._give_back()
+        self.qd = self.vs = self._sums = None
 
 
-_FILL_PER_WRITE = 8  # entries filled in the time of one scattered write (~10 with numpy's fill; more in parallel)
 _BITS = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
 _REST = {np.dtype(np.float32): np.int32(np.float32(-0.0).view(np.int32)),
          np.dtype(np.float64): np.int64(np.float64(-0.0).view(np.int64))}
 
-
-def _put_back(state: dict) -> None:
-    """A collected :class:`DensePairs` whose :meth:`~DensePairs.release` never ran: its array goes
-    back at rest if its pairs are known (numpy, not a kernel: this may run in any thread), else
-    it is dropped (it still holds the batch's sums)."""
-    keys, off, qd = state["keys"], state["off"], state["qd"]
-    if keys is not None:
-        d = off.size - 1
-        lo = np.repeat(np.arange(d), np.diff(off))
-        qd[triangle_layout(d).base.astype(np.int64)[lo] + keys - lo * d] = -0.0
-        _CLEAN.give(qd)
 
 def sort_rows(idx: Tensor, v: Tensor, s_diag: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """:func:`~trainer.saes.pairs.sorted_rows` of the (B, k) batch and the smallest ``s_diag``

@@ -28,9 +28,9 @@ from numba import njit, prange
 from numba.extending import intrinsic
 
 __all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads",
-           "dense_terms", "fill", "pack_pairs", "pair_bitmap", "pair_offsets", "plan_buckets", "radix_sort_slices",
-           "reduce_parts", "reset_pairs", "row_cuts", "run_sums", "scatter_distinct", "slice_spans", "sort_rows",
-           "tally"]
+           "dense_pairs", "dense_terms", "pack_pairs", "pair_bitmap", "pair_offsets", "plan_buckets",
+           "radix_sort_slices", "reduce_parts", "row_cuts", "run_sums", "scatter_distinct", "slice_spans", "sort_rows",
+           "tally", "triangle_update"]
 
 MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
 
@@ -412,71 +412,92 @@ def _chunk_start(bm, words, off, u):
     return lo, w, word
 
 
+@njit(cache=True, nogil=True)
+def _pair_entry(bm, words, off, u):
+    """``(lo, hi)`` of the ``u``-th pair (``u < U``)."""
+    lo, w, word = _chunk_start(bm, words, off, u)
+    while word == 0:
+        w += _U1
+        word = bm[w]
+    return lo, lo + _U64 * (w - words[lo]) + _cttz(word)
+
+
 @njit(cache=True, parallel=True, nogil=True)
-def dense_terms(qd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, keys, q, R, rr, n_chunks):
-    """Per pair, ascending: ``keys[u] = lo * d + hi``, ``q[u] = qd[base[lo] + hi]`` (``d`` uint64),
-    and :func:`correlations`' ``R``, ``rr`` (written when ``R.size``, else only used), each
-    computed by the same expression, and the same ``[sum R^2, sum |R|, max |R|]``, kept and
-    non-finite counts: chunk ``c`` takes the pairs ``[U c / n_chunks, U (c + 1) / n_chunks)`` as
-    there, so every sum is added in the same order. That entry of ``qd`` becomes ``w = R rr`` (0
-    where masked) for :func:`dense_entry_grads`; also returns ``num`` (d,),
-    ``sum_j R_ij^2``, and ``gw`` (d,), ``sum_j w_ij mu_j``, per latent."""
+def dense_terms(qd, wd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, Rd, rrd, n_chunks):
+    """:func:`correlations` on the dense array of sums ``qd`` (``d`` uint64): the same ``[sum R^2,
+    sum |R|, max |R|]``, kept and non-finite counts, each ``R`` computed by the same expression and
+    tallied in the same order: chunk ``c`` takes the pairs ``[U c / n_chunks, U (c + 1) / n_chunks)``
+    in ascending key order, as there. Writes ``w = R rr`` (0 where masked) into ``wd`` at each
+    pair's entry, for :func:`dense_entry_grads` (``qd`` keeps the sums, the moments); ``R`` and
+    ``rr`` into ``Rd``, ``rrd`` likewise when they are not empty (read back with
+    :func:`dense_pairs`). Also returns ``num`` (d,), ``sum_j R_ij^2``, and ``gw`` (d,),
+    ``sum_j w_ij mu_j``, per latent.
+
+    A chunk sweeps its stretch of the triangle row by row, every entry, pair or not: an entry at
+    rest (-0.0) masks like a pair whose sum is 0, and its ``R = 0`` adds nothing to any sum. The
+    sweep runs over slices with signed indices, which LLVM vectorises; only the tally, whose order
+    is fixed, walks a row's ``R`` one by one after it (0.74 vs 1.3 ms for the walk over the
+    bitmap's set bits that wrote the keys and sums out, at the demo's size: docs/benchmarks.md)."""
     U = off[d]
-    with_r = R.size > 0
+    n = np.int64(d)
+    with_r = Rd.size > 0
     part = np.zeros((n_chunks, 8), dtype=np.float64)
-    zero = qd.dtype.type(0.0)
-    num_part = np.zeros((n_chunks, d), dtype=qd.dtype)
-    gw_part = np.zeros((n_chunks, d), dtype=qd.dtype)
+    num_part = np.zeros((n_chunks, n), dtype=qd.dtype)
+    gw_part = np.zeros((n_chunks, n), dtype=qd.dtype)
+    row_part = np.empty((n_chunks, 2, n), dtype=np.float64)  # a row's R and w, from the sweep to the tally
     for c in prange(n_chunks):
-        u, u1 = U * c // n_chunks, U * (c + 1) // n_chunks
-        if u >= u1:
+        u0, u1 = U * c // n_chunks, U * (c + 1) // n_chunks
+        if u0 >= u1:
             continue
-        num = num_part[c]
-        gw = gw_part[c]
+        num, gw = num_part[c], gw_part[c]
+        lo0, hi0 = _pair_entry(bm, words, off, u0)
+        lo1, hi1 = _pair_entry(bm, words, off, u1) if u1 < U else (d - _U1, d)
+        lo0, hi0, lo1, hi1 = np.int64(lo0), np.int64(hi0), np.int64(lo1), np.int64(hi1)  # signed from here
         s2 = 0.0
         s1 = 0.0
         mx = 0.0
         kept = 0
         bad = 0
-        lo, w, word = _chunk_start(bm, words, off, u)
-        key0, row, w0, mu_i, rs_i, num_i, gw_i = lo * d, base[lo], words[lo], mu[lo], rs[lo], zero, zero
-        while u < u1:
-            while word == 0:
-                w += _U1
-                if w == words[lo + _U1]:  # the row is done: the next one with a pair
-                    num[lo] += num_i
-                    gw[lo] += gw_i
-                    lo += _U1
-                    key0, row, w0, mu_i, rs_i = lo * d, base[lo], words[lo], mu[lo], rs[lo]
-                    num_i, gw_i = zero, zero
-                word = bm[w]
-            hi = lo + _U64 * (w - w0) + _cttz(word)
-            word &= word - _U1
-            e = key0 + hi
-            x = qd[row + hi]
-            keys[u] = e
-            q[u] = x
-            if x != 0.0:
-                wt = rs_i * rs[hi]
-                r = (m_scale * M[e] + q_scale * x - mu_i * mu[hi]) * wt
-                kept += 1
-                s2, s1, mx, bad = tally(r, s2, s1, mx, bad)
+        for lo in range(lo0, lo1 + 1):
+            h0 = hi0 if lo == lo0 else lo + 1
+            h1 = hi1 if lo == lo1 else n
+            m = h1 - h0
+            if m <= 0:
+                continue
+            e0, k0 = np.int64(base[lo]) + h0, lo * n + h0
+            qv, wv, Mv = qd[e0:e0 + m], wd[e0:e0 + m], M[k0:k0 + m]
+            rsv, muv, nv, gv = rs[h0:h1], mu[h0:h1], num[h0:h1], gw[h0:h1]
+            rv, av = row_part[c, 0, :m], row_part[c, 1, :m]
+            mu_i, rs_i = mu[lo], rs[lo]
+            kc = 0
+            for j in range(m):
+                x = qv[j]
+                wt = rs_i * rsv[j]
+                r = (m_scale * Mv[j] + q_scale * x - mu_i * muv[j]) * wt
+                if x == 0.0:
+                    r = 0.0
                 a = r * wt
-                num_i += r * r
-                num[hi] += r * r
-                gw_i += a * mu[hi]
-                gw[hi] += a * mu_i
-                qd[row + hi] = a
-            else:
-                r = zero
-                wt = zero
-                qd[row + hi] = zero
+                wv[j] = a
+                nv[j] += r * r
+                gv[j] += a * mu_i
+                rv[j] = r
+                av[j] = a
+                kc += x != 0.0
+            kept += kc
             if with_r:
-                R[u] = r
-                rr[u] = wt
-            u += 1
-        num[lo] += num_i
-        gw[lo] += gw_i
+                Rv, rrv = Rd[e0:e0 + m], rrd[e0:e0 + m]
+                for j in range(m):
+                    Rv[j] = rv[j]
+                    rrv[j] = rs_i * rsv[j] if qv[j] != 0.0 else 0.0
+            num_i = 0.0
+            gw_i = 0.0
+            for j in range(m):
+                r = rv[j]
+                s2, s1, mx, bad = tally(r, s2, s1, mx, bad)
+                num_i += r * r
+                gw_i += av[j] * muv[j]
+            num[lo] += num_i
+            gw[lo] += gw_i
         part[c, 0] = s2
         part[c, 1] = s1
         part[c, 2] = mx
@@ -484,6 +505,47 @@ def dense_terms(qd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, keys, 
         part[c, 4] = bad
     sums, kept, bad = reduce_parts(part)
     return sums, kept, bad, num_part.sum(axis=0), gw_part.sum(axis=0)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def dense_pairs(bm, d, words, base, off, src, keys, vals):
+    """The pairs read out of the dense layout, ascending: ``keys[u] = lo * d + hi`` (when ``keys``
+    is not empty) and ``vals[u] = src[base[lo] + hi]`` (``d`` uint64)."""
+    with_keys = keys.size > 0
+    for lo in prange(off.size - 1):
+        ulo = np.uint64(lo)
+        u, key0, row, w0 = off[lo], ulo * d, base[lo], words[lo]
+        for w in range(words[lo], words[lo + 1]):
+            word = bm[w]
+            while word != 0:
+                hi = ulo + _U64 * (w - w0) + _cttz(word)
+                word &= word - _U1
+                if with_keys:
+                    keys[u] = key0 + hi
+                vals[u] = src[row + hi]
+                u += 1
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def triangle_update(qd, words, base, flat, d, scale, rest, n_groups):
+    """``flat[lo * d + hi] += scale * qd[base[lo] + hi]`` over the whole upper triangle, then
+    ``qd`` back at ``rest``: the running statistics' update from the dense array of sums, every
+    entry (an entry at rest, -0.0, adds -0.0: no bit changes), so the same numbers as
+    :func:`scatter_distinct` over the pairs, in one vectorised pass that also puts the array back
+    at rest. Group ``g`` takes a run of whole rows holding about ``1 / n_groups`` of the entries
+    (cut on ``words``): rows in order stream through memory, where rows taken in turn (``g, g +
+    n_groups, ...``) ran 4x slower (0.34 vs 0.084 ms at the demo's size)."""
+    total = words[d]
+    for g in prange(n_groups):
+        lo0 = np.searchsorted(words, total * np.uint64(g) // np.uint64(n_groups))
+        lo1 = np.searchsorted(words, total * np.uint64(g + 1) // np.uint64(n_groups))
+        for lo in range(lo0, min(lo1, d - 1)):
+            m = d - 1 - lo
+            e0, k0 = np.int64(base[lo]) + lo + 1, lo * d + lo + 1
+            qv, fv = qd[e0:e0 + m], flat[k0:k0 + m]
+            for j in range(m):
+                fv[j] += scale * qv[j]
+                qv[j] = rest
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -518,26 +580,6 @@ def dense_entry_grads(s, perm, vs, cut, wd, base, coef, g_lat, c2_lat, n_groups,
                 acc += part[c, b, p]
             lat = s[b, p]
             out[b, perm[b, p]] = coef * acc + g_lat[lat] + c2_lat[lat] * vs[b, p]
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def reset_pairs(qd, base, keys, off, value):
-    """``qd[base[lo] + hi] = value`` for every pair ``keys[u] = lo * d + hi`` (``keys``, ``base``
-    uint64; row ``lo``'s keys at ``off[lo]:off[lo + 1]``)."""
-    d = np.uint64(off.size - 1)
-    for lo in prange(off.size - 1):
-        row, key0 = base[lo], np.uint64(lo) * d
-        for u in range(off[lo], off[lo + 1]):
-            qd[row + (keys[u] - key0)] = value
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def fill(a, value, n_chunks):
-    """``a[:] = value`` in ``n_chunks`` slices taken in parallel: putting the dense array back at
-    rest, ~1.7x numpy's single-threaded fill on 2 cores (42 MB: 0.74 vs 1.29 ms, docs/benchmarks.md)."""
-    n = a.size
-    for c in prange(n_chunks):
-        a[n * c // n_chunks:n * (c + 1) // n_chunks] = value
 
 
 @njit(cache=True, nogil=True)

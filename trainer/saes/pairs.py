@@ -14,7 +14,7 @@ Merging the B k (k - 1) / 2 row pairs into distinct ones is a sort: :func:`uniqu
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,13 +31,21 @@ class PairMoments(NamedTuple):
     ``keys`` (U,) int64: the distinct row pairs' keys ``lo * d_sae + hi``, ascending; ``q`` (U,):
     ``sum_b z_b,lo z_b,hi`` (= B Q_t[lo, hi], may be 0 where a value is 0); ``m`` (d_sae,):
     ``sum_b z_b`` (= B m_t); ``q_diag`` (d_sae,): ``sum_b z_b^2`` (= B diag Q_t); ``rows``: B.
+    ``triangle``: instead of ``keys`` and ``q`` (both None then), the pair sums left in a dense
+    array of the upper triangle (``fused_pairs.DenseSums``: ``add_to(flat, scale)`` adds them into
+    the statistics' buffer, ``pairs()`` reads the keys and sums out). Read them with :meth:`pairs`.
     """
 
-    keys: Tensor
-    q: Tensor
+    keys: Tensor | None
+    q: Tensor | None
     m: Tensor
     q_diag: Tensor
     rows: int
+    triangle: Any = None
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        """The distinct keys and their sums, whichever form they came in."""
+        return self.triangle.pairs() if self.triangle is not None else (self.keys, self.q)
 
 
 def empty(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
