@@ -34,6 +34,9 @@ class PairMoments(NamedTuple):
     ``triangle``: instead of ``keys`` and ``q`` (both None then), the pair sums left in a dense
     array of the upper triangle (``fused_pairs.DenseSums``: ``add_to(flat, scale)`` adds them into
     the statistics' buffer, ``pairs()`` reads the keys and sums out). Read them with :meth:`pairs`.
+    A ``triangle`` is consumed by the update that adds it (its array goes back to a pool for the
+    next batch): call :meth:`pairs` before it to keep the keys and sums, which the update then
+    takes instead.
     """
 
     keys: Tensor | None
