@@ -424,6 +424,11 @@ def test_update_from_dense_sums_equals_update_from_sorted_pairs(dtype, monkeypat
                 moments["dense"].pairs()
         arrays = list(fused_pairs._CLEAN._free.values())
         assert arrays and all(bool((a == 0).all()) and bool(np.signbit(a).all()) for a in arrays)
+    before = {k: v.clone() for k, v in st["dense"].state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(RuntimeError, match="already added"):  # once added, a triangle is gone: refused, nothing changed
+        st["dense"].update(idx, val, moments=moments["dense"])
+    assert all(torch.equal(v, st["dense"].state_dict()[k]) for k, v in before.items())
+    assert st["dense"].step == st["sorted"].step
 
 
 def test_dense_array_returns_to_rest(monkeypatch):

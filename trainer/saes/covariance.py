@@ -131,6 +131,9 @@ class LatentStatistics(torch.nn.Module):
         elif moments.rows != idx.shape[0] or moments.m.shape != (d,):
             raise ValueError(f"moments of {moments.rows} rows / {moments.m.shape[0]} latents, batch "
                              f"{idx.shape[0]} rows / d_sae {d}")
+        elif moments.triangle is not None and moments.triangle.consumed:  # checked before anything changes
+            raise RuntimeError("these moments were already added by an update (a dense triangle is added once): "
+                               "make new ones with penalty_and_moments, or read moments.pairs() before the first")
         B = moments.rows
 
         # mu: dense O(d) EMA of the batch mean.

@@ -353,6 +353,11 @@ class DenseSums:
     def n_pairs(self) -> int:
         return int(self._off[-1])
 
+    @property
+    def consumed(self) -> bool:
+        """Added into the statistics already, with nothing read out before: no sums left to give."""
+        return self._state["qd"] is None and self._pairs is None
+
     def pairs(self) -> tuple[Tensor, Tensor]:
         """The distinct keys (U,) int64, ascending, and their sums ``q`` (U,): what the sorted path
         hands over (read before :meth:`add_to`, or kept from a read before it)."""
