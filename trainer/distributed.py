@@ -186,6 +186,8 @@ def session(device: str) -> Iterator[Collective]:
                                 timeout=datetime.timedelta(minutes=30))
     try:
         yield ProcessGroup(rank, world, dev)
+        if created:  # leave together: no rank tears its gloo threads down while the other still talks to it
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()
