@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 __all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads",
            "dense_pairs", "dense_terms", "pack_pairs", "pair_bitmap", "pair_offsets", "plan_buckets",
            "radix_sort_slices", "reduce_parts", "row_cuts", "run_sums", "scatter_distinct", "slice_spans", "sort_rows",
-           "tally", "triangle_update"]
+           "tally", "lane_total", "triangle_update", "LANES"]
 
 MAX_DIGIT_BITS = 13  # counts of 8192 int64: 64 KB, in L2 beside the slice being scattered
 
@@ -170,15 +170,31 @@ def run_sums(pk, shift, kb, k, bounds, uoff, vs, keys, q):
             q[u] = acc
 
 
+# The loss and diagnostics sums of a chunk of pairs are kept in LANES partial sums, pair (lo, hi)
+# going to lane hi % LANES, each lane summed in ascending key order; the chunk's sum is
+# lane_total(...). Both paths define the same order (so the same bits), and the dense path's
+# sweep adds a row's entries to the lanes in blocks, LANES independent chains instead of one
+# whose add latency bounded it (dense_terms 0.73 -> 0.61 ms at the demo's size: docs/benchmarks.md).
+LANES = 4  # lane_total and _tally_row's blocks spell the four lanes out
+
+
 @njit(cache=True, nogil=True, inline="always")
-def tally(r, s2, s1, mx, bad):
-    """One kept pair's R into a chunk's running ``sum R^2``, ``sum |R|``, ``max |R|`` (a NaN
-    wins) and non-finite count."""
+def tally(r, lanes, lane, mx, bad):
+    """One kept pair's R into a chunk's lanes (``lanes[lane]``: ``sum R^2``, ``lanes[LANES +
+    lane]``: ``sum |R|``), its ``max |R|`` (a NaN wins) and non-finite count."""
     if not np.isfinite(r):
         bad += 1
     if abs(r) > mx or r != r:
         mx = abs(r)
-    return s2 + r * r, s1 + abs(r), mx, bad
+    lanes[lane] += r * r
+    lanes[LANES + lane] += abs(r)
+    return mx, bad
+
+
+@njit(cache=True, nogil=True, inline="always")
+def lane_total(lanes, first):
+    """The chunk's sum over lanes ``first .. first + LANES``, in a fixed order."""
+    return (lanes[first] + lanes[first + 1]) + (lanes[first + 2] + lanes[first + 3])
 
 
 @njit(cache=True, nogil=True)
@@ -202,9 +218,9 @@ def correlations(keys, q, M, m_scale, d, q_scale, mu, rs, R, rr, n_chunks):
     ``[sum R^2, sum |R|, max |R|]`` (float64; max is NaN if any R is), kept pairs, non-finite R."""
     U = keys.size
     part = np.zeros((n_chunks, 8), dtype=np.float64)  # one row per chunk, written once at its end
+    lanes_part = np.zeros((n_chunks, 2 * LANES), dtype=np.float64)
     for c in prange(n_chunks):
-        s2 = 0.0
-        s1 = 0.0
+        lanes = lanes_part[c]
         mx = 0.0
         kept = 0
         bad = 0
@@ -215,14 +231,14 @@ def correlations(keys, q, M, m_scale, d, q_scale, mu, rs, R, rr, n_chunks):
                 w = rs[i] * rs[j]
                 r = (m_scale * M[keys[u]] + q_scale * q[u] - mu[i] * mu[j]) * w
                 kept += 1
-                s2, s1, mx, bad = tally(r, s2, s1, mx, bad)
+                mx, bad = tally(r, lanes, j % LANES, mx, bad)
                 R[u] = r
                 rr[u] = w
             else:
                 R[u] = 0.0
                 rr[u] = 0.0
-        part[c, 0] = s2
-        part[c, 1] = s1
+        part[c, 0] = lane_total(lanes, 0)
+        part[c, 1] = lane_total(lanes, LANES)
         part[c, 2] = mx
         part[c, 3] = kept
         part[c, 4] = bad
@@ -422,6 +438,65 @@ def _pair_entry(bm, words, off, u):
     return lo, lo + _U64 * (w - words[lo]) + _cttz(word)
 
 
+@njit(cache=True, nogil=True)
+def _tally_row(rv, av, muv, h0, lanes, mx, bad):
+    """A swept row's ``R`` (``rv``, its first entry at column ``h0``) into the chunk's lanes, max
+    and count (:func:`tally`), and the row's ``sum R^2`` and ``sum w mu_j`` (any order). Entries
+    up to a column that is a multiple of LANES and after the last whole block go one by one; the
+    blocks between keep the lanes in registers, one chain each."""
+    m = rv.size
+    n0 = n1 = n2 = n3 = 0.0
+    g0 = g1 = g2 = g3 = 0.0
+    j = 0
+    while j < m and (h0 + j) % LANES != 0:
+        r = rv[j]
+        mx, bad = tally(r, lanes, (h0 + j) % LANES, mx, bad)
+        n0 += r * r
+        g0 += av[j] * muv[j]
+        j += 1
+    if j + LANES <= m:
+        a0, a1, a2, a3 = lanes[0], lanes[1], lanes[2], lanes[3]
+        b0, b1, b2, b3 = lanes[4], lanes[5], lanes[6], lanes[7]
+        while j + LANES <= m:
+            r0, r1, r2, r3 = rv[j], rv[j + 1], rv[j + 2], rv[j + 3]
+            x0, x1, x2, x3 = abs(r0), abs(r1), abs(r2), abs(r3)
+            # Below a finite max, all four: nothing to count or raise (one branch, not eight);
+            # a NaN fails every compare, so it takes the slow way.
+            if not ((mx < np.inf) & (x0 <= mx) & (x1 <= mx) & (x2 <= mx) & (x3 <= mx)):
+                for i in range(LANES):
+                    r = rv[j + i]
+                    if not np.isfinite(r):
+                        bad += 1
+                    if abs(r) > mx or r != r:
+                        mx = abs(r)
+            a0 += r0 * r0
+            a1 += r1 * r1
+            a2 += r2 * r2
+            a3 += r3 * r3
+            b0 += x0
+            b1 += x1
+            b2 += x2
+            b3 += x3
+            n0 += r0 * r0
+            n1 += r1 * r1
+            n2 += r2 * r2
+            n3 += r3 * r3
+            g0 += av[j] * muv[j]
+            g1 += av[j + 1] * muv[j + 1]
+            g2 += av[j + 2] * muv[j + 2]
+            g3 += av[j + 3] * muv[j + 3]
+            j += LANES
+        lanes[0], lanes[1], lanes[2], lanes[3] = a0, a1, a2, a3
+        lanes[4], lanes[5], lanes[6], lanes[7] = b0, b1, b2, b3
+    while j < m:
+        r = rv[j]
+        mx, bad = tally(r, lanes, (h0 + j) % LANES, mx, bad)
+        n0 += r * r
+        g0 += av[j] * muv[j]
+        j += 1
+    return (n0 + n1) + (n2 + n3), (g0 + g1) + (g2 + g3), mx, bad
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def dense_terms(qd, wd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, Rd, rrd, n_chunks):
     """:func:`correlations` on the dense array of sums ``qd`` (``d`` uint64): the same ``[sum R^2,
@@ -435,9 +510,10 @@ def dense_terms(qd, wd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, Rd
 
     A chunk sweeps its stretch of the triangle row by row, every entry, pair or not: an entry at
     rest (-0.0) masks like a pair whose sum is 0, and its ``R = 0`` adds nothing to any sum. The
-    sweep runs over slices with signed indices, which LLVM vectorises; only the tally, whose order
-    is fixed, walks a row's ``R`` one by one after it (0.74 vs 1.3 ms for the walk over the
-    bitmap's set bits that wrote the keys and sums out, at the demo's size: docs/benchmarks.md)."""
+    sweep runs over slices with signed indices, which LLVM vectorises; the tally, whose order is
+    fixed, walks a row's ``R`` after it in blocks of LANES (:func:`_tally_row`). At the demo's
+    size, on a captured batch: 0.61 ms, against 1.3 ms for the walk over the bitmap's set bits
+    that wrote the keys and sums out (docs/benchmarks.md)."""
     U = off[d]
     n = np.int64(d)
     with_r = Rd.size > 0
@@ -445,16 +521,15 @@ def dense_terms(qd, wd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, Rd
     num_part = np.zeros((n_chunks, n), dtype=qd.dtype)
     gw_part = np.zeros((n_chunks, n), dtype=qd.dtype)
     row_part = np.empty((n_chunks, 2, n), dtype=np.float64)  # a row's R and w, from the sweep to the tally
+    lanes_part = np.zeros((n_chunks, 2 * LANES), dtype=np.float64)
     for c in prange(n_chunks):
         u0, u1 = U * c // n_chunks, U * (c + 1) // n_chunks
         if u0 >= u1:
             continue
-        num, gw = num_part[c], gw_part[c]
+        num, gw, lanes = num_part[c], gw_part[c], lanes_part[c]
         lo0, hi0 = _pair_entry(bm, words, off, u0)
         lo1, hi1 = _pair_entry(bm, words, off, u1) if u1 < U else (d - _U1, d)
         lo0, hi0, lo1, hi1 = np.int64(lo0), np.int64(hi0), np.int64(lo1), np.int64(hi1)  # signed from here
-        s2 = 0.0
-        s1 = 0.0
         mx = 0.0
         kept = 0
         bad = 0
@@ -489,17 +564,11 @@ def dense_terms(qd, wd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, Rd
                 for j in range(m):
                     Rv[j] = rv[j]
                     rrv[j] = rs_i * rsv[j] if qv[j] != 0.0 else 0.0
-            num_i = 0.0
-            gw_i = 0.0
-            for j in range(m):
-                r = rv[j]
-                s2, s1, mx, bad = tally(r, s2, s1, mx, bad)
-                num_i += r * r
-                gw_i += av[j] * muv[j]
-            num[lo] += num_i
-            gw[lo] += gw_i
-        part[c, 0] = s2
-        part[c, 1] = s1
+            nsum, gsum, mx, bad = _tally_row(rv, av, muv, h0, lanes, mx, bad)
+            num[lo] += nsum
+            gw[lo] += gsum
+        part[c, 0] = lane_total(lanes, 0)
+        part[c, 1] = lane_total(lanes, LANES)
         part[c, 2] = mx
         part[c, 3] = kept
         part[c, 4] = bad
