@@ -365,11 +365,7 @@ class DenseSums:
             qd = self._state["qd"]
             if qd is None:
                 raise RuntimeError("these pair sums were already added into the statistics (add_to)")
-            U = self.n_pairs
-            keys, q = np.empty(U, dtype=np.int64), np.empty(U, dtype=qd.dtype)
-            layout = triangle_layout(self.d)
-            numba.set_num_threads(kernel_threads())
-            kern.dense_pairs(self._bm, np.uint64(self.d), layout.words, layout.base, self._off, qd, keys, q)
+            keys, q = read_pairs(self._bm, self._off, self.d, qd, with_keys=True)
             self._pairs = torch.from_numpy(keys), torch.from_numpy(q)
         return self._pairs
 
@@ -389,6 +385,18 @@ class DenseSums:
         self._give_back.detach()
         _CLEAN.give(qd)
         return True
+
+
+def read_pairs(bm: np.ndarray, off: np.ndarray, d: int, dense: np.ndarray, *, with_keys: bool = False
+               ) -> tuple[np.ndarray | None, np.ndarray]:
+    """The pairs of a dense-triangle array (marked in ``bm``, each row's first at ``off``), in
+    ascending key order: their keys ``lo * d + hi`` (``with_keys``, else None) and their values."""
+    U = int(off[-1])
+    keys, vals = np.empty(U if with_keys else 0, dtype=np.int64), np.empty(U, dtype=dense.dtype)
+    layout = triangle_layout(d)
+    numba.set_num_threads(kernel_threads())
+    kern.dense_pairs(bm, np.uint64(d), layout.words, layout.base, off, dense, keys, vals)
+    return (keys if with_keys else None), vals
 
 
 def _put_back(state: dict) -> None:
@@ -460,16 +468,9 @@ class DensePairs:
                                                     rrd, n_slices())
         self.num, self.gw = torch.from_numpy(num), torch.from_numpy(gw)
         if with_r:
-            self.R, self.rr = (self._read_out(a) for a in (Rd, rrd))
+            self.R, self.rr = (torch.from_numpy(read_pairs(self.bm, self.off, self.d, a)[1]) for a in (Rd, rrd))
         self.qd = None
         return PairTerms(None, None, sums, kept, bad, self._sums)
-
-    def _read_out(self, dense: np.ndarray) -> Tensor:
-        out = np.empty(int(self.off[-1]), dtype=dense.dtype)
-        layout = self.layout
-        kern.dense_pairs(self.bm, np.uint64(self.d), layout.words, layout.base, self.off, dense,
-                         np.empty(0, dtype=np.int64), out)
-        return torch.from_numpy(out)
 
     def latent_grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor]:
         """``sum_j R_ij^2`` and ``sum_j a_ij mu_j`` per latent, ``a = coef R rr`` (both summed by
