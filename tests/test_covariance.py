@@ -312,6 +312,31 @@ def test_dense_pairs_equal_sorted_pairs(d, B, k, hot, dtype):
         fp.release()
 
 
+@pytest.mark.parametrize("bad_latents", [(7,), (7, 150), (0, 299)])
+@pytest.mark.parametrize("poison", [math.inf, math.nan])
+def test_dense_pairs_nonfinite_r_same_as_sorted(bad_latents, poison):
+    """Non-finite ``R`` (a variance of 0 with eps = 0 gives rs = inf; NaN likewise) inside the
+    sweep's blocks and outside them: the dense path's max (NaN wins), non-finite count and loss
+    sums equal the sorted path's."""
+    from trainer.saes.fused_pairs import DensePairs
+
+    d, B, k = 300, 64, 12
+    st = _stats_with_history(d, torch.float32, seed=5)
+    idx, val = _edge_batch(d, B, k, seed=9, dtype=torch.float32, hot=True)
+    s, _, vs = pairs.sorted_rows(idx, val)
+    m, q_diag, mu_t, s_diag = corr_penalty._latent_terms(st, idx, val)
+    rs = s_diag.rsqrt()
+    rs[list(bad_latents)] = poison
+    args = (st.M_buf.view(-1), 0.95 * st.scale, 0.05 / idx.shape[0], mu_t, rs)
+    fp, dp = FusedPairs.build(s, vs, d), DensePairs.build(s, vs, d)
+    a, b = fp.terms(*args), dp.terms(*args)
+    assert a.bad > 0 and (a.kept, a.bad) == (b.kept, b.bad)
+    assert np.array_equal(a.sums, b.sums, equal_nan=True)
+    assert not math.isfinite(b.sums[0]) and not math.isfinite(b.sums[2])
+    dp.release()
+    fp.release()
+
+
 def _penalty_run(st, idx, val, path, monkeypatch):
     """Loss, gradient, moments and diagnostics through ``path``: "dense", "sorted" (the fused
     CPU kernels) or "torch" (the torch.unique path)."""

@@ -27,6 +27,9 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.extending import intrinsic
 
+from trainer.saes.lanes import (WIDTH, lanes_abs, lanes_add, lanes_get, lanes_load, lanes_over, lanes_sq, lanes_store,
+                                lanes_zero)
+
 __all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads",
            "dense_pairs", "dense_terms", "pack_pairs", "pair_bitmap", "pair_offsets", "plan_buckets",
            "radix_sort_slices", "reduce_parts", "row_cuts", "run_sums", "scatter_distinct", "slice_spans", "sort_rows",
@@ -173,9 +176,9 @@ def run_sums(pk, shift, kb, k, bounds, uoff, vs, keys, q):
 # The loss and diagnostics sums of a chunk of pairs are kept in LANES partial sums, pair (lo, hi)
 # going to lane hi % LANES, each lane summed in ascending key order; the chunk's sum is
 # lane_total(...). Both paths define the same order (so the same bits), and the dense path's
-# sweep adds a row's entries to the lanes in blocks, LANES independent chains instead of one
-# whose add latency bounded it (dense_terms 0.73 -> 0.61 ms at the demo's size: docs/benchmarks.md).
-LANES = 4  # lane_total and _tally_row's blocks spell the four lanes out
+# sweep adds a block of LANES aligned columns to the lanes as one vector each: independent add
+# chains, where one chain's add latency bounded it (docs/benchmarks.md).
+LANES = WIDTH  # one vector of lanes (trainer.saes.lanes)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -194,7 +197,10 @@ def tally(r, lanes, lane, mx, bad):
 @njit(cache=True, nogil=True, inline="always")
 def lane_total(lanes, first):
     """The chunk's sum over lanes ``first .. first + LANES``, in a fixed order."""
-    return (lanes[first] + lanes[first + 1]) + (lanes[first + 2] + lanes[first + 3])
+    total = 0.0
+    for i in range(LANES):
+        total += lanes[first + i]
+    return total
 
 
 @njit(cache=True, nogil=True)
@@ -439,62 +445,49 @@ def _pair_entry(bm, words, off, u):
 
 
 @njit(cache=True, nogil=True)
-def _tally_row(rv, av, muv, h0, lanes, mx, bad):
+def _tally_row(rv, gv, h0, lanes, mx, bad):
     """A swept row's ``R`` (``rv``, its first entry at column ``h0``) into the chunk's lanes, max
-    and count (:func:`tally`), and the row's ``sum R^2`` and ``sum w mu_j`` (any order). Entries
-    up to a column that is a multiple of LANES and after the last whole block go one by one; the
-    blocks between keep the lanes in registers, one chain each."""
+    and count (:func:`tally`), and the row's ``sum R^2`` and ``sum gv`` (any order). The columns
+    in whole blocks of LANES, from a multiple of LANES on, go a block at a time into vector lanes
+    (:mod:`trainer.saes.lanes`): column ``hi`` still adds to lane ``hi % LANES`` after the columns
+    before it. A block is looked at entry by entry for the max and the count only when one of its
+    ``|R|`` is above the running max or not a number (rare: the max only grows)."""
     m = rv.size
-    n0 = n1 = n2 = n3 = 0.0
-    g0 = g1 = g2 = g3 = 0.0
-    j = 0
-    while j < m and (h0 + j) % LANES != 0:
-        r = rv[j]
-        mx, bad = tally(r, lanes, (h0 + j) % LANES, mx, bad)
-        n0 += r * r
-        g0 += av[j] * muv[j]
-        j += 1
-    if j + LANES <= m:
-        a0, a1, a2, a3 = lanes[0], lanes[1], lanes[2], lanes[3]
-        b0, b1, b2, b3 = lanes[4], lanes[5], lanes[6], lanes[7]
-        while j + LANES <= m:
-            r0, r1, r2, r3 = rv[j], rv[j + 1], rv[j + 2], rv[j + 3]
-            x0, x1, x2, x3 = abs(r0), abs(r1), abs(r2), abs(r3)
-            # Below a finite max, all four: nothing to count or raise (one branch, not eight);
-            # a NaN fails every compare, so it takes the slow way.
-            if not ((mx < np.inf) & (x0 <= mx) & (x1 <= mx) & (x2 <= mx) & (x3 <= mx)):
-                for i in range(LANES):
-                    r = rv[j + i]
-                    if not np.isfinite(r):
-                        bad += 1
-                    if abs(r) > mx or r != r:
-                        mx = abs(r)
-            a0 += r0 * r0
-            a1 += r1 * r1
-            a2 += r2 * r2
-            a3 += r3 * r3
-            b0 += x0
-            b1 += x1
-            b2 += x2
-            b3 += x3
-            n0 += r0 * r0
-            n1 += r1 * r1
-            n2 += r2 * r2
-            n3 += r3 * r3
-            g0 += av[j] * muv[j]
-            g1 += av[j + 1] * muv[j + 1]
-            g2 += av[j + 2] * muv[j + 2]
-            g3 += av[j + 3] * muv[j + 3]
-            j += LANES
-        lanes[0], lanes[1], lanes[2], lanes[3] = a0, a1, a2, a3
-        lanes[4], lanes[5], lanes[6], lanes[7] = b0, b1, b2, b3
-    while j < m:
-        r = rv[j]
-        mx, bad = tally(r, lanes, (h0 + j) % LANES, mx, bad)
-        n0 += r * r
-        g0 += av[j] * muv[j]
-        j += 1
-    return (n0 + n1) + (n2 + n3), (g0 + g1) + (g2 + g3), mx, bad
+    j0 = min(m, (LANES - h0 % LANES) % LANES)  # the first column of a whole block
+    j1 = j0 + (m - j0) // LANES * LANES
+    nsum = 0.0
+    gsum = 0.0
+    for j in range(j0):
+        mx, bad = tally(rv[j], lanes, (h0 + j) % LANES, mx, bad)
+        nsum += rv[j] * rv[j]
+        gsum += gv[j]
+    if j1 > j0:
+        l2, l1 = lanes_load(lanes, 0), lanes_load(lanes, LANES)
+        n2, g2 = lanes_zero(), lanes_zero()
+        over = 0
+        for j in range(j0, j1, LANES):
+            l2 = lanes_sq(l2, rv, j)
+            l1 = lanes_abs(l1, rv, j)
+            n2 = lanes_sq(n2, rv, j)
+            g2 = lanes_add(g2, gv, j)
+            over += lanes_over(rv, j, mx)
+        lanes_store(l2, lanes, 0)
+        lanes_store(l1, lanes, LANES)
+        for i in range(LANES):
+            nsum += lanes_get(n2, i)
+            gsum += lanes_get(g2, i)
+        if over > 0 or not mx < np.inf:  # the max and count, entry by entry (in any order: the same result)
+            for j in range(j0, j1):
+                r = rv[j]
+                if not np.isfinite(r):
+                    bad += 1
+                if abs(r) > mx or r != r:
+                    mx = abs(r)
+    for j in range(j1, m):
+        mx, bad = tally(rv[j], lanes, (h0 + j) % LANES, mx, bad)
+        nsum += rv[j] * rv[j]
+        gsum += gv[j]
+    return nsum, gsum, mx, bad
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -511,16 +504,15 @@ def dense_terms(qd, wd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, Rd
     A chunk sweeps its stretch of the triangle row by row, every entry, pair or not: an entry at
     rest (-0.0) masks like a pair whose sum is 0, and its ``R = 0`` adds nothing to any sum. The
     sweep runs over slices with signed indices, which LLVM vectorises; the tally, whose order is
-    fixed, walks a row's ``R`` after it in blocks of LANES (:func:`_tally_row`). At the demo's
-    size, on a captured batch: 0.61 ms, against 1.3 ms for the walk over the bitmap's set bits
-    that wrote the keys and sums out (docs/benchmarks.md)."""
+    fixed, takes a row's ``R`` after it in vector lanes (:func:`_tally_row`). At the demo's size,
+    on a captured batch: docs/benchmarks.md."""
     U = off[d]
     n = np.int64(d)
     with_r = Rd.size > 0
     part = np.zeros((n_chunks, 8), dtype=np.float64)
     num_part = np.zeros((n_chunks, n), dtype=qd.dtype)
     gw_part = np.zeros((n_chunks, n), dtype=qd.dtype)
-    row_part = np.empty((n_chunks, 2, n), dtype=np.float64)  # a row's R and w, from the sweep to the tally
+    row_part = np.empty((n_chunks, 2, n), dtype=np.float64)  # a row's R and w mu_j, from the sweep to the tally
     lanes_part = np.zeros((n_chunks, 2 * LANES), dtype=np.float64)
     for c in prange(n_chunks):
         u0, u1 = U * c // n_chunks, U * (c + 1) // n_chunks
@@ -542,7 +534,7 @@ def dense_terms(qd, wd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, Rd
             e0, k0 = np.int64(base[lo]) + h0, lo * n + h0
             qv, wv, Mv = qd[e0:e0 + m], wd[e0:e0 + m], M[k0:k0 + m]
             rsv, muv, nv, gv = rs[h0:h1], mu[h0:h1], num[h0:h1], gw[h0:h1]
-            rv, av = row_part[c, 0, :m], row_part[c, 1, :m]
+            rv, amv = row_part[c, 0, :m], row_part[c, 1, :m]
             mu_i, rs_i = mu[lo], rs[lo]
             kc = 0
             for j in range(m):
@@ -556,7 +548,7 @@ def dense_terms(qd, wd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, Rd
                 nv[j] += r * r
                 gv[j] += a * mu_i
                 rv[j] = r
-                av[j] = a
+                amv[j] = a * muv[j]
                 kc += x != 0.0
             kept += kc
             if with_r:
@@ -564,7 +556,7 @@ def dense_terms(qd, wd, bm, d, words, base, off, M, m_scale, q_scale, mu, rs, Rd
                 for j in range(m):
                     Rv[j] = rv[j]
                     rrv[j] = rs_i * rsv[j] if qv[j] != 0.0 else 0.0
-            nsum, gsum, mx, bad = _tally_row(rv, av, muv, h0, lanes, mx, bad)
+            nsum, gsum, mx, bad = _tally_row(rv, amv, h0, lanes, mx, bad)
             num[lo] += nsum
             gw[lo] += gsum
         part[c, 0] = lane_total(lanes, 0)
