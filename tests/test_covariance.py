@@ -495,7 +495,8 @@ def test_sort_rows_kernel_equals_torch_sort_and_min_var(dtype, presorted):
     """The fused path's row sort (a bitmap walk, or a copy of rows already ascending, as the CPU
     top-k gives them) gives torch.sort's rows, permutation and values, and corr_penalty's min_var,
     including zero values, ties, NaN, k = 2, B = 1; a row that repeats a latent or holds one
-    outside 0 .. d - 1 is refused (None)."""
+    outside 0 .. d - 1 is refused (None). With the dense path's cuts: those of the serial kernel."""
+    from trainer.saes import fused_pairs, pair_kernels as kern
     from trainer.saes.fused_pairs import sort_rows
 
     g = torch.Generator().manual_seed(1)
@@ -520,6 +521,10 @@ def test_sort_rows_kernel_equals_torch_sort_and_min_var(dtype, presorted):
         assert torch.equal(got[2].isnan(), vs.isnan()) and torch.equal(got[2].nan_to_num(), vs.nan_to_num())
         assert torch.equal(got[3].isnan(), corr_penalty._min_var(s, vs, s_diag).isnan())
         assert torch.equal(got[3].nan_to_num(), corr_penalty._min_var(s, vs, s_diag).nan_to_num())
+        assert got[4] is None
+        with_cuts = sort_rows(idx, val, s_diag, with_cuts=True)
+        assert torch.equal(got[0], with_cuts[0]) and torch.equal(got[1], with_cuts[1])
+        assert np.array_equal(with_cuts[4], kern.row_cuts(s.numpy(), d, fused_pairs.n_slices()))  # the serial kernel
     for bad in (idx[-1, 0], d, -1):  # a repeated latent, one past the end, a negative one
         wrong = idx.clone()
         wrong[-1, 1] = bad
@@ -808,3 +813,19 @@ def test_fused_scratch_is_never_shared_by_live_batches():
     c = v1.clone().requires_grad_(True)
     correlation_penalty(st, i1, c)[0].backward()
     assert torch.equal(c.grad, ref[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("beta,steps", [(0.01, 5), (0.2, 3), (1.0, 2), (0.05, 0)])
+def test_fused_latent_terms_equal_the_torch_ops(dtype, beta, steps):
+    """The one-kernel latent terms of the CPU path give the torch ops' very bits (m, diag Q,
+    mu~, diag S, and its rsqrt), before and after updates, folds included (beta = 1)."""
+    from trainer.saes import fused_pairs
+
+    st = LatentStatistics(300, beta, 1e-6, dtype=dtype)
+    for idx, val in batches(steps + 1, d=300, B=64, k=12, n_alive=250, seed=4, zero_frac=0.1, dtype=dtype):
+        want = corr_penalty._latent_terms(st, idx, val)
+        got = fused_pairs.latent_terms(idx, val, st.M_buf.diagonal(), st.mu, st.beta, st.scale, st.diag_extra, st.eps)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+        assert torch.equal(want[3].rsqrt(), got[4])
+        st.update(idx, val)

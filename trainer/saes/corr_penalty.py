@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.saes.fused_pairs import build_pairs, fused_pairs_supported, sort_rows
+from trainer.saes.fused_pairs import build_pairs, dense_triangle, fused_pairs_supported, latent_terms, sort_rows
 from trainer.saes.pairs import PairMoments, check_topk, empty, latent_sums, sorted_rows, unique_pairs
 
 if TYPE_CHECKING:
@@ -159,14 +159,16 @@ class _FusedCorrPenalty(torch.autograd.Function):
     def forward(ctx, v: Tensor, idx: Tensor, stats: LatentStatistics, box: list):
         B, k = idx.shape
         d, beta = stats.d_sae, stats.beta
-        m, q_diag, mu_t, s_diag = _latent_terms(stats, idx, v)
-        rows = sort_rows(idx, v, s_diag)  # and min_var, in one pass over the rows
+        m, q_diag, mu_t, s_diag, rs = latent_terms(idx, v, stats.M_buf.diagonal(), stats.mu, beta, stats.scale,
+                                                   stats.diag_extra, stats.eps)  # _latent_terms' bits, one kernel
+        # and min_var, and the dense path's cuts, in one pass over the rows
+        rows = sort_rows(idx, v, s_diag, with_cuts=dense_triangle(B, k, d, v.element_size()))
         if rows is None:  # a row repeats a latent or holds one out of range: as the torch path does
             s, perm, vs = sorted_rows(idx, v)
-            rows = (s, perm, vs, _min_var(s, vs, s_diag))
-        s, perm, vs, min_var = rows
-        pairs = build_pairs(s, vs, d)
-        t = pairs.terms(stats.M_buf.view(-1), (1.0 - beta) * stats.scale, beta / B, mu_t, s_diag.rsqrt())
+            rows = (s, perm, vs, _min_var(s, vs, s_diag), None)
+        s, perm, vs, min_var, cut = rows
+        pairs = build_pairs(s, vs, d, cut=cut)
+        t = pairs.terms(stats.M_buf.view(-1), (1.0 - beta) * stats.scale, beta / B, mu_t, rs)
         box.append(PairMoments(t.keys, t.q, m, q_diag, B, t.triangle))
         n_pairs = torch.tensor(t.kept)
         P = n_pairs.clamp(min=1).to(v.dtype)
@@ -184,13 +186,10 @@ class _FusedCorrPenalty(torch.autograd.Function):
         pairs = ctx.pairs
         if pairs is None:
             raise RuntimeError("the correlation penalty's backward ran twice (retain_graph): not supported on CPU")
-        go = grad_loss / P
-        num, g_mu = pairs.latent_grads(2.0 * float(go), mu_t)
-        c = torch.where(num != 0, -go * num / s_diag, v.new_zeros(()))  # dL/dS_ii; 0 outside the pairs
-        g = pairs.entry_grads(-g_mu - 2.0 * c * mu_t, 2.0 * c, idx, perm, v)
+        g = pairs.gradient(grad_loss / P, mu_t, s_diag, idx, perm, v)
         ctx.pairs = None
         pairs.release()  # the pairs' arrays go back to the scratch pool for the next batch
-        return g.div_(idx.shape[0]), None, None, None  # no factor beta (docs/sae-math.md)
+        return g, None, None, None  # no factor beta (docs/sae-math.md)
 
 
 def _latent_terms(stats: LatentStatistics, idx: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

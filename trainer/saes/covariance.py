@@ -151,14 +151,14 @@ class LatentStatistics(torch.nn.Module):
         flat = self.M_buf.view(-1)
         # The dense path's sums go in by one pass over the triangle, which also readies their array
         # for the next batch; other moments as their distinct keys and sums.
-        if not (moments.triangle is not None and moments.triangle.add_to(flat, c)):
+        if not (moments.triangle is not None and moments.triangle.add_to(flat, c, moments.q_diag)):
             keys, q = moments.pairs()
             if flat.is_cuda and not distinct:  # atomics would make repeated keys non-deterministic
                 flat.index_put_((keys.long(),), q * c, accumulate=True)  # sort-based, deterministic
             elif not (distinct and add_distinct(flat, keys, q, c)):  # CPU, distinct: in parallel
                 flat.index_add_(0, keys, q * c)  # CPU: deterministic, ~2x faster than index_put_
-        diag = torch.arange(d, device=dev).mul_(d + 1)  # the diagonal: distinct keys
-        flat.index_add_(0, diag, moments.q_diag * c)
+            diag = torch.arange(d, device=dev).mul_(d + 1)  # the diagonal: distinct keys
+            flat.index_add_(0, diag, moments.q_diag * c)  # (the triangle's pass adds it, the same bits)
         self.step += 1
 
     # -- reads ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The distinct pairs of a TopK batch on CPU, through the fused kernels of :mod:`pair_kernels`.
 
 Two ways to merge the B k (k - 1) / 2 row pairs, one interface (:func:`build_pairs`, then
-``terms``, ``latent_grads``, ``entry_grads``, ``release``): the distinct keys with their product
+``terms``, ``gradient``, ``release``): the distinct keys with their product
 sums (the moments), ``R`` per distinct pair with the loss and diagnostics, and the gradient
 scattered back to the row entries. The torch path (:func:`~trainer.saes.pairs.unique_pairs`)
 does the same on other devices and is the reference the tests hold both to.
@@ -49,8 +49,8 @@ from torch import Tensor
 from trainer.saes import pair_kernels as kern
 
 __all__ = ["DENSE_MAX_BYTES", "DENSE_RATIO", "DensePairs", "DenseSums", "FusedPairs", "PairTerms", "add_distinct",
-           "build_pairs", "dense_entries", "dense_triangle", "fused_pairs_supported", "kernel_threads", "n_slices",
-           "sort_rows", "triangle_layout"]
+           "build_pairs", "dense_entries", "dense_triangle", "fused_pairs_supported", "kernel_threads", "latent_terms",
+           "n_slices", "sort_rows", "triangle_layout"]
 
 _FLOATS = (torch.float32, torch.float64)
 # The dense path's rule (dense_triangle; the module docstring says why these numbers).
@@ -108,14 +108,15 @@ def dense_triangle(B: int, k: int, d: int, itemsize: int) -> bool:
             and dense_entries(d) * itemsize <= DENSE_MAX_BYTES)
 
 
-def build_pairs(s: Tensor, vs: Tensor, d: int) -> FusedPairs | DensePairs:
+def build_pairs(s: Tensor, vs: Tensor, d: int, *, cut: np.ndarray | None = None) -> FusedPairs | DensePairs:
     """The batch's pairs from the sorted rows ``s`` (B, k) and their values ``vs``, by the path
-    :func:`dense_triangle` picks."""
+    :func:`dense_triangle` picks (``cut``: the rows' cuts from :func:`sort_rows`, for the dense
+    path; computed here when None)."""
     if vs.dtype not in _FLOATS:
         raise TypeError(f"the fused pair kernels take float32 or float64 values, got {vs.dtype}")
     B, k = s.shape
     if dense_triangle(B, k, d, vs.element_size()):
-        return DensePairs.build(s, vs, d)
+        return DensePairs.build(s, vs, d, cut=cut)
     return FusedPairs.build(s, vs, d)
 
 
@@ -312,6 +313,14 @@ class FusedPairs:
         self.keys = keys
         return PairTerms(keys, q, sums, kept, bad)
 
+    def gradient(self, go: Tensor, mu: Tensor, s_diag: Tensor, idx: Tensor, perm: Tensor, v: Tensor) -> Tensor:
+        """``dL/dv / B`` per entry of the batch ``(idx, v)`` (B, k), ``perm`` its rows' sorting
+        permutation, ``go = dL/dloss / P``, ``mu`` and ``s_diag`` (``mu~``, ``diag S``) those of
+        :meth:`terms`: ``corr_penalty._CorrPenalty``'s backward, on what :meth:`terms` computed."""
+        num, g_mu = self.latent_grads(2.0 * float(go), mu)
+        c = torch.where(num != 0, -go * num / s_diag, v.new_zeros(()))  # dL/dS_ii; 0 outside the pairs
+        return self.entry_grads(-g_mu - 2.0 * c * mu, 2.0 * c, idx, perm, v).div_(idx.shape[0])
+
     def latent_grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`backward` on what :meth:`terms` computed: ``sum_j R_ij^2`` and ``sum_j a_ij mu_j``
         per latent (``a = coef R rr``); the row entries' sums are kept for :meth:`entry_grads`."""
@@ -369,18 +378,21 @@ class DenseSums:
             self._pairs = torch.from_numpy(keys), torch.from_numpy(q)
         return self._pairs
 
-    def add_to(self, flat: Tensor, scale: float) -> bool:
+    def add_to(self, flat: Tensor, scale: float, q_diag: Tensor | None = None) -> bool:
         """``flat[lo * d + hi] += scale * q`` for every pair (``flat``: the d x d second-moment
-        buffer, flat) and the array back at rest; False (nothing done) where the kernel does not
-        apply (then add :meth:`pairs` instead)."""
+        buffer, flat), and ``flat[i * d + i] += q_diag[i] * scale`` for each latent if ``q_diag``
+        is given (in ``flat``'s dtype, as torch's ops would), and the array back at rest; False
+        (nothing done) where the kernel does not apply (then add :meth:`pairs` instead)."""
         qd = self._state["qd"]
         if qd is None or flat.device.type != "cpu" or not flat.is_contiguous() \
-                or flat.numpy().dtype != qd.dtype or flat.numel() != self.d * self.d:
+                or flat.numpy().dtype != qd.dtype or flat.numel() != self.d * self.d \
+                or (q_diag is not None and (q_diag.dtype != flat.dtype or q_diag.device != flat.device)):
             return False
         numba.set_num_threads(kernel_threads())
         layout = triangle_layout(self.d)
+        diag = q_diag.contiguous().numpy() if q_diag is not None else qd[:0]
         kern.triangle_update(qd, layout.words, layout.base, flat.numpy(), self.d, scale, qd.dtype.type(-0.0),
-                             kernel_threads())
+                             kernel_threads(), diag, qd.dtype.type(scale))
         self._state["qd"] = None
         self._give_back.detach()
         _CLEAN.give(qd)
@@ -427,7 +439,6 @@ class DensePairs:
     gw: Tensor | None = None  # (d,) sum_j w_ij mu_j, from terms()
     R: Tensor | None = None  # (U,), only from terms(..., with_r=True)
     rr: Tensor | None = None
-    coef: float = 0.0  # from latent_grads(), for entry_grads()
 
     def __post_init__(self) -> None:
         # Runs once: from release(), or when a batch without backward is collected.
@@ -439,14 +450,17 @@ class DensePairs:
         return triangle_layout(self.d)
 
     @classmethod
-    def build(cls, s: Tensor, vs: Tensor, d: int) -> DensePairs:
-        """Sum the products of the sorted rows ``s`` (B, k), values ``vs``, into the dense array."""
+    def build(cls, s: Tensor, vs: Tensor, d: int, *, cut: np.ndarray | None = None) -> DensePairs:
+        """Sum the products of the sorted rows ``s`` (B, k), values ``vs``, into the dense array
+        (``cut``: :func:`pair_kernels.row_cuts` of ``s`` with :func:`n_slices` slices, if known)."""
         numba.set_num_threads(kernel_threads())
         s_np = s.to(torch.int64).numpy()
         vs_np = vs.detach().contiguous().numpy()
         layout = triangle_layout(d)
         qd = _CLEAN.take(layout.entries, vs_np.dtype)
-        cut = kern.row_cuts(s_np, d, n_slices()).view(np.uint64)  # unsigned indices: pair_kernels' note
+        if cut is None:
+            cut = kern.row_cuts(s_np, d, n_slices())
+        cut = cut.view(np.uint64)  # unsigned indices: pair_kernels' note
         kern.dense_accumulate(s_np.view(np.uint64), vs_np, cut, layout.base, qd)
         bm = np.empty(qd.size // 64, dtype=np.uint64)
         kern.pair_bitmap(qd.view(_BITS[qd.dtype]).reshape(-1, 64), _REST[qd.dtype], bm)
@@ -472,20 +486,15 @@ class DensePairs:
         self.qd = None
         return PairTerms(None, None, sums, kept, bad, self._sums)
 
-    def latent_grads(self, coef: float, mu: Tensor) -> tuple[Tensor, Tensor]:
-        """``sum_j R_ij^2`` and ``sum_j a_ij mu_j`` per latent, ``a = coef R rr`` (both summed by
-        :meth:`terms`, whose ``mu`` this must be)."""
-        self.coef = coef
-        return self.num, self.gw * coef
-
-    def entry_grads(self, g_lat: Tensor, c2_lat: Tensor, idx: Tensor, perm: Tensor, v: Tensor) -> Tensor:
-        """Per entry of the batch ``(idx, v)`` (B, k), ``perm`` its rows' sorting permutation:
-        ``sum_q a_pq v_q + g_lat[l] + c2_lat[l] v`` for latent ``l`` (after :meth:`latent_grads`),
-        one kernel over the row pairs (:func:`pair_kernels.dense_entry_grads`)."""
+    def gradient(self, go: Tensor, mu: Tensor, s_diag: Tensor, idx: Tensor, perm: Tensor, v: Tensor) -> Tensor:
+        """:meth:`FusedPairs.gradient` in one kernel over the row pairs, the per-latent terms
+        included (:func:`pair_kernels.dense_entry_grads`, from what :meth:`terms` summed: ``mu``
+        must be the one given to it)."""
         out = np.empty(idx.shape, dtype=self.vs.dtype)
         numba.set_num_threads(kernel_threads())
         kern.dense_entry_grads(self.s.view(np.uint64), perm.numpy(), self.vs, self.cut, self.scratch["wd"],
-                               self.layout.base, self.coef, g_lat.numpy(), c2_lat.numpy(), kernel_threads(), out)
+                               self.layout.base, 2.0 * float(go), self.num.numpy(), self.gw.numpy(), float(go),
+                               s_diag.numpy(), mu.numpy(), float(idx.shape[0]), kernel_threads(), out)
         return torch.from_numpy(out)
 
     def release(self) -> None:
@@ -500,20 +509,41 @@ _REST = {np.dtype(np.float32): np.int32(np.float32(-0.0).view(np.int32)),
          np.dtype(np.float64): np.int64(np.float64(-0.0).view(np.int64))}
 
 
-def sort_rows(idx: Tensor, v: Tensor, s_diag: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+def latent_terms(idx: Tensor, v: Tensor, M_diag: Tensor, mu: Tensor, beta: float, scale: float, diag_extra: float,
+                 eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``corr_penalty``'s O(d) vectors in one kernel (:func:`pair_kernels.latent_terms`), the same
+    bits as its torch ops: ``B m_t``, ``B diag(Q_t)``, ``mu~``, ``diag(S)`` and ``diag(S)^-1/2``
+    for the (B, k) batch ``(idx, v)`` (``v`` in the statistics' dtype) against ``M``'s diagonal
+    (``M_diag``, before scaling) and ``mu``."""
+    dt = _NUMPY_FLOATS[v.dtype]
+    d = mu.numel()
+    out = [np.empty(d, dtype=dt) for _ in range(5)]
+    numba.set_num_threads(kernel_threads())
+    B = idx.shape[0]
+    kern.latent_terms(idx.contiguous().numpy().view(np.uint64), v.detach().contiguous().numpy(), M_diag.numpy(),
+                      mu.numpy(), dt(1.0 - beta), dt(beta / B), dt(scale), dt(diag_extra), dt(B), dt(eps), dt(beta),
+                      *out)
+    return tuple(torch.from_numpy(a) for a in out)
+
+
+def sort_rows(idx: Tensor, v: Tensor, s_diag: Tensor, *, with_cuts: bool = False
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, np.ndarray | None] | None:
     """:func:`~trainer.saes.pairs.sorted_rows` of the (B, k) batch and the smallest ``s_diag``
     among the latents of its co-active pairs (``corr_penalty``'s ``min_var``) in one parallel
-    pass (:func:`pair_kernels.sort_rows`); None when a row repeats a latent or holds one outside
-    ``0 .. d - 1``."""
+    pass (:func:`pair_kernels.sort_rows`), and ``with_cuts`` the sorted rows' cuts for the dense
+    path (:func:`pair_kernels.row_cuts`, for :func:`build_pairs`; else None); None when a row
+    repeats a latent or holds one outside ``0 .. d - 1``."""
     B, k = idx.shape
     s, perm = np.empty((B, k), dtype=np.int64), np.empty((B, k), dtype=np.int64)
     vs = np.empty((B, k), dtype=_NUMPY_FLOATS[v.dtype])
+    cut = np.empty((B, n_slices() + 1) if with_cuts else (0, 0), dtype=np.int64)
     numba.set_num_threads(kernel_threads())
     lat = idx.to(torch.int64).contiguous().numpy().view(np.uint64)  # unsigned: pair_kernels' note; negatives refused
-    refused, low = kern.sort_rows(lat, v.detach().contiguous().numpy(), s_diag.numpy(), n_slices(), s, perm, vs)
+    refused, low = kern.sort_rows(lat, v.detach().contiguous().numpy(), s_diag.numpy(), n_slices(), s, perm, vs, cut)
     if refused:
         return None
-    return torch.from_numpy(s), torch.from_numpy(perm), torch.from_numpy(vs), torch.tensor(low, dtype=s_diag.dtype)
+    return (torch.from_numpy(s), torch.from_numpy(perm), torch.from_numpy(vs), torch.tensor(low, dtype=s_diag.dtype),
+            cut if with_cuts else None)
 
 
 _NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}

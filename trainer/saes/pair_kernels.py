@@ -31,7 +31,7 @@ from trainer.saes.lanes import (WIDTH, lanes_abs, lanes_add, lanes_get, lanes_lo
                                 lanes_zero)
 
 __all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads",
-           "dense_pairs", "dense_terms", "pack_pairs", "pair_bitmap", "pair_offsets", "plan_buckets",
+           "dense_pairs", "dense_terms", "latent_terms", "pack_pairs", "pair_bitmap", "pair_offsets", "plan_buckets",
            "radix_sort_slices", "reduce_parts", "row_cuts", "run_sums", "scatter_distinct", "slice_spans", "sort_rows",
            "tally", "lane_total", "triangle_update", "LANES"]
 
@@ -351,21 +351,37 @@ def row_cuts(s, d, n_slices):
     for b in range(B):
         for p in range(k - 1):
             lead[s[b, p]] += k - 1 - p
+    first = _slice_starts(lead, B * k * (k - 1) // 2, n_slices)
+    cut = np.empty((B, n_slices + 1), dtype=np.int64)
+    for b in range(B):
+        _row_cut(s[b], first, cut[b])
+    return cut
+
+
+@njit(cache=True, nogil=True)
+def _slice_starts(lead, total, n_slices):
+    """``first[t]``: the first ``lo`` latent of slice ``t`` (``d`` past the last), cutting the
+    latents where the row pairs they lead (``lead``) pass ``t / n_slices`` of ``total``."""
+    d = lead.size
     first = np.full(n_slices + 1, d, dtype=np.int64)
-    total, before, t = B * k * (k - 1) // 2, 0, 0
+    before, t = 0, 0
     for lo in range(d):
         while t < n_slices and before * n_slices >= t * total:
             first[t] = lo
             t += 1
         before += lead[lo]
-    cut = np.empty((B, n_slices + 1), dtype=np.int64)
-    for b in range(B):
-        p = 0
-        for t in range(n_slices + 1):
-            while p < k and s[b, p] < first[t]:
-                p += 1
-            cut[b, t] = p
-    return cut
+    return first
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_cut(srow, first, cut_row):
+    """One sorted row's cuts: ``cut_row[t]`` = its first position whose latent is ``>= first[t]``."""
+    k = srow.size
+    p = 0
+    for t in range(first.size):
+        while p < k and srow[p] < first[t]:
+            p += 1
+        cut_row[t] = p
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -588,14 +604,16 @@ def dense_pairs(bm, d, words, base, off, src, keys, vals):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def triangle_update(qd, words, base, flat, d, scale, rest, n_groups):
+def triangle_update(qd, words, base, flat, d, scale, rest, n_groups, q_diag, diag_scale):
     """``flat[lo * d + hi] += scale * qd[base[lo] + hi]`` over the whole upper triangle, then
     ``qd`` back at ``rest``: the running statistics' update from the dense array of sums, every
     entry (an entry at rest, -0.0, adds -0.0: no bit changes), so the same numbers as
     :func:`scatter_distinct` over the pairs, in one vectorised pass that also puts the array back
     at rest. Group ``g`` takes a run of whole rows holding about ``1 / n_groups`` of the entries
     (cut on ``words``): rows in order stream through memory, where rows taken in turn (``g, g +
-    n_groups, ...``) ran 4x slower (0.34 vs 0.084 ms at the demo's size)."""
+    n_groups, ...``) ran 4x slower (0.34 vs 0.084 ms at the demo's size). When ``q_diag`` is not
+    empty, the diagonal too: ``flat[lo * d + lo] += q_diag[lo] * diag_scale``, in ``flat``'s dtype
+    (``diag_scale`` in it), the bits of ``covariance``'s torch ``index_add_`` of ``q_diag * c``."""
     total = words[d]
     for g in prange(n_groups):
         lo0 = np.searchsorted(words, total * np.uint64(g) // np.uint64(n_groups))
@@ -607,21 +625,34 @@ def triangle_update(qd, words, base, flat, d, scale, rest, n_groups):
             for j in range(m):
                 fv[j] += scale * qv[j]
                 qv[j] = rest
+        if q_diag.size > 0:
+            for lo in range(lo0, lo1):
+                flat[lo * d + lo] += q_diag[lo] * diag_scale
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def dense_entry_grads(s, perm, vs, cut, wd, base, coef, g_lat, c2_lat, n_groups, out):
-    """The penalty's gradient per row entry, in the rows' own order: for sorted entry ``(b, p)``
-    of latent ``l = s[b, p]``, ``out[b, perm[b, p]] = coef sum_q w_{l, s[b, q]} v_q + g_lat[l] +
-    c2_lat[l] v_p``, ``w`` read from the dense ``wd`` at ``base[lo] + hi`` (``s``, ``cut``,
-    ``base`` uint64). The row pairs are taken slice by slice as :func:`dense_accumulate` does (each
-    slice's rows of ``wd`` stay in cache), group ``c`` taking the slices ``c, c + n_groups, ...``
-    into its own buffer (no races), the buffers summed in group order."""
+def dense_entry_grads(s, perm, vs, cut, wd, base, coef, num, gw, go, s_diag, mu, rows, n_groups, out):
+    """The penalty's gradient per row entry, divided by the ``rows`` of the batch, in the rows' own
+    order: for sorted entry ``(b, p)`` of latent ``l = s[b, p]``, ``out[b, perm[b, p]] = (coef
+    sum_q w_{l, s[b, q]} v_q + g_l + 2 c_l v_p) / rows``, ``w`` read from the dense ``wd`` at
+    ``base[lo] + hi`` (``s``, ``cut``, ``base`` uint64), with per latent ``c = -go num / s_diag``
+    (``dL/dS_ii``; 0 where ``num = 0``) and ``g = -coef gw - 2 c mu`` (``dL/dmu~`` and the mean's
+    share), from :func:`dense_terms`' ``num`` and ``gw``. The row pairs are taken slice by slice as
+    :func:`dense_accumulate` does (each slice's rows of ``wd`` stay in cache), group ``c`` taking
+    the slices ``c, c + n_groups, ...`` into its own buffer (no races), the buffers summed in group
+    order."""
     B, k = s.shape
+    d = num.size
     last, uk = np.uint64(k - 1), np.uint64(k)
     nb = cut.shape[1] - 1
     part = np.zeros((n_groups, B, k), dtype=vs.dtype)
+    g_lat = np.empty(d, dtype=vs.dtype)
+    c2_lat = np.empty(d, dtype=vs.dtype)
     for c in prange(n_groups):
+        for i in range(d * c // n_groups, d * (c + 1) // n_groups):
+            ci = -go * num[i] / s_diag[i] if num[i] != 0.0 else 0.0
+            g_lat[i] = -coef * gw[i] - 2.0 * ci * mu[i]
+            c2_lat[i] = 2.0 * ci
         for t in range(c, nb, n_groups):
             for b in range(B):
                 g, srow, vrow = part[c, b], s[b], vs[b]
@@ -640,7 +671,34 @@ def dense_entry_grads(s, perm, vs, cut, wd, base, coef, g_lat, c2_lat, n_groups,
             for c in range(1, n_groups):
                 acc += part[c, b, p]
             lat = s[b, p]
-            out[b, perm[b, p]] = coef * acc + g_lat[lat] + c2_lat[lat] * vs[b, p]
+            out[b, perm[b, p]] = (coef * acc + g_lat[lat] + c2_lat[lat] * vs[b, p]) / rows
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def latent_terms(idx, v, M_diag, mu, one_minus_beta, beta_over_b, scale, diag_extra, rows, eps, beta, m, q_diag, mu_t,
+                 s_diag, rs):
+    """The penalty's O(d) vectors from the (B, k) batch (``idx`` uint64): ``m`` = sum_b z_b and
+    ``q_diag`` = sum_b z_b^2 (both summed entry by entry in row-major order, the order of torch's
+    index_add_ on CPU), ``mu_t = (1 - beta) mu + (beta / B) m``, ``s_diag = (1 - beta) (scale
+    M_diag + diag_extra) + beta (q_diag / B + eps) - mu_t^2`` and ``rs = 1 / sqrt(s_diag)``. Each
+    is the same expression as corr_penalty's torch ops, one rounding per op in the arrays' dtype
+    (the scalars come in that dtype, as torch casts them), so the same bits; one call instead of
+    a dozen small ops, each of which costs more to launch than to run at the demo's size."""
+    B, k = idx.shape
+    m[:] = 0.0
+    q_diag[:] = 0.0
+    for b in range(B):
+        for p in range(k):
+            x = v[b, p]
+            m[idx[b, p]] += x
+            q_diag[idx[b, p]] += x * x
+    one = s_diag.dtype.type(1.0)
+    for i in prange(m.size):
+        mt = mu[i] * one_minus_beta + m[i] * beta_over_b
+        sd = (M_diag[i] * scale + diag_extra) * one_minus_beta + (q_diag[i] / rows + eps) * beta - mt * mt
+        mu_t[i] = mt
+        s_diag[i] = sd
+        rs[i] = one / np.sqrt(sd)
 
 
 @njit(cache=True, nogil=True)
@@ -668,7 +726,7 @@ def _sorted_entry(lat, p, o, b, v, s_diag, top1, top2, mv, s, perm, vs):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
+def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs, cut):
     """Each row of ``idx`` (B, k; uint64) sorted into ``s``, with ``perm`` (``s[b] = idx[b,
     perm[b]]``) and ``vs[b] = v[b, perm[b]]``, by walking a bitmap of the row's latents in order
     (a row already strictly ascending, as the CPU top-k leaves it, is copied): for distinct
@@ -676,9 +734,13 @@ def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
     could not sort, a latent repeated or outside ``0 .. d - 1`` (the caller sorts them otherwise),
     and the smallest ``s_diag[l]`` over the entries in a co-active pair (``|v|`` times the row's
     largest other ``|v|`` non-zero, as ``corr_penalty``'s ``_min_var``): inf if none, NaN if one
-    is NaN."""
+    is NaN. When ``cut`` is not empty (B, n_slices + 1): :func:`row_cuts` of the sorted rows
+    written into it (int64), the row pairs each latent leads counted as the rows are sorted (one
+    kernel, in parallel, instead of a pass on one thread after it); left as is if a row is refused."""
     B, k = idx.shape
     d = np.uint64(s_diag.size)
+    with_cuts = cut.shape[0] > 0
+    lead_part = np.zeros((n_chunks, s_diag.size if with_cuts else 0), dtype=np.int64)
     words = (s_diag.size + 63) // 64
     low = np.full(n_chunks, np.inf)
     refused = np.zeros(n_chunks, dtype=np.int64)
@@ -721,7 +783,16 @@ def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs):
                     o += 1
             if o != k:
                 refused[c] += 1
+        if with_cuts:
+            lead = lead_part[c]
+            for b in range(B * c // n_chunks, B * (c + 1) // n_chunks):
+                for p in range(k - 1):
+                    lead[s[b, p]] += k - 1 - p
         low[c] = mv
+    if with_cuts and refused.sum() == 0:
+        first = _slice_starts(lead_part.sum(axis=0), B * k * (k - 1) // 2, cut.shape[1] - 1)
+        for b in prange(B):
+            _row_cut(s[b], first, cut[b])
     out = np.inf
     for c in range(n_chunks):
         if low[c] < out or low[c] != low[c]:
