@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.saes.fused_pairs import build_pairs, dense_triangle, fused_pairs_supported, latent_terms, sort_rows
+from trainer.saes import fused_pairs
+from trainer.saes.fused_pairs import DensePairs, build_pairs, fused_pairs_supported, latent_terms, sort_rows
 from trainer.saes.pairs import PairMoments, check_topk, empty, latent_sums, sorted_rows, unique_pairs
 
 if TYPE_CHECKING:
@@ -159,16 +160,21 @@ class _FusedCorrPenalty(torch.autograd.Function):
     def forward(ctx, v: Tensor, idx: Tensor, stats: LatentStatistics, box: list):
         B, k = idx.shape
         d, beta = stats.d_sae, stats.beta
-        m, q_diag, mu_t, s_diag, rs = latent_terms(idx, v, stats.M_buf.diagonal(), stats.mu, beta, stats.scale,
-                                                   stats.diag_extra, stats.eps)  # _latent_terms' bits, one kernel
-        # and min_var, and the dense path's cuts, in one pass over the rows
-        rows = sort_rows(idx, v, s_diag, with_cuts=dense_triangle(B, k, d, v.element_size()))
-        if rows is None:  # a row repeats a latent or holds one out of range: as the torch path does
-            s, perm, vs = sorted_rows(idx, v)
-            rows = (s, perm, vs, _min_var(s, vs, s_diag), None)
-        s, perm, vs, min_var, cut = rows
-        pairs = build_pairs(s, vs, d, cut=cut)
-        t = pairs.terms(stats.M_buf.view(-1), (1.0 - beta) * stats.scale, beta / B, mu_t, rs)
+        dense = fused_pairs.dense_triangle(B, k, d, v.element_size())  # through the module: tests patch it
+        got = DensePairs.forward(idx, v, stats.M_buf, stats.mu, beta, stats.scale, stats.diag_extra, stats.eps) \
+            if dense else None
+        if got is not None:  # the dense path in one kernel call: the same steps as below
+            pairs, t, m, q_diag, mu_t, s_diag, perm, min_var = got
+        else:
+            m, q_diag, mu_t, s_diag, rs = latent_terms(idx, v, stats.M_buf.diagonal(), stats.mu, beta, stats.scale,
+                                                       stats.diag_extra, stats.eps)  # _latent_terms' bits
+            rows = sort_rows(idx, v, s_diag, with_cuts=dense)  # and min_var, and the dense path's cuts
+            if rows is None:  # a row repeats a latent or holds one out of range: as the torch path does
+                s, perm, vs = sorted_rows(idx, v)
+                rows = (s, perm, vs, _min_var(s, vs, s_diag), None)
+            s, perm, vs, min_var, cut = rows
+            pairs = build_pairs(s, vs, d, cut=cut)
+            t = pairs.terms(stats.M_buf.view(-1), (1.0 - beta) * stats.scale, beta / B, mu_t, rs)
         box.append(PairMoments(t.keys, t.q, m, q_diag, B, t.triangle))
         n_pairs = torch.tensor(t.kept)
         P = n_pairs.clamp(min=1).to(v.dtype)

@@ -49,8 +49,8 @@ from torch import Tensor
 from trainer.saes import pair_kernels as kern
 
 __all__ = ["DENSE_MAX_BYTES", "DENSE_RATIO", "DensePairs", "DenseSums", "FusedPairs", "PairTerms", "add_distinct",
-           "build_pairs", "dense_entries", "dense_triangle", "fused_pairs_supported", "kernel_threads", "latent_terms",
-           "n_slices", "sort_rows", "triangle_layout"]
+           "DenseForward", "build_pairs", "dense_entries", "dense_triangle", "fused_pairs_supported",
+           "kernel_threads", "latent_terms", "n_slices", "sort_rows", "triangle_layout"]
 
 _FLOATS = (torch.float32, torch.float64)
 # The dense path's rule (dense_triangle; the module docstring says why these numbers).
@@ -419,6 +419,21 @@ def _put_back(state: dict) -> None:
         _CLEAN.give(qd)
 
 
+class DenseForward(NamedTuple):
+    """What :meth:`DensePairs.forward` gives the penalty: the pairs (for the backward), their
+    terms, ``B m_t``, ``B diag(Q_t)``, ``mu~``, ``diag(S)``, the rows' sorting permutation and
+    ``min_var``."""
+
+    pairs: DensePairs
+    terms: PairTerms
+    m: Tensor
+    q_diag: Tensor
+    mu_t: Tensor
+    s_diag: Tensor
+    perm: Tensor
+    min_var: Tensor
+
+
 @dataclass
 class DensePairs:
     """One batch's pairs summed into a dense array of the upper triangle (the dense-triangle path,
@@ -435,8 +450,8 @@ class DensePairs:
     off: np.ndarray  # (d + 1,) where each lo latent's pairs start among the distinct keys
     cut: np.ndarray  # (B, n_slices + 1) uint64: each row's positions per slice of lo latents (row_cuts)
     scratch: dict[str, np.ndarray] = field(default_factory=dict)  # wd, from _SCRATCH, given back by release()
-    num: Tensor | None = None  # (d,) sum_j R_ij^2, from terms()
-    gw: Tensor | None = None  # (d,) sum_j w_ij mu_j, from terms()
+    num: np.ndarray | None = None  # (d,) sum_j R_ij^2, from terms()
+    gw: np.ndarray | None = None  # (d,) sum_j w_ij mu_j, from terms()
     R: Tensor | None = None  # (U,), only from terms(..., with_r=True)
     rr: Tensor | None = None
 
@@ -466,6 +481,37 @@ class DensePairs:
         kern.pair_bitmap(qd.view(_BITS[qd.dtype]).reshape(-1, 64), _REST[qd.dtype], bm)
         return cls(s_np, vs_np, d, qd, bm, kern.pair_offsets(bm, layout.words), cut)
 
+    @classmethod
+    def forward(cls, idx: Tensor, v: Tensor, M: Tensor, mu: Tensor, beta: float, scale: float, diag_extra: float,
+                eps: float) -> DenseForward | None:
+        """The penalty's forward on this path in one kernel call (:func:`pair_kernels.dense_forward`):
+        :func:`latent_terms`, :func:`sort_rows`, :meth:`build` and :meth:`terms` on the (B, k)
+        batch ``(idx, v)`` (``v`` in the statistics' dtype) against the statistics ``M`` (d, d),
+        ``mu``, ``beta``, ``scale``, ``diag_extra``, ``eps``: the same numbers. None (nothing
+        kept) when a row cannot be sorted; then take those steps one by one."""
+        B, d = idx.shape[0], mu.numel()
+        dt = _NUMPY_FLOATS[v.dtype]
+        layout = triangle_layout(d)
+        qd = _CLEAN.take(layout.entries, dt)
+        scratch = {"wd": _SCRATCH.take("wd", qd.size, dt)}
+        numba.set_num_threads(kernel_threads())
+        lat = idx.to(torch.int64).contiguous().numpy().view(np.uint64)  # unsigned: pair_kernels' note
+        (refused, low, m, q_diag, mu_t, s_diag, s, perm, vs, cut, bm, off, sums, kept, bad, num, gw) = \
+            kern.dense_forward(lat, v.detach().contiguous().numpy(), M.view(-1).numpy(), M.diagonal().numpy(),
+                               mu.numpy(), dt(1.0 - beta), dt(beta / B), dt(scale), dt(diag_extra), dt(B), dt(eps),
+                               dt(beta), (1.0 - beta) * scale, beta / B, layout.words, layout.base, qd,
+                               qd.view(_BITS[qd.dtype]).reshape(-1, 64), _REST[qd.dtype], scratch["wd"][:qd.size],
+                               n_slices())
+        if refused:
+            _CLEAN.give(qd)  # untouched: still at rest
+            _SCRATCH.give(scratch)
+            return None
+        pairs = cls(s, vs, d, qd, bm, off, cut.view(np.uint64), scratch, num, gw)
+        pairs.qd = None  # the sums are the moments from here (pairs._sums)
+        terms = PairTerms(None, None, sums, kept, bad, pairs._sums)
+        return DenseForward(pairs, terms, *(torch.from_numpy(a) for a in (m, q_diag, mu_t, s_diag, perm)),
+                            torch.tensor(low, dtype=v.dtype))
+
     def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor, *,
               with_r: bool = False) -> PairTerms:
         """:meth:`FusedPairs.correlations`' sums and counts, and the batch's sums handed over as a
@@ -480,7 +526,7 @@ class DensePairs:
         sums, kept, bad, num, gw = kern.dense_terms(qd, wd, self.bm, np.uint64(self.d), layout.words, layout.base,
                                                     self.off, M.numpy(), m_scale, q_scale, mu.numpy(), rs.numpy(), Rd,
                                                     rrd, n_slices())
-        self.num, self.gw = torch.from_numpy(num), torch.from_numpy(gw)
+        self.num, self.gw = num, gw
         if with_r:
             self.R, self.rr = (torch.from_numpy(read_pairs(self.bm, self.off, self.d, a)[1]) for a in (Rd, rrd))
         self.qd = None
@@ -493,7 +539,7 @@ class DensePairs:
         out = np.empty(idx.shape, dtype=self.vs.dtype)
         numba.set_num_threads(kernel_threads())
         kern.dense_entry_grads(self.s.view(np.uint64), perm.numpy(), self.vs, self.cut, self.scratch["wd"],
-                               self.layout.base, 2.0 * float(go), self.num.numpy(), self.gw.numpy(), float(go),
+                               self.layout.base, 2.0 * float(go), self.num, self.gw, float(go),
                                s_diag.numpy(), mu.numpy(), float(idx.shape[0]), kernel_threads(), out)
         return torch.from_numpy(out)
 

@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 from trainer.saes.lanes import (WIDTH, lanes_abs, lanes_add, lanes_get, lanes_load, lanes_over, lanes_sq, lanes_store,
                                 lanes_zero)
 
-__all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads",
+__all__ = ["backward_pass", "correlations", "count_runs", "dense_accumulate", "dense_entry_grads", "dense_forward",
            "dense_pairs", "dense_terms", "latent_terms", "pack_pairs", "pair_bitmap", "pair_offsets", "plan_buckets",
            "radix_sort_slices", "reduce_parts", "row_cuts", "run_sums", "scatter_distinct", "slice_spans", "sort_rows",
            "tally", "lane_total", "triangle_update", "LANES"]
@@ -699,6 +699,42 @@ def latent_terms(idx, v, M_diag, mu, one_minus_beta, beta_over_b, scale, diag_ex
         mu_t[i] = mt
         s_diag[i] = sd
         rs[i] = one / np.sqrt(sd)
+
+
+@njit(cache=True, nogil=True)
+def dense_forward(idx, v, M, M_diag, mu, one_minus_beta, beta_over_b, scale, diag_extra, rows, eps, beta, m_scale,
+                  q_scale, words, base, qd, qd_bits, rest, wd, n_slices):
+    """The dense path's whole forward in one call: :func:`latent_terms`, :func:`sort_rows` with
+    the cuts, :func:`dense_accumulate` into ``qd`` (at rest), :func:`pair_bitmap` (``qd_bits``:
+    ``qd``'s integer view, rows of 64), :func:`pair_offsets` and :func:`dense_terms` (weights into
+    ``wd``), the same kernels in the same order, so the same numbers. Between the kernels there is
+    no Python: in a training step each Python-level op between kernels costs 5-30 us (its caches
+    are cold after the step's big arrays went through), several times the op itself. Returns
+    ``(refused, ...)``: if a row cannot be sorted (``refused > 0``) nothing past the row sort was
+    done and the caller takes the general path."""
+    B, k = idx.shape
+    d = mu.size
+    m, q_diag, mu_t, s_diag, rs = (np.empty_like(mu), np.empty_like(mu), np.empty_like(mu), np.empty_like(mu),
+                                   np.empty_like(mu))
+    latent_terms(idx, v, M_diag, mu, one_minus_beta, beta_over_b, scale, diag_extra, rows, eps, beta, m, q_diag,
+                 mu_t, s_diag, rs)
+    s, perm = np.empty((B, k), dtype=np.int64), np.empty((B, k), dtype=np.int64)
+    vs = np.empty((B, k), dtype=v.dtype)
+    cut = np.empty((B, n_slices + 1), dtype=np.int64)
+    refused, low = sort_rows(idx, v, s_diag, n_slices, s, perm, vs, cut)
+    bm = np.empty(qd.size // 64, dtype=np.uint64)
+    off = np.zeros(d + 1, dtype=np.int64)
+    sums = np.zeros(3, dtype=np.float64)
+    kept, bad = 0, 0
+    num, gw = np.zeros_like(mu), np.zeros_like(mu)
+    if refused == 0:
+        su, cu = s.view(np.uint64), cut.view(np.uint64)
+        dense_accumulate(su, vs, cu, base, qd)
+        pair_bitmap(qd_bits, rest, bm)
+        off = pair_offsets(bm, words)
+        sums, kept, bad, num, gw = dense_terms(qd, wd, bm, np.uint64(d), words, base, off, M, m_scale, q_scale, mu_t,
+                                               rs, qd[:0], qd[:0], n_slices)
+    return refused, low, m, q_diag, mu_t, s_diag, s, perm, vs, cut, bm, off, sums, kept, bad, num, gw
 
 
 @njit(cache=True, nogil=True)
