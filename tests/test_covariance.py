@@ -829,3 +829,23 @@ def test_fused_latent_terms_equal_the_torch_ops(dtype, beta, steps):
         assert all(torch.equal(a, b) for a, b in zip(want, got))
         assert torch.equal(want[3].rsqrt(), got[4])
         st.update(idx, val)
+
+
+def test_dense_path_gradient_from_the_forward_scales_with_dloss(monkeypatch):
+    """The dense path computes its gradient in the forward for dL/dloss = 1 and the backward
+    scales it: with the loss weighted (3.7 L, as lambda weighs it in training) and inside a sum,
+    the gradient still equals the sorted path's, which works it out in the backward."""
+    from trainer.saes import fused_pairs
+
+    st = _stats_with_history(130, F64, seed=21)
+    idx, val = _edge_batch(130, 40, 9, seed=5, dtype=F64, hot=True, zero_rows=True)
+    grads = []
+    for path in ("dense", "sorted"):
+        with monkeypatch.context() as mp:
+            mp.setattr(fused_pairs, "dense_triangle", lambda *a: path == "dense")
+            v = val.clone().requires_grad_(True)
+            loss, _, _ = penalty_and_moments(st, idx, v)
+            (3.7 * loss + (v * v).sum()).backward()
+        grads.append(v.grad)
+    assert (grads[0] - grads[1]).abs().max() <= 1e-13 * grads[1].abs().max()
+    assert not torch.equal(grads[0], 2 * val)  # the penalty's share is there

@@ -161,10 +161,11 @@ class _FusedCorrPenalty(torch.autograd.Function):
         B, k = idx.shape
         d, beta = stats.d_sae, stats.beta
         dense = fused_pairs.dense_triangle(B, k, d, v.element_size())  # through the module: tests patch it
-        got = DensePairs.forward(idx, v, stats.M_buf, stats.mu, beta, stats.scale, stats.diag_extra, stats.eps) \
-            if dense else None
-        if got is not None:  # the dense path in one kernel call: the same steps as below
-            pairs, t, m, q_diag, mu_t, s_diag, perm, min_var = got
+        got = DensePairs.forward(idx, v, stats.M_buf, stats.mu, beta, stats.scale, stats.diag_extra, stats.eps,
+                                 with_grad=ctx.needs_input_grad[0]) if dense else None
+        ctx.grad = None
+        if got is not None:  # the dense path in one kernel call: the same steps as below, and the gradient
+            pairs, t, m, q_diag, mu_t, s_diag, perm, min_var, ctx.grad = got
         else:
             m, q_diag, mu_t, s_diag, rs = latent_terms(idx, v, stats.M_buf.diagonal(), stats.mu, beta, stats.scale,
                                                        stats.diag_extra, stats.eps)  # _latent_terms' bits
@@ -179,7 +180,7 @@ class _FusedCorrPenalty(torch.autograd.Function):
         n_pairs = torch.tensor(t.kept)
         P = n_pairs.clamp(min=1).to(v.dtype)
         loss = torch.tensor(t.sums[0], dtype=v.dtype) / P
-        ctx.pairs = pairs
+        ctx.pairs = pairs if ctx.grad is None else None
         ctx.save_for_backward(v, idx, perm, mu_t, s_diag, P)
         diag = (n_pairs, torch.tensor(t.sums[1], dtype=v.dtype) / P, torch.tensor(t.sums[2], dtype=v.dtype), min_var,
                 torch.tensor(t.bad))
@@ -188,6 +189,8 @@ class _FusedCorrPenalty(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        if ctx.grad is not None:  # computed in the forward for dL/dloss = 1: linear in it
+            return ctx.grad * grad_loss, None, None, None
         v, idx, perm, mu_t, s_diag, P = ctx.saved_tensors
         pairs = ctx.pairs
         if pairs is None:

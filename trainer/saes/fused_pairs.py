@@ -421,8 +421,8 @@ def _put_back(state: dict) -> None:
 
 class DenseForward(NamedTuple):
     """What :meth:`DensePairs.forward` gives the penalty: the pairs (for the backward), their
-    terms, ``B m_t``, ``B diag(Q_t)``, ``mu~``, ``diag(S)``, the rows' sorting permutation and
-    ``min_var``."""
+    terms, ``B m_t``, ``B diag(Q_t)``, ``mu~``, ``diag(S)``, the rows' sorting permutation,
+    ``min_var`` and, if asked for, the gradient."""
 
     pairs: DensePairs
     terms: PairTerms
@@ -432,6 +432,7 @@ class DenseForward(NamedTuple):
     s_diag: Tensor
     perm: Tensor
     min_var: Tensor
+    grad: Tensor | None  # dL/dv for dL/dloss = 1 (with_grad); then ``pairs`` is released already
 
 
 @dataclass
@@ -483,12 +484,14 @@ class DensePairs:
 
     @classmethod
     def forward(cls, idx: Tensor, v: Tensor, M: Tensor, mu: Tensor, beta: float, scale: float, diag_extra: float,
-                eps: float) -> DenseForward | None:
+                eps: float, *, with_grad: bool = False) -> DenseForward | None:
         """The penalty's forward on this path in one kernel call (:func:`pair_kernels.dense_forward`):
         :func:`latent_terms`, :func:`sort_rows`, :meth:`build` and :meth:`terms` on the (B, k)
         batch ``(idx, v)`` (``v`` in the statistics' dtype) against the statistics ``M`` (d, d),
         ``mu``, ``beta``, ``scale``, ``diag_extra``, ``eps``: the same numbers. None (nothing
-        kept) when a row cannot be sorted; then take those steps one by one."""
+        kept) when a row cannot be sorted; then take those steps one by one. ``with_grad``: also
+        the gradient of the loss w.r.t. ``v`` for ``dL/dloss = 1`` (:meth:`gradient`'s, computed
+        while the weights are in cache; the backward scales it), and the pairs released."""
         B, d = idx.shape[0], mu.numel()
         dt = _NUMPY_FLOATS[v.dtype]
         layout = triangle_layout(d)
@@ -496,12 +499,13 @@ class DensePairs:
         scratch = {"wd": _SCRATCH.take("wd", qd.size, dt)}
         numba.set_num_threads(kernel_threads())
         lat = idx.to(torch.int64).contiguous().numpy().view(np.uint64)  # unsigned: pair_kernels' note
+        grad = np.empty(idx.shape if with_grad else (0, 0), dtype=dt)
         (refused, low, m, q_diag, mu_t, s_diag, s, perm, vs, cut, bm, off, sums, kept, bad, num, gw) = \
             kern.dense_forward(lat, v.detach().contiguous().numpy(), M.view(-1).numpy(), M.diagonal().numpy(),
                                mu.numpy(), dt(1.0 - beta), dt(beta / B), dt(scale), dt(diag_extra), dt(B), dt(eps),
                                dt(beta), (1.0 - beta) * scale, beta / B, layout.words, layout.base, qd,
                                qd.view(_BITS[qd.dtype]).reshape(-1, 64), _REST[qd.dtype], scratch["wd"][:qd.size],
-                               n_slices())
+                               n_slices(), kernel_threads(), grad)
         if refused:
             _CLEAN.give(qd)  # untouched: still at rest
             _SCRATCH.give(scratch)
@@ -509,8 +513,10 @@ class DensePairs:
         pairs = cls(s, vs, d, qd, bm, off, cut.view(np.uint64), scratch, num, gw)
         pairs.qd = None  # the sums are the moments from here (pairs._sums)
         terms = PairTerms(None, None, sums, kept, bad, pairs._sums)
+        if with_grad:
+            pairs.release()  # the weights were read: their array goes back to the pool now
         return DenseForward(pairs, terms, *(torch.from_numpy(a) for a in (m, q_diag, mu_t, s_diag, perm)),
-                            torch.tensor(low, dtype=v.dtype))
+                            torch.tensor(low, dtype=v.dtype), torch.from_numpy(grad) if with_grad else None)
 
     def terms(self, M: Tensor, m_scale: float, q_scale: float, mu: Tensor, rs: Tensor, *,
               with_r: bool = False) -> PairTerms:

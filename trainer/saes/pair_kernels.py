@@ -703,7 +703,7 @@ def latent_terms(idx, v, M_diag, mu, one_minus_beta, beta_over_b, scale, diag_ex
 
 @njit(cache=True, nogil=True)
 def dense_forward(idx, v, M, M_diag, mu, one_minus_beta, beta_over_b, scale, diag_extra, rows, eps, beta, m_scale,
-                  q_scale, words, base, qd, qd_bits, rest, wd, n_slices):
+                  q_scale, words, base, qd, qd_bits, rest, wd, n_slices, n_groups, grad):
     """The dense path's whole forward in one call: :func:`latent_terms`, :func:`sort_rows` with
     the cuts, :func:`dense_accumulate` into ``qd`` (at rest), :func:`pair_bitmap` (``qd_bits``:
     ``qd``'s integer view, rows of 64), :func:`pair_offsets` and :func:`dense_terms` (weights into
@@ -711,7 +711,10 @@ def dense_forward(idx, v, M, M_diag, mu, one_minus_beta, beta_over_b, scale, dia
     no Python: in a training step each Python-level op between kernels costs 5-30 us (its caches
     are cold after the step's big arrays went through), several times the op itself. Returns
     ``(refused, ...)``: if a row cannot be sorted (``refused > 0``) nothing past the row sort was
-    done and the caller takes the general path."""
+    done and the caller takes the general path. With ``grad`` (B, k) not empty, also the gradient
+    of the loss ``sum R^2 / P`` (``P`` the kept pairs, at least 1) w.r.t. ``v``, by
+    :func:`dense_entry_grads` right after the sweep, while its weights are in cache: the gradient
+    is linear in ``dL/dloss``, so the backward only scales it."""
     B, k = idx.shape
     d = mu.size
     m, q_diag, mu_t, s_diag, rs = (np.empty_like(mu), np.empty_like(mu), np.empty_like(mu), np.empty_like(mu),
@@ -734,6 +737,9 @@ def dense_forward(idx, v, M, M_diag, mu, one_minus_beta, beta_over_b, scale, dia
         off = pair_offsets(bm, words)
         sums, kept, bad, num, gw = dense_terms(qd, wd, bm, np.uint64(d), words, base, off, M, m_scale, q_scale, mu_t,
                                                rs, qd[:0], qd[:0], n_slices)
+        if grad.size > 0:
+            go = 1.0 / max(kept, 1)
+            dense_entry_grads(su, perm, vs, cu, wd, base, 2.0 * go, num, gw, go, s_diag, mu_t, rows, n_groups, grad)
     return refused, low, m, q_diag, mu_t, s_diag, s, perm, vs, cut, bm, off, sums, kept, bad, num, gw
 
 
