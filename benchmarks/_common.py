@@ -241,18 +241,27 @@ from trainer.hugepages import huge_pages_requested
 from trainer.config import RunConfig
 from trainer.saes.linear import linear, uses_onednn
 from trainer.train import Trainer
-cfg = RunConfig.from_flat({"store": P["store"], "out": P["out"], "arch": P["arch"], "d_sae": P["d_sae"],
-                           "k": P["k"], "k_start": P["k"], "k_end": P["k"], "batch_size": P["batch"],
-                           "device": P["device"], "seed": 0, "heldout_chunks": 1})
-tr = Trainer(cfg, overwrite=True)
+# One Trainer per architecture in P["archs"] (or the one P["arch"]); a command's "arch" picks it.
+# Several in one process share its state: this machine runs a process fast or slow (a topk step of
+# ~10 or ~13 ms at the demo's size, drawn per process: docs/benchmarks.md), so a ratio between
+# architectures is measured in one process, or it carries that draw.
 X = _load_batches()
-tr.sae.init_b_dec(X[0])
-DEAD_AFTER = float(tr.cfg.sae.dead_after_tokens)
+TRS = {}
+for _arch in P.get("archs") or [P["arch"]]:
+    cfg = RunConfig.from_flat({"store": P["store"], "out": P["out"] + ("" if "arch" in P else f"-{_arch}"),
+                               "arch": _arch, "d_sae": P["d_sae"], "k": P["k"], "k_start": P["k"], "k_end": P["k"],
+                               "batch_size": P["batch"], "device": P["device"], "seed": 0, "heldout_chunks": 1})
+    TRS[_arch] = Trainer(cfg, overwrite=True)
+    TRS[_arch].sae.init_b_dec(X[0])
+tr = next(iter(TRS.values()))
 MM = {}
 def prepare(cmd):
+    global tr
+    tr = TRS[cmd.get("arch", next(iter(TRS)))]
     # Force the same latents dead on every step (0 of them: none), as the SAELens side does.
     m = _dead_mask(cmd.get("dead_frac", 0.0))
-    tr.sae.tokens_since_fired.copy_(torch.where(m, DEAD_AFTER, 0.0).to(tr.sae.tokens_since_fired.dtype))
+    dead_after = float(tr.cfg.sae.dead_after_tokens)
+    tr.sae.tokens_since_fired.copy_(torch.where(m, dead_after, 0.0).to(tr.sae.tokens_since_fired.dtype))
     if cmd.get("time_matmul"):
         # The step's one dense operation alone, on the same batch, just before the (timed) step:
         # the floor a step could reach. Untimed by _serve; reported as "mm" by step().
@@ -270,7 +279,7 @@ def prepare(cmd):
 def step(i):
     out = tr._step(X[i % len(X)])
     return {"skipped": out is None, "loss": None if out is None else float(out.loss), **MM}
-_serve({"arch": P["arch"], "params": sum(p.numel() for p in tr.sae.parameters()),
+_serve({"arch": "+".join(TRS), "params": sum(p.numel() for p in tr.sae.parameters()),
         "torch": torch.__version__, "huge_pages": huge_pages_requested(), "onednn": uses_onednn(X[0])})
 '''
 
@@ -343,7 +352,32 @@ class StepWorker:
         return self.final
 
 
-def timed_rounds(workers: dict[str, StepWorker], repeats: int, *, warmup: int = 1, start: int = 0,
+class WorkerView:
+    """One architecture of a :class:`StepWorker` that hosts several (``OURS_WORKER`` with
+    ``archs``): ``step`` sends its ``arch``; ``info``, ``final`` and ``close`` are the process's."""
+
+    def __init__(self, worker: StepWorker, arch: str):
+        self.worker, self.arch, self.name = worker, arch, arch
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.worker.info
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.worker.final
+
+    def step(self, i: int, **kw: Any) -> dict[str, Any]:
+        return self.worker.step(i, arch=self.arch, **kw)
+
+    def stderr_tail(self, n: int = 3000) -> str:
+        return self.worker.stderr_tail(n)
+
+    def close(self) -> dict[str, Any]:
+        return self.worker.close()
+
+
+def timed_rounds(workers: dict[str, StepWorker | WorkerView], repeats: int, *, warmup: int = 1, start: int = 0,
                  round_s: float = 0.0, max_reps: int = 64, log: bool = True,
                  **kw: Any) -> dict[str, list[dict[str, Any]]]:
     """``warmup`` untimed steps per worker, then ``repeats`` rounds in rotated order. With
@@ -374,7 +408,7 @@ def timed_rounds(workers: dict[str, StepWorker], repeats: int, *, warmup: int = 
     return res
 
 
-def peak_mb(w: StepWorker) -> str:
+def peak_mb(w: StepWorker | WorkerView) -> str:
     f = w.final
     if not f:
         return "n/a"

@@ -26,8 +26,9 @@ d_sae 16,384, k 64, batch 4,096 (``--quick``: d_sae 2,048, batch 1,024), float32
   called: forward with the sparse TopK encoder / decoder, backward, decoder-gradient projection,
   clip 1.0, Adam, decoder renormalisation, ``after_step`` (dyncorr: the latent-statistics update).
 
-Each setup runs in its own process (SAELens with its own interpreter), driven step by step over a
-pipe, so they are timed alternately in one run: one untimed warm-up step each, then ``--repeats``
+SAELens runs in its own process (its own interpreter), ours in another (topk and dyncorr in the
+same one: this machine draws a fast or a slow state per process, so the dyncorr / topk ratio is
+measured in one), driven step by step over a pipe, so they are timed alternately in one run: one untimed warm-up step each, then ``--repeats``
 rounds per setup in rotated order, a round being as many consecutive steps as fill about
 ``--round-s`` seconds (one for the steps at d_sae 16,384; about 10-30 at the demo's size), timed step by
 step and averaged; tokens/s = batch / median step wall time. Two
@@ -158,10 +159,11 @@ def _section(label: str, res: dict[str, list[dict]], B: int, main_size: bool) ->
 
 
 def _run_size(a, device: torch.device, d_in: int, d_sae: int, B: int, work: Path
-              ) -> tuple[list[tuple[str, dict]], dict[str, C.StepWorker]]:
-    """Every scenario at one size, each setup in its own process, rounds rotated."""
+              ) -> tuple[list[tuple[str, dict]], dict[str, C.StepWorker | C.WorkerView]]:
+    """Every scenario at one size, SAELens in its process and ours (every arch) in another, rounds
+    rotated."""
     k = min(a.k, d_sae)
-    workers: dict[str, C.StepWorker] = {}
+    workers: dict[str, C.StepWorker | C.WorkerView] = {}
     scenarios = [("no dead latents (AuxK off on both sides)", 0.0)]
     if a.dead_frac > 0:
         n_dead = int(round(a.dead_frac * d_sae))
@@ -184,10 +186,13 @@ def _run_size(a, device: torch.device, d_in: int, d_sae: int, B: int, work: Path
               file=sys.stderr, flush=True)
         workers["sae-lens"] = C.StepWorker("sae-lens", a.saelens_python, SAELENS_WORKER,
                                            {**common, "autocast": device.type == "cuda"})
+        # Ours in one process for every arch: the dyncorr / topk ratio then compares code in one
+        # machine state (this machine draws a fast or slow state per process: C.OURS_WORKER).
+        ours = C.StepWorker("ours", sys.executable, C.OURS_WORKER,
+                            {**common, "repo": str(C.REPO), "store": str(store), "out": str(sub / "run"),
+                             "archs": list(a.archs)})
         for arch in a.archs:
-            workers[f"ours {arch}"] = C.StepWorker(arch, sys.executable, C.OURS_WORKER,
-                                                   {**common, "repo": str(C.REPO), "store": str(store),
-                                                    "out": str(sub / f"run-{arch}"), "arch": arch})
+            workers[f"ours {arch}"] = C.WorkerView(ours, arch)
         start = 0
         for label, frac in scenarios:
             print(f"scenario: {label}", file=sys.stderr, flush=True)
@@ -276,8 +281,9 @@ def main(argv: list[str] | None = None) -> None:
                 sec, ok = _section(label, res, B, defined)
                 lines += sec
                 all_ok &= ok
-            lines += ["Peak resident memory of each process (MB, `VmHWM`; informative): "
-                      + ", ".join(f"{n} {C.peak_mb(w)}" for n, w in workers.items()) + ".", ""]
+            lines += ["Peak resident memory of each process (MB, `VmHWM`; informative): sae-lens "
+                      f"{C.peak_mb(workers['sae-lens'])}, ours ({' and '.join(a.archs)}, one process) "
+                      f"{C.peak_mb(workers[f'ours {a.archs[0]}'])}.", ""]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines += [
