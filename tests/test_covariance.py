@@ -849,3 +849,17 @@ def test_dense_path_gradient_from_the_forward_scales_with_dloss(monkeypatch):
         grads.append(v.grad)
     assert (grads[0] - grads[1]).abs().max() <= 1e-13 * grads[1].abs().max()
     assert not torch.equal(grads[0], 2 * val)  # the penalty's share is there
+
+
+@pytest.mark.parametrize("path", ["dense", "sorted", "torch"])
+@pytest.mark.parametrize("bad", [300, -1, 2**40])
+def test_penalty_refuses_a_latent_out_of_range_and_changes_nothing(path, bad, monkeypatch):
+    """A latent index outside 0 .. d_sae - 1 is an IndexError on every path (the CPU kernels
+    index without bounds checks: they must never see it), and the statistics are unchanged."""
+    st = _stats_with_history(300, torch.float32, seed=3)
+    before = {n: b.clone() for n, b in st.state_dict().items() if torch.is_tensor(b)}
+    idx, val = _edge_batch(300, 64, 12, seed=9, dtype=torch.float32)
+    idx[5, 3] = bad
+    with pytest.raises(IndexError):
+        _penalty_run(st, idx, val, path, monkeypatch)
+    assert all(torch.equal(b, st.state_dict()[n]) for n, b in before.items())

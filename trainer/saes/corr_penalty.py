@@ -181,7 +181,8 @@ class _FusedCorrPenalty(torch.autograd.Function):
         P = n_pairs.clamp(min=1).to(v.dtype)
         loss = torch.tensor(t.sums[0], dtype=v.dtype) / P
         ctx.pairs = pairs if ctx.grad is None else None
-        ctx.save_for_backward(v, idx, perm, mu_t, s_diag, P)
+        if ctx.grad is None:  # else the backward only scales ctx.grad
+            ctx.save_for_backward(v, idx, perm, mu_t, s_diag, P)
         diag = (n_pairs, torch.tensor(t.sums[1], dtype=v.dtype) / P, torch.tensor(t.sums[2], dtype=v.dtype), min_var,
                 torch.tensor(t.bad))
         ctx.mark_non_differentiable(*diag)

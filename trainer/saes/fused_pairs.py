@@ -566,15 +566,18 @@ def latent_terms(idx: Tensor, v: Tensor, M_diag: Tensor, mu: Tensor, beta: float
     """``corr_penalty``'s O(d) vectors in one kernel (:func:`pair_kernels.latent_terms`), the same
     bits as its torch ops: ``B m_t``, ``B diag(Q_t)``, ``mu~``, ``diag(S)`` and ``diag(S)^-1/2``
     for the (B, k) batch ``(idx, v)`` (``v`` in the statistics' dtype) against ``M``'s diagonal
-    (``M_diag``, before scaling) and ``mu``."""
+    (``M_diag``, before scaling) and ``mu``. IndexError (nothing written) if a latent is outside
+    ``0 .. d - 1``, as torch's ``index_add_`` raises."""
     dt = _NUMPY_FLOATS[v.dtype]
     d = mu.numel()
     out = [np.empty(d, dtype=dt) for _ in range(5)]
     numba.set_num_threads(kernel_threads())
     B = idx.shape[0]
-    kern.latent_terms(idx.contiguous().numpy().view(np.uint64), v.detach().contiguous().numpy(), M_diag.numpy(),
-                      mu.numpy(), dt(1.0 - beta), dt(beta / B), dt(scale), dt(diag_extra), dt(B), dt(eps), dt(beta),
-                      *out)
+    outside = kern.latent_terms(idx.to(torch.int64).contiguous().numpy().view(np.uint64),
+                                v.detach().contiguous().numpy(), M_diag.numpy(), mu.numpy(), dt(1.0 - beta),
+                                dt(beta / B), dt(scale), dt(diag_extra), dt(B), dt(eps), dt(beta), *out)
+    if outside:
+        raise IndexError(f"idx holds {outside} latent index(es) outside 0 .. {d - 1} (d_sae {d})")
     return tuple(torch.from_numpy(a) for a in out)
 
 

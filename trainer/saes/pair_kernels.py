@@ -683,15 +683,23 @@ def latent_terms(idx, v, M_diag, mu, one_minus_beta, beta_over_b, scale, diag_ex
     M_diag + diag_extra) + beta (q_diag / B + eps) - mu_t^2`` and ``rs = 1 / sqrt(s_diag)``. Each
     is the same expression as corr_penalty's torch ops, one rounding per op in the arrays' dtype
     (the scalars come in that dtype, as torch casts them), so the same bits; one call instead of
-    a dozen small ops, each of which costs more to launch than to run at the demo's size."""
+    a dozen small ops, each of which costs more to launch than to run at the demo's size. Returns
+    the number of entries whose latent is outside ``0 .. d - 1`` (skipped: the caller refuses the
+    batch; a negative int64 latent is a huge uint64)."""
     B, k = idx.shape
+    d = np.uint64(m.size)
     m[:] = 0.0
     q_diag[:] = 0.0
+    outside = 0
     for b in range(B):
         for p in range(k):
+            lat = idx[b, p]
+            if lat >= d:
+                outside += 1
+                continue
             x = v[b, p]
-            m[idx[b, p]] += x
-            q_diag[idx[b, p]] += x * x
+            m[lat] += x
+            q_diag[lat] += x * x
     one = s_diag.dtype.type(1.0)
     for i in prange(m.size):
         mt = mu[i] * one_minus_beta + m[i] * beta_over_b
@@ -699,6 +707,7 @@ def latent_terms(idx, v, M_diag, mu, one_minus_beta, beta_over_b, scale, diag_ex
         mu_t[i] = mt
         s_diag[i] = sd
         rs[i] = one / np.sqrt(sd)
+    return outside
 
 
 @njit(cache=True, nogil=True)
@@ -719,6 +728,7 @@ def dense_forward(idx, v, M, M_diag, mu, one_minus_beta, beta_over_b, scale, dia
     d = mu.size
     m, q_diag, mu_t, s_diag, rs = (np.empty_like(mu), np.empty_like(mu), np.empty_like(mu), np.empty_like(mu),
                                    np.empty_like(mu))
+    # A latent outside 0 .. d - 1 is skipped there and refuses its row in sort_rows: nothing past it runs.
     latent_terms(idx, v, M_diag, mu, one_minus_beta, beta_over_b, scale, diag_extra, rows, eps, beta, m, q_diag,
                  mu_t, s_diag, rs)
     s, perm = np.empty((B, k), dtype=np.int64), np.empty((B, k), dtype=np.int64)
