@@ -532,6 +532,7 @@ def test_sort_rows_kernel_equals_torch_sort_and_min_var(dtype, presorted):
         wrong = idx.clone()
         wrong[-1, -1] = bad  # last: an ascending row otherwise
         assert sort_rows(wrong, val, s_diag) is None
+        assert sort_rows(wrong, val, s_diag, with_cuts=True) is None  # its unfilled row is never read
     assert sort_rows(idx.int(), val, s_diag) is not None
 
 

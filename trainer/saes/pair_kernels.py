@@ -835,7 +835,7 @@ def sort_rows(idx, v, s_diag, n_chunks, s, perm, vs, cut):
                     o += 1
             if o != k:
                 refused[c] += 1
-        if with_cuts:
+        if with_cuts and refused[c] == 0:  # a refused row's s is not filled: no latent of it is read
             lead = lead_part[c]
             for b in range(B * c // n_chunks, B * (c + 1) // n_chunks):
                 for p in range(k - 1):
