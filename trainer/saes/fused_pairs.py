@@ -502,8 +502,8 @@ class DensePairs:
         grad = np.empty(idx.shape if with_grad else (0, 0), dtype=dt)
         (refused, low, m, q_diag, mu_t, s_diag, s, perm, vs, cut, bm, off, sums, kept, bad, num, gw) = \
             kern.dense_forward(lat, v.detach().contiguous().numpy(), M.view(-1).numpy(), M.diagonal().numpy(),
-                               mu.numpy(), dt(1.0 - beta), dt(beta / B), dt(scale), dt(diag_extra), dt(B), dt(eps),
-                               dt(beta), (1.0 - beta) * scale, beta / B, layout.words, layout.base, qd,
+                               mu.numpy(), *_latent_scalars(dt, B, beta, scale, diag_extra, eps),
+                               (1.0 - beta) * scale, beta / B, layout.words, layout.base, qd,
                                qd.view(_BITS[qd.dtype]).reshape(-1, 64), _REST[qd.dtype], scratch["wd"][:qd.size],
                                n_slices(), kernel_threads(), grad)
         if refused:
@@ -561,6 +561,12 @@ _REST = {np.dtype(np.float32): np.int32(np.float32(-0.0).view(np.int32)),
          np.dtype(np.float64): np.int64(np.float64(-0.0).view(np.int64))}
 
 
+def _latent_scalars(dt: type, B: int, beta: float, scale: float, diag_extra: float, eps: float) -> tuple:
+    """:func:`pair_kernels.latent_terms`' scalars, each rounded to the values' dtype ``dt`` as torch
+    rounds a Python scalar in an op on a tensor of that dtype (hence torch's bits)."""
+    return dt(1.0 - beta), dt(beta / B), dt(scale), dt(diag_extra), dt(B), dt(eps), dt(beta)
+
+
 def latent_terms(idx: Tensor, v: Tensor, M_diag: Tensor, mu: Tensor, beta: float, scale: float, diag_extra: float,
                  eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``corr_penalty``'s O(d) vectors in one kernel (:func:`pair_kernels.latent_terms`), the same
@@ -574,8 +580,8 @@ def latent_terms(idx: Tensor, v: Tensor, M_diag: Tensor, mu: Tensor, beta: float
     numba.set_num_threads(kernel_threads())
     B = idx.shape[0]
     outside = kern.latent_terms(idx.to(torch.int64).contiguous().numpy().view(np.uint64),
-                                v.detach().contiguous().numpy(), M_diag.numpy(), mu.numpy(), dt(1.0 - beta),
-                                dt(beta / B), dt(scale), dt(diag_extra), dt(B), dt(eps), dt(beta), *out)
+                                v.detach().contiguous().numpy(), M_diag.numpy(), mu.numpy(),
+                                *_latent_scalars(dt, B, beta, scale, diag_extra, eps), *out)
     if outside:
         raise IndexError(f"idx holds {outside} latent index(es) outside 0 .. {d - 1} (d_sae {d})")
     return tuple(torch.from_numpy(a) for a in out)
