@@ -255,6 +255,20 @@ for _arch in P.get("archs") or [P["arch"]]:
     TRS[_arch].sae.init_b_dec(X[0])
 tr = next(iter(TRS.values()))
 MM = {}
+# The optimiser's step inside each training step, timed: on this project's VM it takes ~0.7 or
+# ~2.2 ms at the demo's size depending on where its arrays landed in memory (docs/benchmarks.md),
+# which is most of the difference between a fast and a slow process.
+OPT = {}
+def _timed_opt(opt):
+    inner = opt.step
+    def step(*a, **kw):
+        t0 = time.perf_counter()
+        r = inner(*a, **kw)
+        OPT["opt"] = time.perf_counter() - t0
+        return r
+    opt.step = step
+for _tr in TRS.values():
+    _timed_opt(_tr.opt)
 def prepare(cmd):
     global tr
     tr = TRS[cmd.get("arch", next(iter(TRS)))]
@@ -277,8 +291,9 @@ def prepare(cmd):
                 _sync()
                 MM[key] = time.perf_counter() - t0
 def step(i):
+    OPT.clear()
     out = tr._step(X[i % len(X)])
-    return {"skipped": out is None, "loss": None if out is None else float(out.loss), **MM}
+    return {"skipped": out is None, "loss": None if out is None else float(out.loss), **MM, **OPT}
 _serve({"arch": "+".join(TRS), "params": sum(p.numel() for p in tr.sae.parameters()),
         "torch": torch.__version__, "huge_pages": huge_pages_requested(), "onednn": uses_onednn(X[0])})
 '''
@@ -381,8 +396,8 @@ def timed_rounds(workers: dict[str, StepWorker | WorkerView], repeats: int, *, w
                  round_s: float = 0.0, max_reps: int = 64, log: bool = True,
                  **kw: Any) -> dict[str, list[dict[str, Any]]]:
     """``warmup`` untimed steps per worker, then ``repeats`` rounds in rotated order. With
-    ``round_s`` a round of a worker whose warm-up step took less is as many consecutive steps as
-    fill about that many seconds, sized on one more untimed step (1 to ``max_reps``; each result is
+    ``round_s`` a round of a worker whose warm-up step took less than ten times that is as many
+    consecutive steps as fill about that many seconds, sized on one more untimed step (1 to ``max_reps``; each result is
     the mean per step, ``reps`` says how many): a 15 ms step timed alone, right after another
     process ran, mostly measures cold caches and timer noise, not a training run's steady state."""
     names = list(workers)
@@ -392,8 +407,9 @@ def timed_rounds(workers: dict[str, StepWorker | WorkerView], repeats: int, *, w
     for w in range(warmup):
         for name in names:
             t = workers[name].step(start + w, **kw)
-            if w == warmup - 1 and t["wall"] < round_s:
-                # A first step carries one-off costs (allocations, JIT): size the rounds on a second.
+            if w == warmup - 1 and t["wall"] < 10 * round_s:
+                # A first step carries one-off costs (allocations, JIT; in a fresh process it can take
+                # longer than a round): size the rounds on a second.
                 t = workers[name].step(start + w, **kw)
                 reps[name] = max(1, min(max_reps, round(round_s / max(t["wall"], 1e-9))))
     res: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
