@@ -397,9 +397,10 @@ def timed_rounds(workers: dict[str, StepWorker | WorkerView], repeats: int, *, w
                  **kw: Any) -> dict[str, list[dict[str, Any]]]:
     """``warmup`` untimed steps per worker, then ``repeats`` rounds in rotated order. With
     ``round_s`` a round of a worker whose warm-up step took less than ten times that is as many
-    consecutive steps as fill about that many seconds, sized on one more untimed step (1 to ``max_reps``; each result is
-    the mean per step, ``reps`` says how many): a 15 ms step timed alone, right after another
-    process ran, mostly measures cold caches and timer noise, not a training run's steady state."""
+    consecutive steps as fill about that many seconds, sized on one more untimed step (1 to
+    ``max_reps``; each result is the mean per step, ``reps`` says how many): a 15 ms step timed
+    alone, right after another process ran, mostly measures cold caches and timer noise, not a
+    training run's steady state."""
     names = list(workers)
     for name in names:  # all started in parallel; wait until each is set up
         workers[name].info  # noqa: B018

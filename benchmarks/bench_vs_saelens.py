@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{'oneDNN, bias fused' if any(w.info.get('onednn') for w in workers.values()) else 'torch addmm'}), "
                 "timed in our process just before each of its steps, on the same batch; \"torch addmm alone\": the "
                 "same product with `torch.addmm` (MKL on CPU), the kernel SAELens' step runs; \"optimiser step\": "
-                "Adam's step inside our training step (~0.7 or ~2.2 ms at the demo's size on this project's VM, "
-                "by where its arrays landed in memory: docs/benchmarks.md, eleventh session)."
+                "Adam's step inside our training step (on this project's VM its time shows where the process's "
+                "arrays landed in memory: docs/benchmarks.md, eleventh session)."
                 + ("" if n_ours == 1 else f" Ours ran in {n_ours} worker processes, each with {' and '.join(a.archs)}, "
                    "timed in one rotation with SAELens; each dyncorr row is compared with the topk of its process."),
                 "",
@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                 sec, ok = _section(label, res, B, defined)
                 lines += sec
                 all_ok &= ok
-            ours_peaks = ", ".join(C.peak_mb(workers[ours_name(a.archs[0], i, n_ours)]) for i in range(1, n_ours + 1))
+            ours_peaks = ", ".join(C.peak_mb(workers[ours_name(a.archs[0], i, n_ours)])
+                                   for i in range(1, n_ours + 1))
             lines += ["Peak resident memory of each process (MB, `VmHWM`; informative): sae-lens "
                       f"{C.peak_mb(workers['sae-lens'])}, ours ({' and '.join(a.archs)}, one process"
                       f"{'' if n_ours == 1 else f' each, {n_ours} processes'}) {ours_peaks}.", ""]
