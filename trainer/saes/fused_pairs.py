@@ -424,7 +424,7 @@ class DenseForward(NamedTuple):
     terms, ``B m_t``, ``B diag(Q_t)``, ``mu~``, ``diag(S)``, the rows' sorting permutation,
     ``min_var`` and, if asked for, the gradient."""
 
-    pairs: DensePairs
+    pairs: DensePairs | None  # None with the gradient (nothing left for a backward)
     terms: PairTerms
     m: Tensor
     q_diag: Tensor
@@ -432,7 +432,7 @@ class DenseForward(NamedTuple):
     s_diag: Tensor
     perm: Tensor
     min_var: Tensor
-    grad: Tensor | None  # dL/dv for dL/dloss = 1 (with_grad); then ``pairs`` is released already
+    grad: Tensor | None  # dL/dv for dL/dloss = 1 (with_grad)
 
 
 @dataclass
@@ -491,7 +491,7 @@ class DensePairs:
         ``mu``, ``beta``, ``scale``, ``diag_extra``, ``eps``: the same numbers. None (nothing
         kept) when a row cannot be sorted; then take those steps one by one. ``with_grad``: also
         the gradient of the loss w.r.t. ``v`` for ``dL/dloss = 1`` (:meth:`gradient`'s, computed
-        while the weights are in cache; the backward scales it), and the pairs released."""
+        while the weights are in cache; the backward scales it), and no pairs kept."""
         B, d = idx.shape[0], mu.numel()
         dt = _NUMPY_FLOATS[v.dtype]
         layout = triangle_layout(d)
@@ -510,11 +510,13 @@ class DensePairs:
             _CLEAN.give(qd)  # untouched: still at rest
             _SCRATCH.give(scratch)
             return None
-        pairs = cls(s, vs, d, qd, bm, off, cut.view(np.uint64), scratch, num, gw)
-        pairs.qd = None  # the sums are the moments from here (pairs._sums)
-        terms = PairTerms(None, None, sums, kept, bad, pairs._sums)
-        if with_grad:
-            pairs.release()  # the weights were read: their array goes back to the pool now
+        if with_grad:  # the weights were read: their array goes back to the pool now, no pairs kept
+            _SCRATCH.give(scratch)
+            pairs, moments = None, DenseSums(qd, bm, off, d)
+        else:
+            pairs = cls(s, vs, d, qd, bm, off, cut.view(np.uint64), scratch, num, gw)
+            pairs.qd, moments = None, pairs._sums  # the sums are the moments from here
+        terms = PairTerms(None, None, sums, kept, bad, moments)
         return DenseForward(pairs, terms, *(torch.from_numpy(a) for a in (m, q_diag, mu_t, s_diag, perm)),
                             torch.tensor(low, dtype=v.dtype), torch.from_numpy(grad) if with_grad else None)
 
